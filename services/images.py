@@ -1,0 +1,419 @@
+"""Image and mask intake: bytes, `http(s)` URLs or `data:` URIs in; an RGB image and a binary L mask out.
+
+Everything here that touches pixels is synchronous and CPU-bound; async callers use `prepare_inputs_async`
+(or `asyncio.to_thread`) so the event loop never decodes an image itself.
+
+Conventions: mask white (255) = repaint, black (0) = keep. A transparent PNG without a separate mask is
+read as "transparent area = repaint".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+#: Formats we accept, by sniffed content (Pillow identifies by magic bytes, never by name or MIME type).
+#: MPO is how Pillow names many phone-camera JPEGs; AVIF is taken when this Pillow build has it.
+Image.init()
+ALLOWED_FORMATS: tuple[str, ...] = tuple(
+    f for f in ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "AVIF") if f in Image.OPEN)
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+MASK_THRESHOLD = 128
+_EXIF_ORIENTATION = 0x0112
+#: A mask whose aspect ratio differs from the image's by more than this is a wrong mask, not a resizable one.
+ASPECT_TOLERANCE = 0.02
+
+ErrorCode = Literal[
+    "not_an_image",
+    "unsupported_format",
+    "truncated",
+    "too_many_bytes",
+    "too_many_pixels",
+    "too_small",
+    "bad_source",
+    "download_failed",
+    "mask_mismatch",
+    "empty_mask",
+    "full_mask",
+    "no_mask",
+]
+
+
+class ImageInputError(ValueError):
+    """An image or mask a user sent that we cannot use. `message` is safe to show to the user."""
+
+    def __init__(self, code: ErrorCode, message: str, *, role: str = "image") -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.role = role
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    max_bytes: int = 25 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    min_side: int = 64
+    download_timeout_s: float = 20.0
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded, orientation-corrected image and what we learned about its source."""
+
+    image: Image.Image
+    source_format: str
+    source_mode: str
+    animated: bool
+    has_alpha: bool
+    #: True when `image` is pixel-for-pixel what the source bytes decode to (no rotation, no mode change).
+    untouched: bool
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    invert: bool = False
+    feather: float = 0.0
+
+
+@dataclass(frozen=True)
+class Blob:
+    data: bytes
+    content_type: str
+    sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
+
+    def data_uri(self) -> str:
+        return to_data_uri(self.data, self.content_type)
+
+
+@dataclass(frozen=True)
+class PreparedInputs:
+    """An image and its mask, validated, normalised, and encoded ready to send to a backend."""
+
+    image: Image.Image
+    mask: Image.Image
+    image_blob: Blob
+    mask_blob: Blob
+    coverage: float
+    mask_source: Literal["attachment", "alpha"]
+    source_format: str
+    animated: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+# --- bytes and URIs -----------------------------------------------------------------------------------
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+
+
+def to_data_uri(data: bytes, content_type: str) -> str:
+    """Encode bytes as a `data:` URI, the form fal accepts for any file input."""
+    return f"data:{content_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def parse_data_uri(uri: str, *, max_bytes: int) -> bytes:
+    """Decode a `data:` URI, refusing it before decoding when it would exceed `max_bytes`."""
+    match = _DATA_URI.match(uri)
+    if match is None:
+        raise ImageInputError("bad_source", "That data URI is malformed.")
+    payload = uri[match.end():]
+    if not match.group("b64"):
+        raise ImageInputError("bad_source", "Only base64 data URIs are supported.")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise ImageInputError("too_many_bytes", _too_many_bytes_message(max_bytes))
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError("bad_source", "That data URI is not valid base64.") from exc
+
+
+async def fetch_source(source: str | bytes, *, http: httpx.AsyncClient, limits: IntakeLimits,
+                       role: str = "image") -> bytes:
+    """Bytes from raw bytes, a `data:` URI or an `http(s)` URL, never reading more than `limits.max_bytes`."""
+    try:
+        if isinstance(source, bytes):
+            if len(source) > limits.max_bytes:
+                raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes))
+            return source
+        if source[:5].lower() == "data:":
+            return parse_data_uri(source, max_bytes=limits.max_bytes)
+        if source.lower().startswith(("http://", "https://")):
+            return await _download(source, http=http, limits=limits)
+        raise ImageInputError("bad_source", "Images must be attachments, http(s) links or data URIs.")
+    except ImageInputError as exc:
+        exc.role = role
+        raise
+
+
+async def _download(url: str, *, http: httpx.AsyncClient, limits: IntakeLimits) -> bytes:
+    try:
+        async with http.stream("GET", url, timeout=limits.download_timeout_s, follow_redirects=True) as resp:
+            if resp.status_code != 200:
+                raise ImageInputError("download_failed", f"Downloading the image failed (HTTP {resp.status_code}).")
+            declared = resp.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
+                raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes))
+            chunks: list[bytes] = []
+            total = 0
+            async for chunk in resp.aiter_bytes():
+                total += len(chunk)
+                if total > limits.max_bytes:
+                    raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes))
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise ImageInputError("download_failed", f"Downloading the image failed ({type(exc).__name__}).") from exc
+
+
+def _too_many_bytes_message(max_bytes: int) -> str:
+    return f"That file is too large (the limit is {max_bytes / (1024 * 1024):.0f} MiB)."
+
+
+# --- decoding -----------------------------------------------------------------------------------------
+
+def decode_image(data: bytes, limits: IntakeLimits, *, role: str = "image") -> DecodedImage:
+    """Decode untrusted bytes into a fully-loaded, orientation-corrected image (mode not yet normalised).
+
+    Raises `ImageInputError` for anything a user could send wrong: not an image, a format we don't take,
+    a truncated file, a decompression bomb, too many bytes, too small.
+    """
+    if len(data) > limits.max_bytes:
+        raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes), role=role)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageInputError("too_many_pixels", _too_many_pixels_message(limits.max_pixels), role=role) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageInputError("not_an_image", _not_an_image_message(data), role=role) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageInputError("not_an_image", "That file is damaged and can't be read as an image.",
+                              role=role) from exc
+
+    width, height = im.size
+    if width * height > limits.max_pixels:
+        raise ImageInputError("too_many_pixels", _too_many_pixels_message(limits.max_pixels), role=role)
+    if min(width, height) < limits.min_side:
+        raise ImageInputError(
+            "too_small", f"That {role} is {width}×{height}; it must be at least {limits.min_side} pixels "
+            "on each side.", role=role)
+
+    source_format = im.format or "unknown"
+    animated = bool(getattr(im, "is_animated", False))
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageInputError("truncated", f"That {role} file is truncated or corrupt.", role=role) from exc
+
+    source_mode = im.mode
+    has_alpha = _has_transparency(im)
+    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+    rotated = orientation not in (None, 1)
+    if rotated:
+        ImageOps.exif_transpose(im, in_place=True)
+    return DecodedImage(image=im, source_format=source_format, source_mode=source_mode,
+                        animated=animated, has_alpha=has_alpha, untouched=not rotated and not animated)
+
+
+def _not_an_image_message(data: bytes) -> str:
+    head = data[:16]
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "TIFF files aren't supported; please send a PNG, JPEG or WebP."
+    return "That file isn't an image we can read; please send a PNG, JPEG or WebP."
+
+
+def _too_many_pixels_message(max_pixels: int) -> str:
+    return f"That image has too many pixels (the limit is {max_pixels / 1e6:.0f} megapixels)."
+
+
+def _has_transparency(im: Image.Image) -> bool:
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        lo, _hi = im.getchannel("A").getextrema()
+        return bool(lo < 255)
+    return im.mode == "P" and "transparency" in im.info
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Normalise any decoded mode to 8-bit RGB (transparency composited onto white)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        scale = 1 / 256 if im.mode.startswith("I;16") or _max_value(im) > 255 else 1.0
+        return im.convert("I").point(lambda v: v * scale).convert("L").convert("RGB")
+    if im.mode == "F":
+        return im.convert("L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def to_mask_l(im: Image.Image) -> Image.Image:
+    """Any decoded mask mode as 8-bit luminance, before thresholding.
+
+    A mask with real transparency is composited onto black, so white strokes on a transparent layer read as
+    "repaint here" and the untouched transparent area as "keep".
+    """
+    if im.mode == "L":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return to_rgb(im).convert("L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return im.convert("L")
+
+
+def _max_value(im: Image.Image) -> float:
+    _lo, hi = im.getextrema()  # type: ignore[misc]
+    return float(hi)
+
+
+# --- masks --------------------------------------------------------------------------------------------
+
+def _threshold_lut(invert: bool) -> list[int]:
+    return [(0 if v >= MASK_THRESHOLD else 255) if invert else (255 if v >= MASK_THRESHOLD else 0)
+            for v in range(256)]
+
+
+_LUT = {False: _threshold_lut(False), True: _threshold_lut(True)}
+
+
+def mask_from_alpha(im: Image.Image) -> Image.Image | None:
+    """The transparent area of an image as a mask (white = repaint), or None when it has no transparency."""
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+        return None
+    alpha = im.getchannel("A")
+    if alpha.getextrema()[0] == 255:  # type: ignore[index]
+        return None
+    return alpha.point(_LUT[True])
+
+
+def fit_mask(mask: Image.Image, size: tuple[int, int], options: MaskOptions = MaskOptions()) -> Image.Image:
+    """Resize a luminance mask to `size`, binarise it (≥128 → repaint), optionally invert and feather it.
+
+    Raises `mask_mismatch` when the mask's aspect ratio is not the image's: that is a wrong mask, and
+    stretching it would repaint the wrong place.
+    """
+    if mask.mode != "L":
+        mask = to_mask_l(mask)
+    if mask.size != size:
+        mw, mh = mask.size
+        iw, ih = size
+        if abs((mw / mh) / (iw / ih) - 1) > ASPECT_TOLERANCE:
+            raise ImageInputError(
+                "mask_mismatch", f"The mask is {mw}×{mh} but the image is {iw}×{ih}: their shapes don't "
+                "match. Export the mask from the same image.", role="mask")
+        mask = mask.resize(size, Image.Resampling.BILINEAR)
+    mask = mask.point(_LUT[options.invert])
+    if options.feather > 0:
+        mask = mask.filter(ImageFilter.GaussianBlur(options.feather))
+    return mask
+
+
+def mask_coverage(mask: Image.Image) -> float:
+    """Fraction of pixels that will be repainted (mask value ≥ 128)."""
+    hist = mask.histogram()
+    total = mask.size[0] * mask.size[1]
+    return sum(hist[MASK_THRESHOLD:256]) / total if total else 0.0
+
+
+def check_coverage(coverage: float) -> None:
+    """Refuse a mask that repaints nothing or everything: both are user mistakes that waste GPU time."""
+    if coverage <= 0.0:
+        raise ImageInputError(
+            "empty_mask", "The mask is empty: nothing would be repainted. Paint the area to change in white "
+            "(or use invert if you painted it in black).", role="mask")
+    if coverage >= 1.0:
+        raise ImageInputError(
+            "full_mask", "The mask covers the whole image: that repaints everything. Paint only the area to "
+            "change in white (or use invert if you painted the area to keep).", role="mask")
+
+
+# --- encoding -----------------------------------------------------------------------------------------
+
+def encode_image(im: Image.Image, fmt: Literal["png", "jpeg", "webp"] = "png", *, quality: int = 92,
+                 png_compress_level: int = 1) -> bytes:
+    """Encode an image for sending or posting. JPEG/WebP get RGB; PNG keeps L or RGB(A)."""
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, format="PNG", compress_level=png_compress_level)
+    elif fmt == "jpeg":
+        im.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+    else:
+        im.save(buf, format="WEBP", quality=quality)
+    return buf.getvalue()
+
+
+def _image_blob(decoded: DecodedImage, rgb: Image.Image, raw: bytes) -> Blob:
+    """The bytes to send for the image: the user's own file when it is already a plain RGB PNG/JPEG."""
+    fmt = decoded.source_format.lower()
+    if decoded.untouched and decoded.source_mode == "RGB" and fmt in ("png", "jpeg"):
+        return Blob(raw, CONTENT_TYPES[fmt])
+    return Blob(encode_image(rgb, "png"), "image/png")
+
+
+# --- the whole intake ---------------------------------------------------------------------------------
+
+def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: IntakeLimits,
+                   options: MaskOptions = MaskOptions()) -> PreparedInputs:
+    """Validate and normalise an image and its mask (or the image's transparency), ready to send."""
+    decoded = decode_image(image_bytes, limits, role="image")
+    rgb = to_rgb(decoded.image)
+    if mask_bytes is not None:
+        mask_l = to_mask_l(decode_image(mask_bytes, limits, role="mask").image)
+        mask_source: Literal["attachment", "alpha"] = "attachment"
+    else:
+        alpha_mask = mask_from_alpha(decoded.image)
+        if alpha_mask is None:
+            raise ImageInputError(
+                "no_mask", "No mask was given and the image has no transparent area. Attach a mask (white = "
+                "repaint) or send a PNG whose area to repaint is transparent.", role="mask")
+        mask_l = alpha_mask
+        mask_source = "alpha"
+    mask = fit_mask(mask_l, rgb.size, options)
+    coverage = mask_coverage(mask)
+    check_coverage(coverage)
+    return PreparedInputs(
+        image=rgb, mask=mask, image_blob=_image_blob(decoded, rgb, image_bytes),
+        mask_blob=Blob(encode_image(mask, "png"), "image/png"), coverage=coverage, mask_source=mask_source,
+        source_format=decoded.source_format, animated=decoded.animated)
+
+
+async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, http: httpx.AsyncClient,
+                               limits: IntakeLimits, options: MaskOptions = MaskOptions()) -> PreparedInputs:
+    """Fetch (bytes, data: URI or http(s) URL) and prepare an image and mask without blocking the loop."""
+    if mask is None:
+        image_bytes, mask_bytes = await fetch_source(image, http=http, limits=limits, role="image"), None
+    else:
+        image_bytes, mask_bytes = await asyncio.gather(
+            fetch_source(image, http=http, limits=limits, role="image"),
+            fetch_source(mask, http=http, limits=limits, role="mask"))
+    return await asyncio.to_thread(prepare_inputs, image_bytes, mask_bytes, limits=limits, options=options)
+

@@ -1,0 +1,43 @@
+"""Process settings, read from the environment and an optional `.env` file.
+
+Secrets are `SecretStr`, so they print as `**********` in reprs, logs and tracebacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.schema import INPAINT_APP_ID
+
+FAL_QUEUE_BASE = "https://queue.fal.run"
+
+
+class Settings(BaseSettings):
+    """Everything the bot reads from its environment."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    discord_token: SecretStr | None = Field(default=None, description="Bot token from the developer portal")
+    dev_guild_id: int | None = Field(default=None, description="Guild to sync commands to while developing")
+
+    fal_key: SecretStr | None = Field(default=None, description="fal.ai key: selects the hosted backend")
+    fal_queue_base: str = Field(default=FAL_QUEUE_BASE, description="Queue base URL of hosted fal")
+    worker_url: str | None = Field(default=None, description="Base URL of a self-hosted worker")
+    worker_key: SecretStr | None = Field(default=None, description="Key the worker expects, if any")
+    app_id: str = INPAINT_APP_ID
+
+    database_path: Path = Field(default=Path("data/bot.sqlite3"))
+
+    max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(default=40_000_000, ge=4096)
+
+    backend_total_timeout_s: float = Field(default=600.0, gt=0)
+    backend_poll_interval_s: float = Field(default=0.5, gt=0)
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment and `.env` (in the working directory)."""
+    return Settings()

@@ -1,0 +1,306 @@
+"""Image and mask intake: real photos, hostile files, mask conventions, sources over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from services.images import (
+    IntakeLimits,
+    MaskOptions,
+    decode_image,
+    encode_image,
+    fetch_source,
+    fit_mask,
+    mask_coverage,
+    parse_data_uri,
+    prepare_inputs,
+    prepare_inputs_async,
+    to_data_uri,
+    ImageInputError,
+)
+from tests.fal_server import FalTestServer
+from tests.imagegen import SHARED_EXAMPLES, box_mask, encode, photo, png_bomb
+
+LIMITS = IntakeLimits()
+
+
+def _examples() -> list[tuple[Path, Path]]:
+    if not SHARED_EXAMPLES.is_dir():
+        return []
+    return [(p, p.with_name(p.stem + "_mask.png")) for p in sorted(SHARED_EXAMPLES.glob("*.png"))
+            if not p.stem.endswith("_mask") and p.with_name(p.stem + "_mask.png").exists()]
+
+
+@pytest.mark.skipif(not _examples(), reason=f"real example photos not found at {SHARED_EXAMPLES}")
+def test_real_photos_with_masks_in_both_modes() -> None:
+    pairs = _examples()
+    modes = set()
+    for image_path, mask_path in pairs:
+        mask_raw = Image.open(mask_path)
+        modes.add(mask_raw.mode)
+        prepared = prepare_inputs(image_path.read_bytes(), mask_path.read_bytes(), limits=LIMITS)
+        assert prepared.image.mode == "RGB" and prepared.mask.mode == "L"
+        assert prepared.mask.size == prepared.image.size == mask_raw.size
+        assert _is_binary(prepared.mask)
+        assert 0.01 < prepared.coverage < 0.9
+        # the binary mask keeps the source mask's shape: the same pixels are ≥128 in both
+        source_l = mask_raw.convert("L")
+        assert prepared.mask.tobytes() == source_l.point(lambda v: 255 if v >= 128 else 0).tobytes()
+        # a plain RGB PNG is sent as the user's own bytes, not re-encoded
+        assert prepared.image_blob.data == image_path.read_bytes()
+        assert prepared.image_blob.content_type == "image/png"
+    assert {"L", "RGB"} <= modes, f"expected masks in two modes, saw {modes}"
+
+
+# --- hostile inputs -----------------------------------------------------------------------------------
+
+def _gif_animation() -> bytes:
+    frames = [photo(seed=i).convert("P") for i in range(3)]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=80, loop=0)
+    return buf.getvalue()
+
+
+def test_decompression_bomb_is_rejected_not_warned() -> None:
+    bomb = png_bomb(20000, 20000)
+    assert len(bomb) < 100_000  # 400 megapixels in a tiny file
+    with pytest.raises(ImageInputError) as info:
+        decode_image(bomb, LIMITS)
+    assert info.value.code == "too_many_pixels"
+    # below Pillow's own bomb threshold, our limit still applies
+    with pytest.raises(ImageInputError) as info:
+        decode_image(png_bomb(8000, 8000), IntakeLimits(max_pixels=50_000_000))
+    assert info.value.code == "too_many_pixels"
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"this is a text file someone named picture.png\n" * 20, "not_an_image"),
+        (encode(photo(), "PNG")[:4000], "truncated"),
+        (encode(Image.new("RGB", (1, 1), "red")), "too_small"),
+        (b"", "not_an_image"),
+        (encode(photo(), "TIFF"), "not_an_image"),
+    ],
+    ids=["text-named-png", "truncated-png", "1x1", "empty", "tiff"],
+)
+def test_hostile_files_get_clear_errors(data: bytes, code: str) -> None:
+    with pytest.raises(ImageInputError) as info:
+        decode_image(data, LIMITS)
+    assert info.value.code == code
+    assert info.value.message and "Traceback" not in info.value.message
+
+
+def test_byte_limit() -> None:
+    data = encode(photo(), "PNG")
+    with pytest.raises(ImageInputError) as info:
+        decode_image(data, IntakeLimits(max_bytes=len(data) - 1))
+    assert info.value.code == "too_many_bytes"
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    src = photo()
+    prepared = prepare_inputs(encode(src.convert("CMYK"), "JPEG", quality=95),
+                              encode(box_mask(src.size, (10, 10, 80, 80))), limits=LIMITS)
+    assert prepared.image.mode == "RGB" and prepared.source_format == "JPEG"
+    # colours survive the round trip (not inverted, not garbage)
+    assert _mean_abs_diff(prepared.image, src) < 12
+    assert prepared.image_blob.content_type == "image/png"  # re-encoded: the source was not RGB
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
+    ramp = Image.linear_gradient("L").resize((128, 128))
+    sixteen = ramp.convert("I").point(lambda v: v * 257).convert("I;16")
+    decoded = decode_image(encode(sixteen), LIMITS)
+    assert decoded.source_mode.startswith("I;16")
+    prepared = prepare_inputs(encode(sixteen), encode(box_mask((128, 128), (0, 0, 40, 40))), limits=LIMITS)
+    lo, hi = prepared.image.convert("L").getextrema()  # type: ignore[misc]
+    assert lo < 10 and hi > 245  # a full 0..255 range, not all-white clipping
+    assert _mean_abs_diff(prepared.image.convert("L"), ramp) < 2
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    data = _gif_animation()
+    decoded = decode_image(data, LIMITS)
+    assert decoded.animated and decoded.source_format == "GIF"
+    prepared = prepare_inputs(data, encode(box_mask(decoded.image.size, (0, 0, 50, 50))), limits=LIMITS)
+    assert prepared.animated and prepared.image.mode == "RGB"
+    first = Image.open(io.BytesIO(data)).convert("RGB")
+    assert prepared.image.tobytes() == first.tobytes()
+
+
+def test_exif_orientation_is_applied() -> None:
+    src = photo(200, 100)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90° clockwise
+    data = encode(src, "JPEG", exif=exif, quality=95)
+    decoded = decode_image(data, LIMITS)
+    assert decoded.image.size == (100, 200) and not decoded.untouched
+    assert _mean_abs_diff(decoded.image.convert("RGB"), src.transpose(Image.Transpose.ROTATE_270)) < 8
+    mask = encode(box_mask((100, 200), (0, 0, 50, 50)))
+    prepared = prepare_inputs(data, mask, limits=LIMITS)
+    assert prepared.size == (100, 200)
+    assert prepared.image_blob.content_type == "image/png"  # rotated pixels are sent, not the raw file
+
+
+# --- masks --------------------------------------------------------------------------------------------
+
+def test_mask_modes_resize_binarise_invert_feather() -> None:
+    src = photo(256, 192)
+    for mode in ("L", "RGB", "1", "P", "RGBA"):
+        small = box_mask((128, 96), (32, 24, 95, 71), mode)  # half size, same aspect ratio
+        prepared = prepare_inputs(encode(src), encode(small), limits=LIMITS)
+        assert prepared.mask.size == (256, 192)
+        assert _is_binary(prepared.mask)
+        assert prepared.mask.getpixel((128, 96)) == 255 and prepared.mask.getpixel((5, 5)) == 0
+        assert prepared.coverage == pytest.approx(0.25, abs=0.02)
+
+    inverted = prepare_inputs(encode(src), encode(box_mask((256, 192), (64, 48, 191, 143))), limits=LIMITS,
+                              options=MaskOptions(invert=True))
+    assert inverted.mask.getpixel((128, 96)) == 0 and inverted.mask.getpixel((5, 5)) == 255
+    assert inverted.coverage == pytest.approx(0.75, abs=0.01)
+
+    feathered = fit_mask(box_mask((256, 192), (64, 48, 191, 143)), (256, 192), MaskOptions(feather=6))
+    edge = [feathered.getpixel((x, 96)) for x in range(50, 80)]
+    assert any(0 < v < 255 for v in edge)  # type: ignore[operator]
+    assert feathered.getpixel((128, 96)) == 255 and feathered.getpixel((5, 5)) == 0
+
+
+def test_rgba_mask_white_strokes_on_transparent_layer() -> None:
+    layer = Image.new("RGBA", (256, 192), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (100, 50, 150, 100))
+    prepared = prepare_inputs(encode(photo()), encode(layer), limits=LIMITS)
+    assert prepared.mask.getpixel((120, 70)) == 255 and prepared.mask.getpixel((10, 10)) == 0
+
+
+def test_mask_with_other_shape_is_refused() -> None:
+    with pytest.raises(ImageInputError) as info:
+        prepare_inputs(encode(photo(256, 192)), encode(box_mask((192, 256), (0, 0, 50, 50))), limits=LIMITS)
+    assert info.value.code == "mask_mismatch" and info.value.role == "mask"
+    assert "192×256" in info.value.message and "256×192" in info.value.message
+
+
+@pytest.mark.parametrize(("fill", "code"), [(0, "empty_mask"), (255, "full_mask")])
+def test_empty_and_full_masks(fill: int, code: str) -> None:
+    with pytest.raises(ImageInputError) as info:
+        prepare_inputs(encode(photo()), encode(Image.new("L", (256, 192), fill)), limits=LIMITS)
+    assert info.value.code == code
+    # an almost-white grey still counts as white, a dark grey as black
+    assert mask_coverage(fit_mask(Image.new("L", (8, 8), 130), (8, 8))) == 1.0
+    assert mask_coverage(fit_mask(Image.new("L", (8, 8), 120), (8, 8))) == 0.0
+
+
+def test_transparent_png_alpha_becomes_the_mask() -> None:
+    rgba = photo().convert("RGBA")
+    hole = Image.new("L", (60, 40), 0)
+    rgba.putalpha(255)
+    rgba.paste(Image.new("RGBA", (60, 40), (0, 0, 0, 0)), (100, 80))
+    assert hole.size == (60, 40)
+    prepared = prepare_inputs(encode(rgba), None, limits=LIMITS)
+    assert prepared.mask_source == "alpha"
+    assert prepared.mask.getpixel((120, 90)) == 255 and prepared.mask.getpixel((10, 10)) == 0
+    assert prepared.coverage == pytest.approx(60 * 40 / (256 * 192), rel=0.01)
+    assert prepared.image.mode == "RGB"
+    # an opaque image and no mask: a clear "no mask" error
+    with pytest.raises(ImageInputError) as info:
+        prepare_inputs(encode(photo()), None, limits=LIMITS)
+    assert info.value.code == "no_mask"
+
+
+# --- encoding and sources -----------------------------------------------------------------------------
+
+def test_encoding_and_data_uris() -> None:
+    im = photo()
+    png = encode_image(im, "png")
+    jpeg = encode_image(im.convert("RGBA"), "jpeg")
+    assert png.startswith(b"\x89PNG") and jpeg.startswith(b"\xff\xd8")
+    uri = to_data_uri(png, "image/png")
+    assert uri.startswith("data:image/png;base64,")
+    assert parse_data_uri(uri, max_bytes=10**7) == png
+    with pytest.raises(ImageInputError) as info:
+        parse_data_uri(uri, max_bytes=100)
+    assert info.value.code == "too_many_bytes"
+    for bad in ("data:image/png,notbase64", "data:image/png;base64,@@@", "data:"):
+        with pytest.raises(ImageInputError):
+            parse_data_uri(bad, max_bytes=10**7)
+
+
+@pytest.fixture
+async def file_server() -> AsyncIterator[FalTestServer]:
+    async with FalTestServer() as server:
+        yield server
+
+
+async def test_sources_bytes_data_uri_and_http(file_server: FalTestServer) -> None:
+    png = encode(photo())
+    mask = encode(box_mask((256, 192), (10, 10, 100, 100)))
+    file_server.files["in.png"] = (png, "text/plain")  # a lying content type doesn't matter: we sniff
+    file_server.files["mask.bin"] = (mask, "application/octet-stream")
+    async with httpx.AsyncClient() as http:
+        from_url = await prepare_inputs_async(f"{file_server.base_url}/files/in.png",
+                                              f"{file_server.base_url}/files/mask.bin", http=http, limits=LIMITS)
+        from_uri = await prepare_inputs_async(to_data_uri(png, "image/png"), to_data_uri(mask, "image/png"),
+                                              http=http, limits=LIMITS)
+        from_bytes = await prepare_inputs_async(png, mask, http=http, limits=LIMITS)
+        assert from_url.image_blob.sha256 == from_uri.image_blob.sha256 == from_bytes.image_blob.sha256
+        assert from_url.mask.tobytes() == from_bytes.mask.tobytes()
+
+        with pytest.raises(ImageInputError) as info:
+            await fetch_source(f"{file_server.base_url}/files/missing.png", http=http, limits=LIMITS)
+        assert info.value.code == "download_failed"
+        with pytest.raises(ImageInputError) as info:
+            await fetch_source(f"{file_server.base_url}/files/in.png", http=http,
+                               limits=IntakeLimits(max_bytes=1000), role="mask")
+        assert info.value.code == "too_many_bytes" and info.value.role == "mask"
+        with pytest.raises(ImageInputError) as info:
+            await fetch_source("ftp://example.invalid/x.png", http=http, limits=LIMITS)
+        assert info.value.code == "bad_source"
+        with pytest.raises(ImageInputError) as info:
+            await fetch_source("http://127.0.0.1:9/x.png", http=http, limits=LIMITS)  # nothing listens
+        assert info.value.code == "download_failed"
+
+
+async def test_intake_does_not_block_the_event_loop() -> None:
+    big = encode(photo(2400, 2400), "PNG", compress_level=1)
+    mask = encode(box_mask((2400, 2400), (100, 100, 900, 900)))
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    start = time.perf_counter()
+    async with httpx.AsyncClient() as http:
+        await prepare_inputs_async(big, mask, http=http, limits=LIMITS)
+    elapsed = time.perf_counter() - start
+    done.set()
+    await tick
+    assert elapsed > 0.05, "the workload is too small to show anything"
+    assert len(gaps) >= 3
+    assert max(gaps) < max(0.05, elapsed / 2), f"loop stalled {max(gaps):.3f}s during {elapsed:.3f}s of work"
+
+
+def _mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    from PIL import ImageChops, ImageStat
+
+    diff = ImageChops.difference(a.convert(b.mode), b)
+    return sum(ImageStat.Stat(diff).mean) / len(b.getbands())
+
+
+def _is_binary(mask: Image.Image) -> bool:
+    hist = mask.histogram()
+    return sum(hist[1:255]) == 0
