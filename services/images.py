@@ -246,8 +246,7 @@ def _too_many_pixels_message(max_pixels: int) -> str:
 
 def _has_transparency(im: Image.Image) -> bool:
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        lo, _hi = im.getchannel("A").getextrema()
-        return bool(lo < 255)
+        return _band_min(im.getchannel("A")) < 255
     return im.mode == "P" and "transparency" in im.info
 
 
@@ -289,8 +288,15 @@ def to_mask_l(im: Image.Image) -> Image.Image:
 
 
 def _max_value(im: Image.Image) -> float:
-    _lo, hi = im.getextrema()  # type: ignore[misc]
-    return float(hi)
+    extrema = im.getextrema()
+    assert isinstance(extrema, tuple) and not isinstance(extrema[0], tuple), "single-band image expected"
+    return float(extrema[1])
+
+
+def _band_min(band: Image.Image) -> float:
+    extrema = band.getextrema()
+    assert isinstance(extrema, tuple) and not isinstance(extrema[0], tuple), "single-band image expected"
+    return float(extrema[0])
 
 
 # --- masks --------------------------------------------------------------------------------------------
@@ -310,7 +316,7 @@ def mask_from_alpha(im: Image.Image) -> Image.Image | None:
     if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
         return None
     alpha = im.getchannel("A")
-    if alpha.getextrema()[0] == 255:  # type: ignore[index]
+    if _band_min(alpha) == 255:
         return None
     return alpha.point(_LUT[True])
 

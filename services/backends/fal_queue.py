@@ -44,6 +44,8 @@ RETRY_STATUSES: frozenset[int] = frozenset({408, 409, 429, 502, 503, 504})
 _KNOWN_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS", "COMPLETED"})
 _status_adapter: TypeAdapter[QueueStatus] = TypeAdapter(QueueStatus)
 _M = TypeVar("_M", QueueHandle, InpaintOutput)
+_CANCEL_OUTCOMES: dict[Any, CancelOutcome] = {
+    o: o for o in ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND")}
 
 
 # --- errors -------------------------------------------------------------------------------------------
@@ -135,9 +137,9 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Delay before retry number `attempt` (1-based): exponential, capped, with ±50% jitter."""
-        backoff = min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s) * random.uniform(0.5, 1.5)
+        backoff: float = min(self.base_delay_s * 2 ** (attempt - 1), self.max_delay_s) * random.uniform(0.5, 1.5)
         if retry_after is not None:
-            return min(max(retry_after, backoff), self.max_delay_s)
+            return float(min(max(retry_after, backoff), self.max_delay_s))
         return backoff
 
 
@@ -208,8 +210,8 @@ class FalQueueClient:
         resp = await self._request("PUT", handle.cancel_url, ok_statuses=frozenset({400, 404}))
         data = self._json(resp, "cancel") if resp.content else {}
         outcome = data.get("status") if isinstance(data, dict) else None
-        if outcome in ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"):
-            return outcome  # type: ignore[return-value]
+        if outcome in _CANCEL_OUTCOMES:
+            return _CANCEL_OUTCOMES[outcome]
         if resp.status_code == 404:
             return "NOT_FOUND"
         if resp.status_code == 400:
