@@ -16,8 +16,9 @@ import hashlib
 import io
 import re
 import warnings
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import httpx
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -30,6 +31,8 @@ ALLOWED_FORMATS: tuple[str, ...] = tuple(
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MASK_THRESHOLD = 128
 _EXIF_ORIENTATION = 0x0112
+_A = TypeVar("_A")
+_B = TypeVar("_B")
 #: A mask whose aspect ratio differs from the image's by more than this is a wrong mask, not a resizable one.
 ASPECT_TOLERANCE = 0.02
 
@@ -387,22 +390,23 @@ def _image_blob(decoded: DecodedImage, rgb: Image.Image, raw: bytes) -> Blob:
 
 # --- the whole intake ---------------------------------------------------------------------------------
 
-def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: IntakeLimits,
-                   options: MaskOptions = MaskOptions()) -> PreparedInputs:
-    """Validate and normalise an image and its mask (or the image's transparency), ready to send."""
-    decoded = decode_image(image_bytes, limits, role="image")
+def decode_mask(data: bytes, limits: IntakeLimits) -> Image.Image:
+    """Decode an uploaded mask to 8-bit luminance (not yet fitted or binarised)."""
+    return to_mask_l(decode_image(data, limits, role="mask").image)
+
+
+def assemble_inputs(decoded: DecodedImage, image_bytes: bytes, mask_l: Image.Image | None,
+                    options: MaskOptions = MaskOptions()) -> PreparedInputs:
+    """Combine a decoded image with its decoded mask (or its own transparency) into ready-to-send inputs."""
     rgb = to_rgb(decoded.image)
-    if mask_bytes is not None:
-        mask_l = to_mask_l(decode_image(mask_bytes, limits, role="mask").image)
-        mask_source: Literal["attachment", "alpha"] = "attachment"
-    else:
-        alpha_mask = mask_from_alpha(decoded.image)
-        if alpha_mask is None:
+    mask_source: Literal["attachment", "alpha"] = "attachment"
+    if mask_l is None:
+        mask_l = mask_from_alpha(decoded.image)
+        mask_source = "alpha"
+        if mask_l is None:
             raise ImageInputError(
                 "no_mask", "No mask was given and the image has no transparent area. Attach a mask (white = "
                 "repaint) or send a PNG whose area to repaint is transparent.", role="mask")
-        mask_l = alpha_mask
-        mask_source = "alpha"
     mask = fit_mask(mask_l, rgb.size, options)
     coverage = mask_coverage(mask)
     check_coverage(coverage)
@@ -412,14 +416,38 @@ def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: Inta
         source_format=decoded.source_format, animated=decoded.animated)
 
 
+def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: IntakeLimits,
+                   options: MaskOptions = MaskOptions()) -> PreparedInputs:
+    """Validate and normalise an image and its mask (or the image's transparency), ready to send.
+
+    Synchronous and CPU-bound: async code calls `prepare_inputs_async`.
+    """
+    decoded = decode_image(image_bytes, limits, role="image")
+    mask_l = decode_mask(mask_bytes, limits) if mask_bytes is not None else None
+    return assemble_inputs(decoded, image_bytes, mask_l, options)
+
+
 async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, http: httpx.AsyncClient,
                                limits: IntakeLimits, options: MaskOptions = MaskOptions()) -> PreparedInputs:
-    """Fetch (bytes, data: URI or http(s) URL) and prepare an image and mask without blocking the loop."""
-    if mask is None:
-        image_bytes, mask_bytes = await fetch_source(image, http=http, limits=limits, role="image"), None
-    else:
-        image_bytes, mask_bytes = await asyncio.gather(
-            fetch_source(image, http=http, limits=limits, role="image"),
-            fetch_source(mask, http=http, limits=limits, role="mask"))
-    return await asyncio.to_thread(prepare_inputs, image_bytes, mask_bytes, limits=limits, options=options)
+    """Fetch (bytes, data: URI or http(s) URL) and prepare an image and mask without blocking the loop.
 
+    The image and the mask are fetched, then decoded, concurrently (in worker threads); when both are
+    wrong, the image's error is the one reported.
+    """
+    if mask is None:
+        image_bytes = await fetch_source(image, http=http, limits=limits, role="image")
+        return await asyncio.to_thread(prepare_inputs, image_bytes, None, limits=limits, options=options)
+    image_bytes, mask_bytes = await _both(fetch_source(image, http=http, limits=limits, role="image"),
+                                          fetch_source(mask, http=http, limits=limits, role="mask"))
+    decoded, mask_l = await _both(asyncio.to_thread(decode_image, image_bytes, limits, role="image"),
+                                  asyncio.to_thread(decode_mask, mask_bytes, limits))
+    return await asyncio.to_thread(assemble_inputs, decoded, image_bytes, mask_l, options)
+
+
+async def _both(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:
+    a, b = await asyncio.gather(first, second, return_exceptions=True)
+    if isinstance(a, BaseException):
+        raise a
+    if isinstance(b, BaseException):
+        raise b
+    return a, b

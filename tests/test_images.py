@@ -305,3 +305,13 @@ def _mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
 def _is_binary(mask: Image.Image) -> bool:
     hist = mask.histogram()
     return sum(hist[1:255]) == 0
+
+
+async def test_when_both_files_are_bad_the_image_error_is_reported() -> None:
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(ImageInputError) as info:
+            await prepare_inputs_async(b"not an image at all", b"nor is this", http=http, limits=LIMITS)
+        assert info.value.role == "image"
+        with pytest.raises(ImageInputError) as info:
+            await prepare_inputs_async(encode(photo()), b"nor is this", http=http, limits=LIMITS)
+        assert info.value.role == "mask" and info.value.code == "not_an_image"
