@@ -31,6 +31,7 @@ ALLOWED_FORMATS: tuple[str, ...] = tuple(
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 MASK_THRESHOLD = 128
 _EXIF_ORIENTATION = 0x0112
+_ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "La", "RGBa"})
 _A = TypeVar("_A")
 _B = TypeVar("_B")
 #: A mask whose aspect ratio differs from the image's by more than this is a wrong mask, not a resizable one.
@@ -248,7 +249,7 @@ def _too_many_pixels_message(max_pixels: int) -> str:
 
 
 def _has_transparency(im: Image.Image) -> bool:
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if im.mode in _ALPHA_MODES:
         return _band_min(im.getchannel("A")) < 255
     return im.mode == "P" and "transparency" in im.info
 
@@ -262,13 +263,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("I").point(lambda v: v * scale).convert("L").convert("RGB")
     if im.mode == "F":
         return im.convert("L").convert("RGB")
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")
+    return _flatten_alpha(im, (255, 255, 255, 255)).convert("RGB")
 
 
 def to_mask_l(im: Image.Image) -> Image.Image:
@@ -281,13 +276,17 @@ def to_mask_l(im: Image.Image) -> Image.Image:
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return to_rgb(im).convert("L")
+    return _flatten_alpha(im, (0, 0, 0, 255)).convert("L")
+
+
+def _flatten_alpha(im: Image.Image, background: tuple[int, int, int, int]) -> Image.Image:
+    """Composite an image with transparency onto a solid background; other images are returned as they are."""
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("L")
-    return im.convert("L")
+    if im.mode not in _ALPHA_MODES:
+        return im
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, background), rgba)
 
 
 def _max_value(im: Image.Image) -> float:
@@ -316,7 +315,7 @@ def mask_from_alpha(im: Image.Image) -> Image.Image | None:
     """The transparent area of an image as a mask (white = repaint), or None when it has no transparency."""
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
-    if im.mode not in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if im.mode not in _ALPHA_MODES:
         return None
     alpha = im.getchannel("A")
     if _band_min(alpha) == 255:
