@@ -245,8 +245,9 @@ async def test_cancel_in_every_state(server: FalTestServer, client: FalQueueClie
                        status_url=f"{server.base_url}/fal-ai/fast-sdxl/requests/nope/status",
                        cancel_url=f"{server.base_url}/fal-ai/fast-sdxl/requests/nope/cancel")
     assert await client.cancel(gone) == "NOT_FOUND"
-    with pytest.raises(FalNotFoundError):
+    with pytest.raises(FalNotFoundError) as lost:
         await client.status(gone)
+    assert lost.value.retryable  # the dispatcher re-submits from stored blobs
 
 
 async def test_resume_follows_a_stored_handle(server: FalTestServer, client: FalQueueClient) -> None:

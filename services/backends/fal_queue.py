@@ -86,9 +86,14 @@ class FalAuthError(FalHTTPError):
 
 
 class FalNotFoundError(FalHTTPError):
-    """404: the backend does not know this request (e.g. a worker restarted and lost its queue)."""
+    """404: the backend does not know this request (e.g. a worker restarted and lost its queue).
 
-    retryable = True
+    Retryable in the sense that matters: submitting the job again from its stored inputs can succeed.
+    """
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = True
 
 
 class FalUnavailableError(FalError):
