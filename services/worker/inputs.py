@@ -1,0 +1,86 @@
+"""From a validated fal request to a `PipelineJob`: checks that need the worker's configuration, output size,
+seeds, image and mask fitted to the size, LoRA and embedding paths resolved inside their folders."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from services.images import MASK_THRESHOLD, PreparedInputs
+from services.schema import InpaintInput
+from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob
+from services.worker.settings import WorkerSettings
+
+SEED_SPACE = 2**64
+
+
+class RequestError(ValueError):
+    """A request the worker cannot serve, reported as fal's 422 `detail` list."""
+
+    def __init__(self, field: str, message: str, type_: str = "value_error") -> None:
+        super().__init__(message)
+        self.detail: list[dict[str, Any]] = [{"loc": ["body", *field.split(".")], "msg": message, "type": type_}]
+
+
+def output_size(inp: InpaintInput) -> tuple[int, int]:
+    """The requested size rounded to the nearest multiple of 8 (what the VAE needs)."""
+    width, height = inp.size_pixels()
+    return max(8, round(width / 8) * 8), max(8, round(height / 8) * 8)
+
+
+def check_request(inp: InpaintInput, settings: WorkerSettings, *, safety_available: bool) -> None:
+    """Refuse at submit time what this worker can't do, so nobody waits in the queue for an error."""
+    width, height = output_size(inp)
+    if width * height > settings.max_output_pixels:
+        raise RequestError("image_size", f"{width}×{height} is more than this worker's limit of "
+                           f"{settings.max_output_pixels} pixels per image")
+    if inp.enable_safety_checker and not safety_available:
+        raise RequestError("enable_safety_checker", "the safety checker was requested but this worker has none "
+                           "configured (set SAFETY_CHECKER_PATH), or send enable_safety_checker=false")
+    for i, lora in enumerate(inp.loras):
+        resolve_asset(lora.path, settings.lora_dir, f"loras.{i}.path", "LORA_DIR")
+    for i, emb in enumerate(inp.embeddings):
+        resolve_asset(emb.path, settings.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR")
+        if not emb.tokens:
+            raise RequestError(f"embeddings.{i}.tokens", "at least one token is needed")
+
+
+def resolve_asset(path: str, folder: Path | None, field: str, setting: str) -> Path:
+    """A LoRA or embedding path, which must name an existing file inside the configured folder."""
+    if folder is None:
+        raise RequestError(field, f"this worker loads no such files: {setting} is not set")
+    if "://" in path:
+        raise RequestError(field, f"only files inside {setting} can be used, not URLs")
+    root = folder.resolve()
+    candidate = (root / path).resolve()
+    if not candidate.is_relative_to(root):
+        raise RequestError(field, f"{path!r} is outside {setting}")
+    if not candidate.is_file():
+        raise RequestError(field, f"{path!r} was not found in {setting}")
+    return candidate
+
+
+def resolve_seed(inp: InpaintInput) -> int:
+    return inp.seed if inp.seed is not None else secrets.randbelow(SEED_SPACE)
+
+
+def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, settings: WorkerSettings) -> PipelineJob:
+    """Fit image and mask to the output size and assemble everything the pipeline needs (CPU work)."""
+    size = output_size(inp)
+    image, mask = prepared.image, prepared.mask
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
+    loras = tuple(LoraSpec(resolve_asset(lo.path, settings.lora_dir, f"loras.{i}.path", "LORA_DIR"), lo.scale)
+                  for i, lo in enumerate(inp.loras))
+    embeddings = tuple(
+        EmbeddingSpec(resolve_asset(e.path, settings.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR"),
+                      tuple(e.tokens)) for i, e in enumerate(inp.embeddings))
+    return PipelineJob(
+        image=image, mask=mask, prompt=inp.prompt, negative_prompt=inp.negative_prompt,
+        steps=inp.num_inference_steps, guidance_scale=inp.guidance_scale, strength=inp.strength,
+        seeds=tuple((seed + i) % SEED_SPACE for i in range(inp.num_images)), loras=loras, embeddings=embeddings)

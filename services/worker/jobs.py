@@ -1,0 +1,247 @@
+"""The worker's request queue: arrival order, one batch on the device at a time, cancel, results kept for a TTL.
+
+Requests live in memory (the bot keeps the durable record and re-submits after a worker restart). Inference,
+image decoding and encoding run in threads so the HTTP server stays responsive while a job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+from PIL import Image
+
+from services.images import ImageInputError, IntakeLimits, encode_image, prepare_inputs_async, to_data_uri
+from services.schema import CancelOutcome, InpaintInput, InpaintOutput, OutputImage
+from services.worker.inputs import RequestError, build_job, resolve_seed
+from services.worker.pipelines.base import Cancelled, Pipeline, RunContext
+from services.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+State = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]
+CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+@dataclass
+class RequestRecord:
+    id: str
+    input: InpaintInput
+    seed: int
+    base_url: str
+    state: State = "IN_QUEUE"
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    inference_time: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    error_type: str | None = None
+    error_status: int = 500
+    error_body: dict[str, Any] | None = None
+    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    ctx: RunContext | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add_log(self, message: str, level: str = "INFO") -> None:
+        self.logs.append({"message": message, "level": level, "source": "USER",
+                          "timestamp": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "")})
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake everyone waiting for a change (SSE streams, synchronous callers)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_changed(self, timeout: float) -> bool:
+        """Wait until the record changes; False on timeout."""
+        event = self._changed
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def fail(self, message: str, error_type: str, status: int, body: dict[str, Any] | None = None) -> None:
+        self.error, self.error_type, self.error_status = message, error_type, status
+        self.error_body = body or {"detail": message, "error_type": error_type}
+        self.complete()
+
+    def complete(self) -> None:
+        self.state = "COMPLETED"
+        self.finished_at = time.monotonic()
+        self.notify()
+
+
+class RequestQueue:
+    """Holds requests and runs them one at a time through the pipeline."""
+
+    def __init__(self, settings: WorkerSettings, http: httpx.AsyncClient) -> None:
+        self.settings = settings
+        self.http = http
+        self.pipeline: Pipeline | None = None
+        self.safety: Callable[[list[Image.Image]], list[bool]] | None = None
+        self.records: dict[str, RequestRecord] = {}
+        self.pending: deque[RequestRecord] = deque()
+        self.running: RequestRecord | None = None
+        self.ready = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._limits = IntakeLimits(max_bytes=settings.max_image_bytes, min_side=8)
+
+    # --- client-facing operations -------------------------------------------------------------------
+
+    def submit(self, inp: InpaintInput, base_url: str) -> RequestRecord:
+        if len(self.pending) >= self.settings.max_queue:
+            raise QueueFull(f"the worker's queue is full ({self.settings.max_queue} requests waiting); "
+                            "try again shortly")
+        record = RequestRecord(id=str(uuid.uuid4()), input=inp, seed=resolve_seed(inp), base_url=base_url)
+        self.records[record.id] = record
+        self.pending.append(record)
+        self._wakeup.set()
+        return record
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self.records.get(request_id)
+
+    def position(self, record: RequestRecord) -> int:
+        """Requests ahead of this one (0 = next), counting the one on the device."""
+        try:
+            index = self.pending.index(record)
+        except ValueError:
+            return 0
+        return index + (1 if self.running is not None else 0)
+
+    def cancel(self, request_id: str) -> CancelOutcome:
+        record = self.records.get(request_id)
+        if record is None:
+            return "NOT_FOUND"
+        if record.state == "COMPLETED":
+            return "ALREADY_COMPLETED"
+        if record.state == "IN_QUEUE":
+            self.pending.remove(record)
+            record.add_log("cancelled while queued")
+            record.fail("Request was cancelled", "cancelled", 400)
+            return "OK"
+        if record.ctx is not None:
+            record.ctx.cancel_event.set()
+        record.add_log("cancellation requested")
+        return "CANCELLATION_REQUESTED"
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.pending) + (1 if self.running is not None else 0)
+
+    # --- background tasks ---------------------------------------------------------------------------
+
+    async def run_forever(self) -> None:
+        await self.ready.wait()
+        while True:
+            while not self.pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            record = self.pending.popleft()
+            self.running = record
+            try:
+                await self._run(record)
+            finally:
+                self.running = None
+
+    async def reap_forever(self, interval: float | None = None) -> None:
+        ttl = self.settings.result_ttl_s
+        while True:
+            await asyncio.sleep(interval if interval is not None else min(60.0, ttl / 2))
+            self.reap()
+
+    def reap(self) -> int:
+        """Free completed requests older than the TTL (results and files); returns how many."""
+        cutoff = time.monotonic() - self.settings.result_ttl_s
+        expired = [rid for rid, r in self.records.items()
+                   if r.state == "COMPLETED" and r.finished_at is not None and r.finished_at < cutoff]
+        for rid in expired:
+            del self.records[rid]
+        return len(expired)
+
+    # --- running one request ------------------------------------------------------------------------
+
+    async def _run(self, record: RequestRecord) -> None:
+        pipeline = self.pipeline
+        assert pipeline is not None
+        loop = asyncio.get_running_loop()
+        record.state, record.started_at = "IN_PROGRESS", time.monotonic()
+        record.ctx = RunContext(log=lambda msg: loop.call_soon_threadsafe(record.add_log, msg))
+        record.notify()
+        inp = record.input
+        try:
+            try:
+                prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, http=self.http,
+                                                      limits=self._limits)
+            except ImageInputError as exc:
+                field = "mask_url" if exc.role == "mask" else "image_url"
+                raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
+            job = await asyncio.to_thread(build_job, inp, prepared, record.seed, self.settings)
+            record.ctx.check()
+            record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
+                           f"{inp.num_images} image(s), seed {record.seed}")
+            start = time.perf_counter()
+            images = await asyncio.to_thread(pipeline.run, job, record.ctx)
+            record.inference_time = time.perf_counter() - start
+            nsfw = [False] * len(images)
+            if inp.enable_safety_checker:
+                nsfw, images = await self._check_safety(record, images)
+            record.result = await asyncio.to_thread(self._encode, record, images, nsfw)
+            record.add_log(f"done in {time.monotonic() - record.started_at:.2f} s")
+            record.complete()
+        except Cancelled:
+            record.add_log("cancelled between denoising steps")
+            record.fail("Request was cancelled", "cancelled", 400)
+        except RequestError as exc:
+            record.add_log(f"request error: {exc}", "ERROR")
+            record.fail(str(exc), "validation_error", 422, {"detail": exc.detail})
+        except Exception as exc:
+            log.exception("request %s failed", record.id)
+            record.add_log(f"internal error: {type(exc).__name__}: {exc}", "ERROR")
+            record.fail(f"the worker failed: {type(exc).__name__}: {exc}", "runner_error", 500)
+
+    async def _check_safety(self, record: RequestRecord,
+                            images: list[Image.Image]) -> tuple[list[bool], list[Image.Image]]:
+        assert self.safety is not None, "requests needing the checker are refused at submit without one"
+        if record.input.safety_checker_version == "v2":
+            record.add_log("safety checker v2 is not installed on this worker; using v1")
+        flags = await asyncio.to_thread(self.safety, images)
+        if any(flags):
+            record.add_log(f"safety checker flagged {sum(flags)} of {len(flags)} image(s); replaced with black",
+                           "WARN")
+        checked = [Image.new("RGB", im.size, (0, 0, 0)) if flag else im for im, flag in zip(images, flags, strict=True)]
+        return flags, checked
+
+    def _encode(self, record: RequestRecord, images: list[Image.Image], nsfw: list[bool]) -> dict[str, Any]:
+        fmt = record.input.format
+        content_type = CONTENT_TYPES[fmt]
+        outputs = []
+        for i, image in enumerate(images):
+            data = encode_image(image, fmt, quality=90)
+            if record.input.sync_mode:
+                url = to_data_uri(data, content_type)
+            else:
+                name = f"{i}.{'jpg' if fmt == 'jpeg' else 'png'}"
+                record.files[name] = (data, content_type)
+                url = f"{record.base_url}/files/{record.id}/{name}"
+            outputs.append(OutputImage(url=url, width=image.width, height=image.height, content_type=content_type))
+        assert record.started_at is not None
+        timings = {"inference": record.inference_time or 0.0, "total": time.monotonic() - record.started_at}
+        output = InpaintOutput(images=outputs, timings=timings, seed=record.seed, has_nsfw_concepts=nsfw,
+                               prompt=record.input.prompt)
+        return output.model_dump(mode="json")

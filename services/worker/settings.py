@@ -1,0 +1,35 @@
+"""Worker settings, from the environment and `.env`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    pipeline: Literal["sdxl", "classic"] = Field(default="sdxl", description="Which pipeline serves requests")
+    model_path: Path | None = Field(default=None, description="A diffusers folder or a single .safetensors file")
+    model_config_path: Path | None = Field(
+        default=None, description="For a single-file checkpoint: a diffusers folder holding the component configs")
+    safety_checker_path: Path | None = Field(default=None, description="Folder of a StableDiffusionSafetyChecker")
+    lora_dir: Path | None = Field(default=None, description="LoRA paths in requests resolve inside this folder")
+    embedding_dir: Path | None = Field(default=None, description="Embedding paths resolve inside this folder")
+    device: str | None = Field(default=None, description="torch device; default cuda when available, else cpu")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str | None = Field(default=None, description="Base URL clients reach us at (default: from Host)")
+    worker_key: SecretStr | None = Field(default=None, description="When set, `Authorization: Key …` is required")
+
+    max_queue: int = Field(default=64, ge=1, description="Queued requests beyond this are refused with 503")
+    result_ttl_s: float = Field(default=3600.0, gt=0, description="How long results and files are kept")
+    max_output_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
+    max_image_bytes: int = Field(default=25 * 1024 * 1024)
+    sse_ping_s: float = Field(default=15.0, gt=0)
+    warmup: bool = True
