@@ -259,10 +259,23 @@ class FalQueueClient:
 
     async def follow(self, handle: QueueHandle,
                      on_update: Callable[[QueueUpdate], Awaitable[None]] | None = None) -> InpaintOutput:
-        """Follow an already-submitted request to its result (also used to resume after a restart)."""
-        async for update in self.updates(handle):
-            if on_update is not None:
-                await on_update(update)
+        """Follow an already-submitted request to its result (also used to resume after a restart).
+
+        A request that completed with an error raises `FalRequestFailed`, or `FalValidationError` with the
+        field details when the backend stored a 422 for it (e.g. an image it could not read).
+        """
+        try:
+            async for update in self.updates(handle):
+                if on_update is not None:
+                    await on_update(update)
+        except FalRequestFailed as failed:
+            try:
+                await self.result(handle)
+            except FalValidationError as detailed:
+                raise detailed from failed
+            except FalError:
+                pass
+            raise
         return await self.result(handle)
 
     async def run(self, body: InpaintInput | Mapping[str, Any], *,

@@ -117,12 +117,11 @@ class RequestQueue:
         return self.records.get(request_id)
 
     def position(self, record: RequestRecord) -> int:
-        """Requests ahead of this one (0 = next), counting the one on the device."""
+        """Requests waiting ahead of this one (0 = next to run), as fal defines `queue_position`."""
         try:
-            index = self.pending.index(record)
+            return self.pending.index(record)
         except ValueError:
             return 0
-        return index + (1 if self.running is not None else 0)
 
     def cancel(self, request_id: str) -> CancelOutcome:
         record = self.records.get(request_id)

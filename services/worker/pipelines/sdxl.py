@@ -1,0 +1,154 @@
+"""SDXL inpainting with diffusers, from a local model (a diffusers folder or a single .safetensors file).
+
+Loads offline (`HF_HUB_OFFLINE=1`, `local_files_only=True`): weights are never downloaded. Both the
+9-channel inpainting checkpoint and the 4-channel base checkpoint work (`StableDiffusionXLInpaintPipeline`
+handles both). Each request can bring LoRAs (loaded with their scales, unloaded afterwards) and
+textual-inversion embeddings (added to both text encoders, removed afterwards).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob, RunContext
+from services.worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def denoising_steps(steps: int, strength: float) -> int:
+    """How many steps diffusers actually runs for an img2img/inpaint request (its `get_timesteps`)."""
+    init = min(int(steps * strength), steps)
+    return steps - max(steps - init, 0)
+
+
+class SDXLPipeline:
+    name = "sdxl"
+
+    def __init__(self, pipe: Any, device: str, model: str) -> None:
+        self.pipe = pipe
+        self.device = device
+        self.model = model
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, settings: WorkerSettings) -> SDXLPipeline:
+        from diffusers import StableDiffusionXLInpaintPipeline
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        assert settings.model_path is not None
+        path = Path(settings.model_path).expanduser()
+        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if settings.dtype == "auto":
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        else:
+            dtype = _DTYPES[settings.dtype]
+        if path.is_dir():
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(path), torch_dtype=dtype,
+                                                                    local_files_only=True)
+        elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+            if settings.model_config_path is None:
+                raise RuntimeError("a single-file MODEL_PATH needs MODEL_CONFIG_PATH: a local diffusers folder "
+                                   "with the SDXL component configs (model_index.json, unet/config.json, …)")
+            pipe = StableDiffusionXLInpaintPipeline.from_single_file(
+                str(path), config=str(settings.model_config_path), torch_dtype=dtype, local_files_only=True)
+        else:
+            raise RuntimeError(f"MODEL_PATH {path} is neither a diffusers folder nor a .safetensors file")
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        in_channels = pipe.unet.config.in_channels
+        log.info("loaded SDXL from %s on %s (%s, UNet with %d input channels)", path, device, dtype, in_channels)
+        return cls(pipe, device, str(path))
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.pipe.unet.config.in_channels)
+
+    def warmup(self) -> None:
+        side = 32 * self.pipe.vae_scale_factor
+        image = Image.new("RGB", (side, side), (127, 127, 127))
+        mask = Image.new("L", (side, side), 0)
+        mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+        job = PipelineJob(image=image, mask=mask, prompt="warm-up", negative_prompt="", steps=2, guidance_scale=5.0,
+                          strength=1.0, seeds=(0,))
+        self.run(job, RunContext(log=lambda _msg: None))
+
+    def run(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
+        with self._lock:
+            self._load_loras(job.loras, ctx)
+            self._load_embeddings(job.embeddings, ctx)
+            try:
+                return self._generate(job, ctx)
+            finally:
+                self._unload(job, ctx)
+
+    def _generate(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
+        total = denoising_steps(job.steps, job.strength)
+        gen_device = self.device if self.device.startswith("cuda") else "cpu"
+        generators = [torch.Generator(device=gen_device).manual_seed(seed) for seed in job.seeds]
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            ctx.log(f"step {step + 1}/{total}")
+            ctx.check()  # raises Cancelled between steps
+            return kwargs
+
+        ctx.check()
+        result = self.pipe(
+            prompt=job.prompt, negative_prompt=job.negative_prompt or None, image=job.image, mask_image=job.mask,
+            width=job.image.width, height=job.image.height, num_inference_steps=job.steps, strength=job.strength,
+            guidance_scale=job.guidance_scale, num_images_per_prompt=job.num_images, generator=generators,
+            output_type="pil", callback_on_step_end=on_step_end)
+        images: list[Image.Image] = list(result.images)
+        return images
+
+    # --- per-request adapters -----------------------------------------------------------------------
+
+    def _load_loras(self, loras: tuple[LoraSpec, ...], ctx: RunContext) -> None:
+        if not loras:
+            return
+        names = []
+        for i, lora in enumerate(loras):
+            name = f"request_lora_{i}"
+            self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
+            names.append(name)
+            ctx.log(f"loaded LoRA {lora.path.name} (scale {lora.scale:g})")
+        self.pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
+
+    def _load_embeddings(self, embeddings: tuple[EmbeddingSpec, ...], ctx: RunContext) -> None:
+        from safetensors.torch import load_file
+
+        for emb in embeddings:
+            tensors = load_file(str(emb.path))
+            pairs = [("clip_l", self.pipe.text_encoder, self.pipe.tokenizer),
+                     ("clip_g", self.pipe.text_encoder_2, self.pipe.tokenizer_2)]
+            missing = [key for key, _, _ in pairs if key not in tensors]
+            if missing:
+                raise ValueError(f"embedding {emb.path.name} has no {', '.join(missing)} vectors (an SDXL "
+                                 "embedding holds clip_l and clip_g)")
+            for key, encoder, tokenizer in pairs:
+                vectors = tensors[key]
+                if vectors.shape[0] != len(emb.tokens):
+                    raise ValueError(f"embedding {emb.path.name} has {vectors.shape[0]} vectors but "
+                                     f"{len(emb.tokens)} tokens were given")
+                self.pipe.load_textual_inversion(vectors, token=list(emb.tokens), text_encoder=encoder,
+                                                 tokenizer=tokenizer)
+            ctx.log(f"loaded embedding {emb.path.name} as {' '.join(emb.tokens)}")
+
+    def _unload(self, job: PipelineJob, ctx: RunContext) -> None:
+        if job.loras:
+            self.pipe.unload_lora_weights()
+        for emb in job.embeddings:
+            for encoder, tokenizer in ((self.pipe.text_encoder, self.pipe.tokenizer),
+                                       (self.pipe.text_encoder_2, self.pipe.tokenizer_2)):
+                present = [t for t in emb.tokens if t in tokenizer.get_vocab()]
+                if present:
+                    self.pipe.unload_textual_inversion(tokens=present, text_encoder=encoder, tokenizer=tokenizer)
