@@ -14,8 +14,11 @@ SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "inp
 
 def photo(width: int = 256, height: int = 192, *, seed: int = 1) -> Image.Image:
     """A deterministic photo-like RGB picture: a gradient, shapes and fine noise (so PNG can't shrink it)."""
+    import numpy as np
+
     base = Image.linear_gradient("L").resize((width, height)).convert("RGB")
-    noise = Image.effect_noise((width, height), 40 + seed).convert("RGB")
+    rng = np.random.default_rng(seed)
+    noise = Image.fromarray(rng.normal(128, 40, (height, width)).clip(0, 255).astype(np.uint8), "L").convert("RGB")
     im = Image.blend(base, noise, 0.35)
     draw = ImageDraw.Draw(im)
     draw.ellipse((width // 5, height // 5, width // 2, height // 2), fill=(200, 60 + seed % 100, 40))

@@ -58,10 +58,11 @@ def build_tiny_sdxl(folder: Path, *, in_channels: int = 9, seed: int = 0) -> Pat
                         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
                         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128,
                         force_upcast=False)
+    tokenizer = _tiny_tokenizer()
+    # as in real SDXL, the embedding table has exactly one row per token (textual inversion resizes it to that)
     text_config = CLIPTextConfig(bos_token_id=0, eos_token_id=1, hidden_size=32, intermediate_size=37,
                                  layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, pad_token_id=1,
-                                 vocab_size=1000, hidden_act="gelu", projection_dim=32)
-    tokenizer = _tiny_tokenizer()
+                                 vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=32)
     pipe = StableDiffusionXLInpaintPipeline(
         vae=vae, text_encoder=CLIPTextModel(text_config), text_encoder_2=CLIPTextModelWithProjection(text_config),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,

@@ -6,15 +6,15 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import uvicorn
 from starlette.applications import Starlette
 
 
-@asynccontextmanager
-async def serve(app: Starlette, *, startup_timeout: float = 120.0) -> AsyncIterator[str]:
+@contextmanager
+def serve_sync(app: Starlette, *, startup_timeout: float = 120.0) -> Iterator[str]:
     """Start `app` (running its lifespan: model load and warm-up) and yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -23,8 +23,7 @@ async def serve(app: Starlette, *, startup_timeout: float = 120.0) -> AsyncItera
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"worker-{port}")
     thread.start()
-
-    def wait_started() -> None:
+    try:
         deadline = time.monotonic() + startup_timeout
         while not server.started:
             if not thread.is_alive():
@@ -32,11 +31,19 @@ async def serve(app: Starlette, *, startup_timeout: float = 120.0) -> AsyncItera
             if time.monotonic() > deadline:
                 raise TimeoutError("the worker did not start in time")
             time.sleep(0.01)
-
-    await asyncio.to_thread(wait_started)
-    try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        await asyncio.to_thread(thread.join, 15)
+        thread.join(15)
         sock.close()
+
+
+@asynccontextmanager
+async def serve(app: Starlette, *, startup_timeout: float = 120.0) -> AsyncIterator[str]:
+    """`serve_sync` for async tests: starting and stopping happen off the event loop."""
+    manager = serve_sync(app, startup_timeout=startup_timeout)
+    base = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield base
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)

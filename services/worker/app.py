@@ -76,18 +76,18 @@ def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _load(q: RequestQueue) -> None:
-        q.pipeline = pipeline or await asyncio.to_thread(load_pipeline, settings)
+        loaded: Pipeline = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
+        q.pipeline = loaded
         q.safety = safety
         if q.safety is None and settings.safety_checker_path is not None:
             from services.worker.safety import load_safety_checker
 
-            q.safety = await asyncio.to_thread(load_safety_checker, settings.safety_checker_path,
-                                               q.pipeline.device)
+            q.safety = await asyncio.to_thread(load_safety_checker, settings.safety_checker_path, loaded.device)
         if settings.warmup:
-            await asyncio.to_thread(q.pipeline.warmup)
+            await asyncio.to_thread(loaded.warmup)
         q.ready.set()
-        log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s", q.pipeline.name,
-                 q.pipeline.model, q.pipeline.device, "on" if q.safety else "off")
+        log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s", loaded.name, loaded.model,
+                 loaded.device, "on" if q.safety else "off")
 
     def base_url(request: Request) -> str:
         return (settings.public_url or str(request.base_url)).rstrip("/")
@@ -247,7 +247,7 @@ def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     key = settings.worker_key.get_secret_value() if settings.worker_key else None
-    app.add_middleware(_FalProtocolMiddleware, key=key)  # type: ignore[arg-type]
+    app.add_middleware(_FalProtocolMiddleware, key=key)
     return app
 
 

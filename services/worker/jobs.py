@@ -66,11 +66,11 @@ class RequestRecord:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_changed(self, timeout: float) -> bool:
-        """Wait until the record changes; False on timeout."""
+    async def wait_changed(self, within_s: float) -> bool:
+        """Wait until the record changes; False if nothing changed within `within_s` seconds."""
         event = self._changed
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await asyncio.wait_for(event.wait(), within_s)
         except TimeoutError:
             return False
         return True
@@ -180,7 +180,10 @@ class RequestQueue:
         assert pipeline is not None
         loop = asyncio.get_running_loop()
         record.state, record.started_at = "IN_PROGRESS", time.monotonic()
-        record.ctx = RunContext(log=lambda msg: loop.call_soon_threadsafe(record.add_log, msg))
+        def log_from_thread(message: str) -> None:
+            loop.call_soon_threadsafe(record.add_log, message)
+
+        ctx = record.ctx = RunContext(log=log_from_thread)
         record.notify()
         inp = record.input
         try:
@@ -191,11 +194,11 @@ class RequestQueue:
                 field = "mask_url" if exc.role == "mask" else "image_url"
                 raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
             job = await asyncio.to_thread(build_job, inp, prepared, record.seed, self.settings)
-            record.ctx.check()
+            ctx.check()
             record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
                            f"{inp.num_images} image(s), seed {record.seed}")
             start = time.perf_counter()
-            images = await asyncio.to_thread(pipeline.run, job, record.ctx)
+            images = await asyncio.to_thread(pipeline.run, job, ctx)
             record.inference_time = time.perf_counter() - start
             nsfw = [False] * len(images)
             if inp.enable_safety_checker:

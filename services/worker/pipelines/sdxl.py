@@ -53,14 +53,14 @@ class SDXLPipeline:
         else:
             dtype = _DTYPES[settings.dtype]
         if path.is_dir():
-            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(path), torch_dtype=dtype,
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(path), dtype=dtype,
                                                                     local_files_only=True)
         elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
             if settings.model_config_path is None:
                 raise RuntimeError("a single-file MODEL_PATH needs MODEL_CONFIG_PATH: a local diffusers folder "
                                    "with the SDXL component configs (model_index.json, unet/config.json, …)")
             pipe = StableDiffusionXLInpaintPipeline.from_single_file(
-                str(path), config=str(settings.model_config_path), torch_dtype=dtype, local_files_only=True)
+                str(path), config=str(settings.model_config_path), dtype=dtype, local_files_only=True)
         else:
             raise RuntimeError(f"MODEL_PATH {path} is neither a diffusers folder nor a .safetensors file")
         pipe.to(device)
@@ -102,11 +102,14 @@ class SDXLPipeline:
             return kwargs
 
         ctx.check()
+        # One batch row per image, each with its own generator. (With num_images_per_prompt, diffusers encodes the
+        # image once with generator[0] only, so image i of a batch would not match a single image of seed i.)
+        n = job.num_images
         result = self.pipe(
-            prompt=job.prompt, negative_prompt=job.negative_prompt or None, image=job.image, mask_image=job.mask,
-            width=job.image.width, height=job.image.height, num_inference_steps=job.steps, strength=job.strength,
-            guidance_scale=job.guidance_scale, num_images_per_prompt=job.num_images, generator=generators,
-            output_type="pil", callback_on_step_end=on_step_end)
+            prompt=[job.prompt] * n, negative_prompt=[job.negative_prompt] * n if job.negative_prompt else None,
+            image=[job.image] * n, mask_image=[job.mask] * n, width=job.image.width, height=job.image.height,
+            num_inference_steps=job.steps, strength=job.strength, guidance_scale=job.guidance_scale,
+            num_images_per_prompt=1, generator=generators, output_type="pil", callback_on_step_end=on_step_end)
         images: list[Image.Image] = list(result.images)
         return images
 
