@@ -11,9 +11,14 @@ from tests.imagegen import box_mask, encode, photo
 DATA_URI_PREFIX = "data:image/png;base64,"
 
 
+def _needs_worker_extra() -> None:
+    pytest.importorskip("diffusers", reason="SDXL tests need the [worker] extra (pip install -e '.[dev,worker]')")
+
+
 @pytest.fixture(scope="session")
 def tiny_inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 9-channel (inpainting checkpoint) SDXL pipeline folder, saved with save_pretrained."""
+    _needs_worker_extra()
     from tests.tiny_sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-inpaint-9ch"), in_channels=9)
@@ -22,6 +27,7 @@ def tiny_inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-channel (base checkpoint) SDXL pipeline folder."""
+    _needs_worker_extra()
     from tests.tiny_sdxl import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("sdxl-base-4ch"), in_channels=4)
@@ -29,6 +35,7 @@ def tiny_base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def checker_flags_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _needs_worker_extra()
     from tests.tiny_sdxl import build_tiny_safety_checker
 
     return build_tiny_safety_checker(tmp_path_factory.mktemp("checker-all"), flag_everything=True)
@@ -36,6 +43,7 @@ def checker_flags_all(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def checker_flags_none(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    _needs_worker_extra()
     from tests.tiny_sdxl import build_tiny_safety_checker
 
     return build_tiny_safety_checker(tmp_path_factory.mktemp("checker-none"), flag_everything=False)
