@@ -135,19 +135,20 @@ def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
         q = state.get("queue")
         return bool(safety or settings.safety_checker_path or (q is not None and q.safety))
 
-    def enqueue(request: Request, inp: InpaintInput) -> RequestRecord | JSONResponse:
+    async def accept(request: Request) -> RequestRecord | JSONResponse:
+        """Check the app id, validate the body and queue it; or the error response to send instead."""
+        if not _is_inpaint(request):
+            return _json({"detail": f"unknown app; this worker serves {INPAINT_APP_ID}"}, 404)
+        inp = await parse_input(request)
+        if isinstance(inp, Response):
+            return inp
         try:
             return queue().submit(inp, base_url(request))
         except QueueFull as exc:
             return _json({"detail": str(exc), "error_type": "queue_full"}, 503)
 
     async def submit(request: Request) -> Response:
-        if not _is_inpaint(request):
-            return _json({"detail": f"unknown app; this worker serves {INPAINT_APP_ID}"}, 404)
-        inp = await parse_input(request)
-        if isinstance(inp, Response):
-            return inp
-        record = enqueue(request, inp)
+        record = await accept(request)
         if isinstance(record, Response):
             return record
         log.info("queued %s (%d waiting)", record.id, len(queue().pending))
@@ -198,12 +199,7 @@ def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
         return _json({"status": outcome}, _CANCEL_STATUS[outcome], rid)
 
     async def sync_run(request: Request) -> Response:
-        if not _is_inpaint(request):
-            return _json({"detail": f"unknown app; this worker serves {INPAINT_APP_ID}"}, 404)
-        inp = await parse_input(request)
-        if isinstance(inp, Response):
-            return inp
-        record = enqueue(request, inp)
+        record = await accept(request)
         if isinstance(record, Response):
             return record
         while record.state != "COMPLETED":
