@@ -36,6 +36,8 @@ class Settings(BaseSettings):
 
     backend_total_timeout_s: float = Field(default=600.0, gt=0)
     backend_poll_interval_s: float = Field(default=0.5, gt=0)
+    progress_edit_interval_s: float = Field(default=2.0, ge=0, description="Least time between progress edits")
+    dispatch_concurrency: int = Field(default=4, ge=1, description="Jobs the bot has at the backend at once")
 
 
 def load_settings() -> Settings:

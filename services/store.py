@@ -84,6 +84,7 @@ class Job(BaseModel):
     submitted_at: float | None
     started_at: float | None
     finished_at: float | None
+    result_message_id: int | None = None
 
     @property
     def terminal(self) -> bool:
@@ -173,6 +174,10 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (guild_id, key)
     );
     """,
+    # 2: where a job's result was posted (so a restart posts it once, never twice)
+    """
+    ALTER TABLE jobs ADD COLUMN result_message_id INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -180,7 +185,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _JOB_COLUMNS = (
     "id, guild_id, channel_id, user_id, status, status_message_id, parent_job_id, backend, backend_request_id, "
     "status_url, response_url, cancel_url, input_json, result_json, error, attempts, created_at, updated_at, "
-    "submitted_at, started_at, finished_at"
+    "submitted_at, started_at, finished_at, result_message_id"
 )
 
 #: Columns `transition()` may set alongside the status.
@@ -196,6 +201,7 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         status_url=row[9], response_url=row[10], cancel_url=row[11], input=json.loads(row[12]),
         result=json.loads(row[13]) if row[13] is not None else None, error=row[14], attempts=row[15],
         created_at=row[16], updated_at=row[17], submitted_at=row[18], started_at=row[19], finished_at=row[20],
+        result_message_id=row[21],
     )
 
 
@@ -270,8 +276,13 @@ class JobStore:
 
     async def create_job(self, *, user_id: int, input: dict[str, Any], backend: str, guild_id: int | None = None,
                          channel_id: int | None = None, parent_job_id: int | None = None,
-                         blobs: dict[str, tuple[bytes, str]] | None = None) -> Job:
-        """Insert a `queued` job, its input blobs (role → (bytes, content type)) and its first event."""
+                         blobs: dict[str, tuple[bytes, str]] | None = None,
+                         blob_refs: dict[str, str] | None = None) -> Job:
+        """Insert a `queued` job, its input blobs and its first event.
+
+        `blobs` maps a role ("image", "mask") to new (bytes, content type); `blob_refs` maps a role to the
+        sha256 of a blob already stored (a reroll shares its parent's inputs without copying them).
+        """
         now = time.time()
         async with self._transaction() as db:
             cur = await db.execute(
@@ -282,6 +293,9 @@ class JobStore:
             assert job_id is not None
             for role, (data, content_type) in (blobs or {}).items():
                 sha = await self._put_blob(db, data, content_type, now)
+                await db.execute("INSERT INTO job_blobs (job_id, role, sha256) VALUES (?, ?, ?)",
+                                 (job_id, role, sha))
+            for role, sha in (blob_refs or {}).items():
                 await db.execute("INSERT INTO job_blobs (job_id, role, sha256) VALUES (?, ?, ?)",
                                  (job_id, role, sha))
             await self._insert_event(db, job_id, "state", "queued", None, now)
@@ -357,6 +371,30 @@ class JobStore:
             await self._insert_event(db, job_id, "state", message or new_status.value,
                                      {"from": current.value, "to": new_status.value, **(data or {})}, now)
         return await self.get_job(job_id)
+
+    async def add_job_blobs(self, job_id: int, blobs: dict[str, tuple[bytes, str]]) -> None:
+        """Attach more blobs to a job (its output images), replacing any with the same role."""
+        now = time.time()
+        async with self._transaction() as db:
+            for role, (data, content_type) in blobs.items():
+                sha = await self._put_blob(db, data, content_type, now)
+                await db.execute("INSERT OR REPLACE INTO job_blobs (job_id, role, sha256) VALUES (?, ?, ?)",
+                                 (job_id, role, sha))
+
+    async def set_result_message(self, job_id: int, message_id: int) -> None:
+        async with self._transaction() as db:
+            await db.execute("UPDATE jobs SET result_message_id = ?, updated_at = ? WHERE id = ?",
+                             (message_id, time.time(), job_id))
+            await self._insert_event(db, job_id, "posted", f"result posted as message {message_id}", None,
+                                     time.time())
+
+    async def unposted_results(self) -> list[Job]:
+        """Succeeded jobs whose result never reached their channel (the bot stopped in between)."""
+        async with self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE status = 'succeeded' AND result_message_id IS NULL "
+                "AND channel_id IS NOT NULL ORDER BY id") as cur:
+            rows = await cur.fetchall()
+        return [_job_from_row(r) for r in rows]
 
     async def set_status_message(self, job_id: int, message_id: int | None) -> None:
         async with self._transaction() as db:

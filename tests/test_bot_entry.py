@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot import backend_target
+from services.backend_select import choose_backend
 from services.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +35,14 @@ def test_settings_from_env_file_hide_secrets(tmp_path: Path, monkeypatch: pytest
     assert settings.discord_token.get_secret_value() == "discord-secret-token"
     shown = repr(settings) + str(settings) + settings.model_dump_json()
     assert "discord-secret-token" not in shown and "fal-secret-value" not in shown
-    base, key, name = backend_target(settings)
-    assert base == "https://queue.fal.run" and name == "hosted fal" and key == settings.fal_key
+    choice = choose_backend(settings)
+    assert (choice.name, choice.base_url, choice.key) == ("fal", "https://queue.fal.run", settings.fal_key)
 
 
 def test_worker_url_selects_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FAL_KEY", raising=False)
     settings = Settings(_env_file=None, worker_url="http://127.0.0.1:8000")
-    assert backend_target(settings)[::2] == ("http://127.0.0.1:8000", "worker")
+    choice = choose_backend(settings)
+    assert (choice.name, choice.base_url) == ("worker", "http://127.0.0.1:8000")
+    bare = choose_backend(Settings(_env_file=None))
+    assert bare.name == "embedded" and not bare.safety_checker

@@ -1,0 +1,46 @@
+"""Starting a job in a channel: the progress message with its preview, then the dispatcher's queue."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from services.errors import UserError
+from services.images import PreparedInputs
+from services.preview import mask_overlay_jpeg
+from services.store import Job, JobStatus
+
+if TYPE_CHECKING:
+    from bot import InpaintBot
+
+
+async def launch_job(bot: InpaintBot, job: Job, prepared: PreparedInputs) -> None:
+    """A new job whose images are in hand: preview from them, post progress, queue."""
+    preview = await asyncio.to_thread(mask_overlay_jpeg, prepared.image, prepared.mask)
+    await _post_and_queue(bot, job, preview)
+
+
+async def launch_stored_job(bot: InpaintBot, job: Job) -> None:
+    """A job derived from an earlier one: its preview is rebuilt from the stored blobs."""
+    blobs = await bot.store.job_blobs(job.id)
+    if "image" not in blobs or "mask" not in blobs:
+        raise UserError(f"Job #{job.id}'s images are no longer stored.")
+
+    def render() -> bytes:
+        image = Image.open(io.BytesIO(blobs["image"].data))
+        mask = Image.open(io.BytesIO(blobs["mask"].data))
+        return mask_overlay_jpeg(image.convert("RGB"), mask.convert("L"))
+
+    await _post_and_queue(bot, job, await asyncio.to_thread(render))
+
+
+async def _post_and_queue(bot: InpaintBot, job: Job, preview: bytes) -> None:
+    try:
+        await bot.presenter.post_progress(job, preview)
+    except Exception:
+        await bot.store.transition(job.id, JobStatus.FAILED, error="Could not post the progress message here.")
+        raise
+    bot.dispatcher.enqueue(job.id)

@@ -1,0 +1,170 @@
+"""`/inpaint` and the "Inpaint this image" message command: check the attachments, take the images in, create
+the job, post its progress message and queue it. Everything past the Discord glue lives in `services/`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs.errors import report_error
+from cogs.flow import launch_job
+from services.errors import UserError
+from services.images import IntakeLimits, MaskOptions, prepare_inputs_async
+
+if TYPE_CHECKING:
+    from bot import InpaintBot
+
+SIZE_CHOICES = [
+    app_commands.Choice(name="Match the image (about 1 megapixel)", value="auto"),
+    app_commands.Choice(name="Square HD 1024×1024", value="square_hd"),
+    app_commands.Choice(name="Square 512×512", value="square"),
+    app_commands.Choice(name="Portrait 4:3 768×1024", value="portrait_4_3"),
+    app_commands.Choice(name="Portrait 16:9 576×1024", value="portrait_16_9"),
+    app_commands.Choice(name="Landscape 4:3 1024×768", value="landscape_4_3"),
+    app_commands.Choice(name="Landscape 16:9 1024×576", value="landscape_16_9"),
+]
+FORMAT_CHOICES = [app_commands.Choice(name="JPEG", value="jpeg"), app_commands.Choice(name="PNG", value="png")]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif")
+
+
+def check_attachment(attachment: discord.Attachment, role: str, max_bytes: int) -> None:
+    """Refuse an attachment by its declared type and size, before downloading a byte of it."""
+    if attachment.size > max_bytes:
+        raise UserError(f"The {role} `{attachment.filename}` is {attachment.size / 1048576:.1f} MiB; the limit is "
+                        f"{max_bytes / 1048576:.0f} MiB.")
+    declared = (attachment.content_type or "").split(";")[0].strip().lower()
+    if declared and not declared.startswith("image/"):
+        raise UserError(f"The {role} `{attachment.filename}` isn't an image ({declared}). Send a PNG, JPEG or WebP.")
+    if not declared and not attachment.filename.lower().endswith(IMAGE_SUFFIXES):
+        raise UserError(f"The {role} `{attachment.filename}` doesn't look like an image. Send a PNG, JPEG or WebP.")
+
+
+def first_image(message: discord.Message) -> discord.Attachment:
+    for attachment in message.attachments:
+        declared = (attachment.content_type or "").lower()
+        if declared.startswith("image/") or attachment.filename.lower().endswith(IMAGE_SUFFIXES):
+            return attachment
+    raise UserError("That message has no image attachment to inpaint.")
+
+
+class Inpaint(commands.Cog):
+    def __init__(self, bot: InpaintBot) -> None:
+        self.bot = bot
+        self.context_menu = app_commands.ContextMenu(name="Inpaint this image", callback=self.inpaint_message)
+        self.context_menu.guild_only = True
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.context_menu)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.context_menu.name, type=self.context_menu.type)
+
+    @app_commands.command(name="inpaint", description="Repaint part of an image with SDXL")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        image="The picture to change",
+        prompt="What to paint in the masked area",
+        mask="Mask: white = repaint, black = keep. Leave empty to use the image's transparent area",
+        negative_prompt="What to avoid",
+        size="Output size (default: the image's shape, about 1 megapixel)",
+        steps="Denoising steps (1-65, default 25)",
+        guidance="How closely to follow the prompt (0-20, default 7.5)",
+        strength="How much to change the masked area (0.01-1, default 0.95)",
+        seed="Seed for a repeatable result (default: random)",
+        num_images="How many images (1-8, default 1)",
+        format="Output format (default JPEG)",
+        invert_mask="Swap the mask's colours (if you painted what to keep)",
+        feather="Soften the mask edge by this many pixels (0-64)",
+    )
+    @app_commands.choices(size=SIZE_CHOICES, format=FORMAT_CHOICES)
+    async def inpaint(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        prompt: app_commands.Range[str, 1, 1000],
+        mask: discord.Attachment | None = None,
+        negative_prompt: app_commands.Range[str, 0, 1000] = "",
+        size: str = "auto",
+        steps: app_commands.Range[int, 1, 65] = 25,
+        guidance: app_commands.Range[float, 0.0, 20.0] = 7.5,
+        strength: app_commands.Range[float, 0.01, 1.0] = 0.95,
+        seed: app_commands.Range[int, 0, 2**53 - 1] | None = None,
+        num_images: app_commands.Range[int, 1, 8] = 1,
+        format: str = "jpeg",
+        invert_mask: bool = False,
+        feather: app_commands.Range[int, 0, 64] = 0,
+    ) -> None:
+        params: dict[str, Any] = {"prompt": prompt, "image_size": size, "num_inference_steps": steps,
+                                  "guidance_scale": guidance, "strength": strength, "num_images": num_images,
+                                  "format": format}
+        if negative_prompt:
+            params["negative_prompt"] = negative_prompt
+        if seed is not None:
+            params["seed"] = seed
+        await self.start(interaction, image, mask, params, MaskOptions(invert=invert_mask, feather=feather))
+
+    async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        image = first_image(message)
+        check_attachment(image, "image", self.bot.settings.max_image_bytes)
+        await interaction.response.send_modal(InpaintModal(self, image))
+
+    async def start(self, interaction: discord.Interaction, image: discord.Attachment,
+                    mask: discord.Attachment | None, params: dict[str, Any], options: MaskOptions) -> None:
+        """The shared job flow: check, defer, take in, create, post progress, queue."""
+        limit = self.bot.settings.max_image_bytes
+        check_attachment(image, "image", limit)
+        if mask is not None:
+            check_attachment(mask, "mask", limit)
+        self.bot.jobs.validate({k: v for k, v in params.items() if k != "image_size" or v != "auto"})
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        image_bytes, mask_bytes = await asyncio.gather(image.read(), mask.read() if mask else _none())
+        limits = IntakeLimits(max_bytes=limit, max_pixels=self.bot.settings.max_image_pixels)
+        prepared = await prepare_inputs_async(image_bytes, mask_bytes, http=self.bot.http_client, limits=limits,
+                                              options=options)
+        job = await self.bot.jobs.create(prepared, params, user_id=interaction.user.id,
+                                         guild_id=interaction.guild_id, channel_id=interaction.channel_id)
+        await launch_job(self.bot, job, prepared)
+        note = " (mask taken from the image's transparent area)" if prepared.mask_source == "alpha" else ""
+        await interaction.followup.send(f"Queued as job #{job.id}{note}: progress is in the channel.", ephemeral=True)
+
+
+async def _none() -> None:
+    return None
+
+
+class InpaintModal(discord.ui.Modal):
+    """Asks for the prompt (and a mask upload) for an image already in the channel."""
+
+    def __init__(self, cog: Inpaint, image: discord.Attachment) -> None:
+        super().__init__(title="Inpaint this image", timeout=900)
+        self.cog = cog
+        self.image = image
+        self.prompt: discord.ui.TextInput[InpaintModal] = discord.ui.TextInput(
+            label="Prompt", style=discord.TextStyle.paragraph, max_length=1000,
+            placeholder="What to paint in the masked area")
+        self.negative: discord.ui.TextInput[InpaintModal] = discord.ui.TextInput(
+            label="Negative prompt", style=discord.TextStyle.paragraph, required=False, max_length=1000)
+        self.mask_upload: discord.ui.FileUpload[InpaintModal] = discord.ui.FileUpload(
+            required=False, min_values=0, max_values=1)
+        self.add_item(self.prompt)
+        self.add_item(self.negative)
+        self.add_item(discord.ui.Label(text="Mask (white = repaint)", component=self.mask_upload,
+                                       description="Optional if the image has a transparent area"))
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        uploads = list(self.mask_upload.values)
+        params: dict[str, Any] = {"prompt": self.prompt.value, "image_size": "auto"}
+        if self.negative.value:
+            params["negative_prompt"] = self.negative.value
+        await self.cog.start(interaction, self.image, uploads[0] if uploads else None, params, MaskOptions())
+
+    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+        await report_error(interaction, error)
+
+
+async def setup(bot: InpaintBot) -> None:
+    await bot.add_cog(Inpaint(bot))

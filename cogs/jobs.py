@@ -1,0 +1,63 @@
+"""`/jobs` (your recent jobs) and `/job` (one job with its history)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs import render
+from services.errors import UserError
+from services.store import JobNotFound
+
+if TYPE_CHECKING:
+    from bot import InpaintBot
+
+
+def _when(timestamp: float) -> str:
+    return discord.utils.format_dt(dt.datetime.fromtimestamp(timestamp, tz=dt.UTC), "R")
+
+
+class Jobs(commands.Cog):
+    def __init__(self, bot: InpaintBot) -> None:
+        self.bot = bot
+
+    @app_commands.command(name="jobs", description="Your recent inpainting jobs in this server")
+    @app_commands.guild_only()
+    async def jobs(self, interaction: discord.Interaction) -> None:
+        jobs = await self.bot.store.jobs_for_user(interaction.user.id, guild_id=interaction.guild_id, limit=10)
+        if not jobs:
+            await interaction.response.send_message("You have no jobs here yet: try `/inpaint`.", ephemeral=True)
+            return
+        lines = [f"`#{job.id}` {job.status.value} · {_when(job.created_at)} · "
+                 f"{render.short(job.input.get('prompt', ''), 60)}" for job in jobs]
+        embed = discord.Embed(title="Your recent jobs", description="\n".join(lines), colour=render.COLOUR_RUNNING)
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+    @app_commands.command(name="job", description="One job's details and history")
+    @app_commands.guild_only()
+    @app_commands.describe(job_id="The job number (from /jobs or a result)")
+    async def job(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1]) -> None:
+        try:
+            job = await self.bot.store.get_job(job_id)
+        except JobNotFound as exc:
+            raise UserError(f"There is no job #{job_id}.") from exc
+        if job.guild_id != interaction.guild_id or (
+                job.user_id != interaction.user.id and not render.is_moderator(interaction)):
+            raise UserError(f"Job #{job_id} isn't yours to look at.")
+        events = await self.bot.store.events(job.id)
+        history = "\n".join(f"{_when(e.created_at)} **{e.kind}** {render.short(e.message, 80)}" for e in events[-15:])
+        embed = discord.Embed(title=f"Job #{job.id} · {job.status.value}", colour=render.COLOUR_RUNNING,
+                              description=render.short(job.input.get("prompt", ""), 300))
+        embed.add_field(name="History", value=render.short(history or "—", 1024), inline=False)
+        if job.error:
+            embed.add_field(name="Error", value=render.short(job.error, 1024), inline=False)
+        embed.set_footer(text=f"backend {job.backend} · attempts {job.attempts}")
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+
+async def setup(bot: InpaintBot) -> None:
+    await bot.add_cog(Jobs(bot))

@@ -1,0 +1,144 @@
+"""How jobs look in Discord: progress and result embeds, attachments within the upload limit."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import discord
+from PIL import Image
+
+from services.progress import Progress
+from services.schema import InpaintOutput
+from services.store import Job, JobStatus, StoredBlob
+
+COLOUR_RUNNING = discord.Colour.blurple()
+COLOUR_DONE = discord.Colour.green()
+COLOUR_FAILED = discord.Colour.red()
+COLOUR_CANCELLED = discord.Colour.light_grey()
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+PREVIEW_NAME = "preview.jpg"
+
+_STATUS_TEXT = {
+    JobStatus.QUEUED: "⏳ Waiting in the bot's queue",
+    JobStatus.SUBMITTED: "📨 Sent to the backend",
+    JobStatus.RUNNING: "🎨 Painting",
+    JobStatus.SUCCEEDED: "✅ Done",
+    JobStatus.FAILED: "❌ Failed",
+    JobStatus.CANCELLED: "🚫 Cancelled",
+    JobStatus.BLOCKED: "⛔ Blocked",
+}
+
+
+def _size_text(job: Job) -> str:
+    size = job.input.get("image_size", "square_hd")
+    return f"{size['width']}×{size['height']}" if isinstance(size, dict) else str(size)
+
+
+def short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def progress_embed(job: Job, progress: Progress | None, *, local_position: int | None = None) -> discord.Embed:
+    status = progress.status if progress else job.status
+    embed = discord.Embed(title=f"Inpainting job #{job.id}", colour=COLOUR_RUNNING,
+                          description=short(job.input.get("prompt", ""), 300))
+    text = _STATUS_TEXT[status]
+    if local_position is not None:
+        text += f" (position {local_position + 1})"
+    elif progress and progress.queue_position is not None:
+        text = f"⏳ In the backend's queue (position {progress.queue_position + 1})"
+    embed.add_field(name="Status", value=text, inline=True)
+    if progress and progress.bar():
+        embed.add_field(name="Progress", value=progress.bar(), inline=True)
+    if progress:
+        embed.add_field(name="Elapsed", value=f"{progress.elapsed():.0f} s", inline=True)
+    if progress and progress.logs:
+        lines = "\n".join(short(line, 90) for line in progress.logs)
+        embed.add_field(name="Log", value=f"```\n{short(lines, 900)}\n```", inline=False)
+    embed.set_image(url=f"attachment://{PREVIEW_NAME}")
+    embed.set_footer(text=f"{_size_text(job)} · {job.input.get('num_inference_steps', 25)} steps · "
+                          f"backend: {job.backend}")
+    return embed
+
+
+def ended_embed(job: Job) -> discord.Embed:
+    colour = {JobStatus.SUCCEEDED: COLOUR_DONE, JobStatus.CANCELLED: COLOUR_CANCELLED}.get(job.status, COLOUR_FAILED)
+    embed = discord.Embed(title=f"Inpainting job #{job.id}", colour=colour,
+                          description=short(job.input.get("prompt", ""), 300))
+    embed.add_field(name="Status", value=_STATUS_TEXT[job.status], inline=True)
+    if job.started_at and job.finished_at:
+        embed.add_field(name="Took", value=f"{job.finished_at - job.created_at:.1f} s", inline=True)
+    if job.error and job.status is not JobStatus.CANCELLED:
+        embed.add_field(name="Why", value=short(job.error, 1000), inline=False)
+    embed.set_image(url=f"attachment://{PREVIEW_NAME}")
+    return embed
+
+
+def result_embed(job: Job, output: InpaintOutput) -> discord.Embed:
+    embed = discord.Embed(title=f"Inpainted · job #{job.id}", colour=COLOUR_DONE,
+                          description=short(output.prompt or job.input.get("prompt", ""), 1000))
+    inp = job.input
+    negative = inp.get("negative_prompt")
+    if negative:
+        embed.add_field(name="Negative prompt", value=short(negative, 300), inline=False)
+    embed.add_field(name="Seed", value=f"`{output.seed}`", inline=True)
+    embed.add_field(name="Size", value=_size_text(job), inline=True)
+    embed.add_field(name="Steps", value=str(inp.get("num_inference_steps", 25)), inline=True)
+    embed.add_field(name="Guidance", value=f"{inp.get('guidance_scale', 7.5):g}", inline=True)
+    embed.add_field(name="Strength", value=f"{inp.get('strength', 0.95):g}", inline=True)
+    embed.add_field(name="Backend", value=job.backend, inline=True)
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in output.timings.items())
+    if timings:
+        embed.add_field(name="Timings", value=timings, inline=False)
+    if any(output.has_nsfw_concepts):
+        embed.add_field(name="Safety", value="Some images were flagged by the safety checker and blacked out.",
+                        inline=False)
+    embed.set_image(url="attachment://result_0." + _extension(output.images[0].content_type if output.images
+                                                               else "image/png"))
+    return embed
+
+
+def params_json(job: Job) -> str:
+    shown: dict[str, Any] = {"job": job.id, "parent": job.parent_job_id, "status": job.status.value,
+                             "backend": job.backend, "input": job.input}
+    if job.result:
+        shown["seed"] = job.result.get("seed")
+        shown["timings"] = job.result.get("timings")
+    return short(json.dumps(shown, indent=2), 1900)
+
+
+def _extension(content_type: str) -> str:
+    return {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}.get(content_type, "png")
+
+
+def result_files(images: list[StoredBlob], limit: int) -> list[discord.File]:
+    """The result images as attachments that fit the upload limit (re-encoded as JPEG, then smaller, if needed)."""
+    budget = int(limit * 0.95)
+    encoded = [(blob.data, blob.content_type) for blob in images]
+    for quality, scale in ((None, 1.0), (90, 1.0), (85, 0.75), (80, 0.5), (75, 0.35)):
+        if sum(len(d) for d, _ in encoded) <= budget:
+            break
+        encoded = [_reencode(blob.data, quality or 90, scale) for blob in images]
+    return [discord.File(io.BytesIO(data), filename=f"result_{i}.{_extension(ct)}")
+            for i, (data, ct) in enumerate(encoded)]
+
+
+def _reencode(data: bytes, quality: int, scale: float) -> tuple[bytes, str]:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    if scale < 1.0:
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), "image/jpeg"
+
+
+def upload_limit(guild: discord.Guild | None) -> int:
+    return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+
+
+def is_moderator(interaction: discord.Interaction) -> bool:
+    perms = interaction.permissions
+    return bool(perms.manage_messages or perms.administrator)

@@ -1,0 +1,263 @@
+"""The dispatcher: runs queued jobs through the backend, records every change in SQLite, tells a listener
+(the Discord layer) about progress and results, and picks everything up again after a restart.
+
+Recovery on start: jobs that were submitted or running are followed again from their stored request URLs
+(or re-submitted from their blobs when the backend lost them); queued jobs run; succeeded jobs whose result
+was never posted are posted. Nothing is posted twice: a posted result records its message id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Protocol
+
+import httpx
+
+from services.backends.fal_queue import (
+    FalAuthError,
+    FalError,
+    FalNotFoundError,
+    FalQueueClient,
+    FalRequestFailed,
+    FalTimeoutError,
+    FalUnavailableError,
+    FalValidationError,
+    QueueUpdate,
+)
+from services.errors import UserError
+from services.images import ImageInputError, IntakeLimits, fetch_source
+from services.jobs import JobService
+from services.progress import Progress
+from services.schema import InpaintOutput, QueueHandle
+from services.store import IllegalTransition, Job, JobStatus, JobStore, StoredBlob
+
+log = logging.getLogger(__name__)
+
+OUTPUT_LIMITS = IntakeLimits(max_bytes=64 * 1024 * 1024, max_pixels=200_000_000, min_side=1)
+
+
+class JobListener(Protocol):
+    """What the dispatcher tells the presentation layer. Implementations must not raise for Discord errors."""
+
+    async def job_progress(self, job: Job, progress: Progress) -> None: ...
+
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob]) -> None: ...
+
+    async def job_ended(self, job: Job) -> None:
+        """A job ended without a result: failed, cancelled or blocked (`job.error` says why)."""
+
+
+class Dispatcher:
+    def __init__(self, store: JobStore, jobs: JobService, backend: FalQueueClient, http: httpx.AsyncClient,
+                 listener: JobListener, *, concurrency: int = 4, max_attempts: int = 3) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.backend = backend
+        self.http = http
+        self.listener = listener
+        self.max_attempts = max_attempts
+        self._waiting: deque[int] = deque()
+        self._wakeup = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._runners: list[asyncio.Task[None]] = []
+        self._concurrency = concurrency
+        self._cancel_requested: set[int] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the runners and recover everything a previous process left unfinished."""
+        for job in await self.store.unposted_results():
+            await self._post_result(job)
+        pending = await self.store.jobs_with_status([JobStatus.SUBMITTED, JobStatus.RUNNING, JobStatus.QUEUED])
+        # jobs already at the backend first (they hold their place there), then the local queue in order
+        for job in sorted(pending, key=lambda j: (j.status is JobStatus.QUEUED, j.id)):
+            self._waiting.append(job.id)
+        if pending:
+            log.info("recovering %d unfinished job(s): %s", len(pending), [j.id for j in pending])
+        self._runners = [asyncio.create_task(self._runner(), name=f"dispatch-{i}")
+                         for i in range(self._concurrency)]
+        self._wakeup.set()
+
+    async def close(self) -> None:
+        """Stop without changing any job's state: whatever was in flight resumes on the next start."""
+        for task in [*self._runners, *self._running.values()]:
+            task.cancel()
+        await asyncio.gather(*self._runners, *self._running.values(), return_exceptions=True)
+        self._runners.clear()
+
+    # --- operations ---------------------------------------------------------------------------------
+
+    def enqueue(self, job_id: int) -> None:
+        self._waiting.append(job_id)
+        self._wakeup.set()
+
+    def local_position(self, job_id: int) -> int | None:
+        """Jobs waiting in the bot ahead of this one (None when it isn't waiting here)."""
+        try:
+            return list(self._waiting).index(job_id)
+        except ValueError:
+            return None
+
+    async def cancel(self, job_id: int) -> bool:
+        """Cancel a job: at once while it waits here, or by asking the backend once submitted."""
+        job = await self.store.get_job(job_id)
+        if job.terminal:
+            return False
+        if job_id in self._waiting and job.status is JobStatus.QUEUED:
+            self._waiting.remove(job_id)
+            try:
+                job = await self.store.transition(job_id, JobStatus.CANCELLED, message="cancelled before submission")
+            except IllegalTransition:
+                return False
+            await self.listener.job_ended(job)
+            return True
+        self._cancel_requested.add(job_id)
+        handle = _handle(job)
+        if handle is not None:
+            try:
+                outcome = await self.backend.cancel(handle)
+                await self.store.add_event(job_id, "note", f"cancel requested at the backend: {outcome}")
+            except FalError as exc:
+                await self.store.add_event(job_id, "note", f"cancel request failed: {exc}")
+        return True
+
+    # --- running ------------------------------------------------------------------------------------
+
+    async def _runner(self) -> None:
+        while True:
+            while not self._waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            job_id = self._waiting.popleft()
+            task = asyncio.current_task()
+            assert task is not None
+            self._running[job_id] = task
+            try:
+                await self._run(job_id)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("job %s: unexpected error in the dispatcher", job_id)
+                await self._end(job_id, JobStatus.FAILED, "An unexpected error stopped this job.")
+            finally:
+                self._running.pop(job_id, None)
+
+    async def _run(self, job_id: int) -> None:
+        job = await self.store.get_job(job_id)
+        if job.terminal:
+            return
+        progress = Progress(status=job.status, started_at=job.created_at)
+        while True:
+            try:
+                handle = _handle(job)
+                if job.status is JobStatus.QUEUED or handle is None:
+                    if job_id in self._cancel_requested:
+                        await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
+                        return
+                    body = await self.jobs.backend_input(job)
+                    handle = await self.backend.submit(body)
+                    job = await self.store.transition(
+                        job_id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
+                        backend_request_id=handle.request_id, status_url=handle.status_url,
+                        response_url=handle.response_url, cancel_url=handle.cancel_url)
+                    progress.status = job.status
+                    await self.listener.job_progress(job, progress)
+                output = await self.backend.follow(handle, lambda u: self._on_update(job_id, progress, u))
+                await self._succeed(job_id, output)
+                return
+            except FalNotFoundError as exc:
+                job = await self.store.get_job(job_id)
+                if job.status is JobStatus.QUEUED:  # the submit itself: the backend doesn't serve this app
+                    await self._end(job_id, JobStatus.FAILED, f"The backend can't run this job: {exc}")
+                    return
+                if job.attempts >= self.max_attempts:
+                    await self._end(job_id, JobStatus.FAILED, "The backend lost this job too many times.")
+                    return
+                job = await self.store.transition(job_id, JobStatus.QUEUED,
+                                                  message="the backend lost the request; submitting again")
+            except FalRequestFailed as exc:
+                if exc.error_type == "cancelled" or job_id in self._cancel_requested:
+                    await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
+                else:
+                    await self._end(job_id, JobStatus.FAILED, f"The backend failed: {exc}", retryable=exc.retryable)
+                return
+            except FalValidationError as exc:
+                fields = ", ".join(f for f, _ in exc.field_errors if f) or "the request"
+                await self._end(job_id, JobStatus.FAILED, f"The backend refused {fields}: {exc}")
+                return
+            except FalAuthError:
+                await self._end(job_id, JobStatus.FAILED, "The backend refused the bot's key: ask the bot's owner "
+                                "to check FAL_KEY / WORKER_KEY.")
+                return
+            except (FalUnavailableError, FalTimeoutError) as exc:
+                await self._end(job_id, JobStatus.FAILED, f"The backend is unavailable right now ({exc}). "
+                                "Press Retry to try again.", retryable=True)
+                return
+            except FalError as exc:
+                await self._end(job_id, JobStatus.FAILED, f"The backend answered something unexpected: {exc}",
+                                retryable=True)
+                return
+            except (UserError, ImageInputError) as exc:
+                await self._end(job_id, JobStatus.FAILED, exc.message)
+                return
+
+    async def _on_update(self, job_id: int, progress: Progress, update: QueueUpdate) -> None:
+        if update.kind == "queued":
+            progress.queue_position = update.position
+            await self.store.add_event(job_id, "queue", f"queue position {update.position}",
+                                       {"position": update.position})
+        elif update.kind == "started":
+            progress.queue_position = None
+            job = await self.store.get_job(job_id)
+            if job.status is JobStatus.SUBMITTED:
+                await self.store.transition(job_id, JobStatus.RUNNING)
+            progress.status = JobStatus.RUNNING
+        elif update.kind == "log" and update.log is not None:
+            progress.add_log(update.log.message)
+            await self.store.add_event(job_id, "log", update.log.message,
+                                       {"level": update.log.level} if update.log.level else None)
+        else:
+            return
+        await self.listener.job_progress(await self.store.get_job(job_id), progress)
+
+    async def _succeed(self, job_id: int, output: InpaintOutput) -> None:
+        blobs: dict[str, tuple[bytes, str]] = {}
+        for i, image in enumerate(output.images):
+            data = await fetch_source(image.url, http=self.http, limits=OUTPUT_LIMITS, role="result")
+            blobs[f"output_{i}"] = (data, image.content_type)
+        await self.store.add_job_blobs(job_id, blobs)
+        result = output.model_dump(mode="json")
+        for stored_image in result["images"]:
+            if stored_image["url"].startswith("data:"):
+                stored_image["url"] = "stored"  # the bytes are in blobs; don't keep megabytes of base64 twice
+        job = await self.store.get_job(job_id)
+        if job.status is JobStatus.SUBMITTED:
+            await self.store.transition(job_id, JobStatus.RUNNING, message="running (seen only at completion)")
+        await self.store.transition(job_id, JobStatus.SUCCEEDED, result=result)
+        await self._post_result(await self.store.get_job(job_id), output)
+
+    async def _post_result(self, job: Job, output: InpaintOutput | None = None) -> None:
+        if output is None:
+            assert job.result is not None
+            output = InpaintOutput.model_validate(job.result)
+        blobs = await self.store.job_blobs(job.id)
+        images = [blobs[f"output_{i}"] for i in range(len(output.images)) if f"output_{i}" in blobs]
+        await self.listener.job_succeeded(job, output, images)
+
+    async def _end(self, job_id: int, status: JobStatus, error: str, *, retryable: bool = False) -> None:
+        try:
+            job = await self.store.transition(job_id, status, error=error, data={"retryable": retryable})
+        except IllegalTransition:
+            job = await self.store.get_job(job_id)
+        log.info("job %s ended %s: %s", job_id, job.status, job.error)
+        await self.listener.job_ended(job)
+
+
+def _handle(job: Job) -> QueueHandle | None:
+    if not (job.backend_request_id and job.status_url and job.response_url and job.cancel_url):
+        return None
+    return QueueHandle(request_id=job.backend_request_id, status_url=job.status_url, response_url=job.response_url,
+                       cancel_url=job.cancel_url)

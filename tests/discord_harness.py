@@ -1,0 +1,460 @@
+"""A small in-memory Discord for driving the real bot through discord.py's own interaction handling.
+
+discord.py runs unchanged: command tree, transformers, checks, views, dynamic items, modals. Only its network
+layer is replaced: `HTTPClient.request` (REST), `HTTPClient.get_from_cdn` (attachment downloads) and
+`AsyncWebhookAdapter.request` (interaction responses and follow-ups) are answered by `FakeDiscord`, which keeps
+the channels' messages, interaction responses and uploaded files. The bot logs in with `bot.login()` (which runs
+the real `setup_hook`); interactions are fed to `ConnectionState.parse_interaction_create`.
+
+Every private discord.py name used here is listed in `PRIVATE_NAMES` (tests check they still exist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import discord
+from discord.http import HTTPClient, Route
+from discord.webhook.async_ import AsyncWebhookAdapter
+
+#: (object, attribute) pairs this harness patches or calls that are not public discord.py API.
+PRIVATE_NAMES: tuple[tuple[object, str], ...] = (
+    (HTTPClient, "request"),
+    (HTTPClient, "get_from_cdn"),
+    (AsyncWebhookAdapter, "request"),
+    (discord.state.ConnectionState, "parse_interaction_create"),
+    (discord.Client, "_connection"),
+)
+
+CDN = "https://cdn.discordapp.com"
+ALL_PERMISSIONS = discord.Permissions.all().value
+MEMBER_PERMISSIONS = (discord.Permissions.text() | discord.Permissions(view_channel=True)).value & ~(
+    discord.Permissions(manage_messages=True).value)
+
+
+@dataclass
+class FakeMessage:
+    id: int
+    channel_id: int
+    author_id: int
+    content: str = ""
+    embeds: list[dict[str, Any]] = field(default_factory=list)
+    components: list[dict[str, Any]] = field(default_factory=list)
+    attachments: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)
+    flags: int = 0
+    deleted: bool = False
+    edits: int = 0
+    interaction_token: str | None = None
+
+    @property
+    def ephemeral(self) -> bool:
+        return bool(self.flags & 64)
+
+    def custom_ids(self) -> list[str]:
+        return [c["custom_id"] for row in self.components for c in row.get("components", []) if "custom_id" in c]
+
+    def field(self, name: str) -> str | None:
+        for embed in self.embeds:
+            for f in embed.get("fields", []):
+                if f["name"] == name:
+                    return str(f["value"])
+        return None
+
+
+@dataclass
+class InteractionRecord:
+    """One interaction we sent, and everything the bot answered to it."""
+
+    id: int
+    token: str
+    responses: list[dict[str, Any]] = field(default_factory=list)  # raw callback bodies (type + data)
+    followups: list[FakeMessage] = field(default_factory=list)
+    original: FakeMessage | None = None
+
+    def texts(self) -> list[str]:
+        """Every text the user saw in reply (callback messages, the edited original, follow-ups)."""
+        out = [r.get("data", {}).get("content") or "" for r in self.responses if r["type"] in (4, 7)]
+        if self.original is not None:
+            out.append(self.original.content)
+        out += [m.content for m in self.followups]
+        return [t for t in out if t]
+
+    @property
+    def modal(self) -> dict[str, Any] | None:
+        for r in self.responses:
+            if r["type"] == 9:
+                data: dict[str, Any] = r["data"]
+                return data
+        return None
+
+
+class _Response:
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+
+
+class FakeDiscord:
+    def __init__(self, *, app_id: int = 900_000_000_000_000_001) -> None:
+        self.app_id = app_id
+        self.bot_user = {"id": str(app_id), "username": "inpaint", "discriminator": "0", "global_name": None,
+                         "avatar": None, "bot": True}
+        self._ids = itertools.count(1_100_000_000_000_000_000)
+        self.messages: dict[int, FakeMessage] = {}
+        self.interactions: dict[str, InteractionRecord] = {}
+        self.cdn: dict[str, tuple[bytes, str]] = {}
+        self.commands: dict[int | None, list[dict[str, Any]]] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.fail_routes: dict[str, int] = {}  # "METHOD path-regex" → HTTP status to answer with
+
+    def snowflake(self) -> int:
+        return next(self._ids)
+
+    # --- installing ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def installed(self) -> Iterator[FakeDiscord]:
+        fake = self
+
+        async def http_request(_http: HTTPClient, route: Route, *, files: Any = None, form: Any = None,
+                               **kwargs: Any) -> Any:
+            return await fake._rest(route, files=files, form=form, **kwargs)
+
+        async def get_from_cdn(_http: HTTPClient, url: str) -> bytes:
+            return fake._cdn_get(url)
+
+        async def webhook_request(_adapter: AsyncWebhookAdapter, route: Route, session: Any = None, *,
+                                  payload: Any = None, multipart: Any = None, files: Any = None,
+                                  params: Any = None, **_: Any) -> Any:
+            return await fake._webhook(route, payload=payload, multipart=multipart, files=files, params=params)
+
+        saved = (HTTPClient.request, HTTPClient.get_from_cdn, AsyncWebhookAdapter.request)
+        HTTPClient.request = http_request  # type: ignore[method-assign,assignment]
+        HTTPClient.get_from_cdn = get_from_cdn  # type: ignore[method-assign,assignment]
+        AsyncWebhookAdapter.request = webhook_request  # type: ignore[method-assign,assignment]
+        try:
+            yield self
+        finally:
+            HTTPClient.request, HTTPClient.get_from_cdn, AsyncWebhookAdapter.request = saved  # type: ignore[method-assign]
+
+    # --- REST ---------------------------------------------------------------------------------------
+
+    def _maybe_fail(self, method: str, path: str) -> None:
+        for pattern, status in self.fail_routes.items():
+            m, _, rx = pattern.partition(" ")
+            if m == method and re.fullmatch(rx, path):
+                raise discord.HTTPException(_Response(status, "injected"), {"message": "injected", "code": 0})
+
+    async def _rest(self, route: Route, *, files: Any, form: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0)
+        method, path = route.method, urlsplit(route.url).path.removeprefix("/api/v10")
+        self.calls.append((method, path))
+        self._maybe_fail(method, path)
+        if (method, path) == ("GET", "/users/@me"):
+            return self.bot_user
+        if (method, path) == ("GET", "/oauth2/applications/@me"):
+            return {"id": str(self.app_id), "name": "inpaint", "icon": None, "description": "", "rpc_origins": [],
+                    "bot_public": True, "bot_require_code_grant": False, "owner": self.bot_user, "summary": "",
+                    "verify_key": "0" * 64, "team": None, "flags": 0, "interactions_endpoint_url": None}
+        m = re.fullmatch(r"/applications/\d+(?:/guilds/(\d+))?/commands", path)
+        if m and method == "PUT":
+            guild = int(m.group(1)) if m.group(1) else None
+            body = kwargs.get("json") or []
+            stored = [{**c, "id": str(self.snowflake()), "application_id": str(self.app_id), "version": "1",
+                       **({"guild_id": str(guild)} if guild else {})} for c in body]
+            self.commands[guild] = stored
+            return stored
+        m = re.fullmatch(r"/channels/(\d+)/messages", path)
+        if m and method == "POST":
+            payload, uploads = _unpack(kwargs.get("json"), form, files)
+            return self._payload(self._create(int(m.group(1)), payload, uploads))
+        m = re.fullmatch(r"/channels/(\d+)/messages/(\d+)", path)
+        if m:
+            message = self.messages.get(int(m.group(2)))
+            if message is None or message.deleted:
+                raise discord.NotFound(_Response(404, "Not Found"), {"message": "Unknown Message", "code": 10008})
+            if method == "PATCH":
+                payload, uploads = _unpack(kwargs.get("json"), form, files)
+                return self._payload(self._edit(message, payload, uploads))
+            if method == "DELETE":
+                message.deleted = True
+                return None
+            if method == "GET":
+                return self._payload(message)
+        raise AssertionError(f"the fake Discord has no route for {method} {path}")
+
+    def _cdn_get(self, url: str) -> bytes:
+        self.calls.append(("CDN", url))
+        if url not in self.cdn:
+            raise discord.NotFound(_Response(404, "Not Found"), {"message": "404: Not Found", "code": 0})
+        return self.cdn[url][0]
+
+    # --- webhooks: interaction responses and follow-ups ---------------------------------------------
+
+    async def _webhook(self, route: Route, *, payload: Any, multipart: Any, files: Any, params: Any) -> Any:
+        await asyncio.sleep(0)
+        method, path = route.method, urlsplit(route.url).path.removeprefix("/api/v10")
+        self.calls.append((method, path))
+        self._maybe_fail(method, path)
+        body, uploads = _unpack(payload, multipart, files)
+        m = re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path)
+        if m:
+            record = self.interactions[m.group(2)]
+            record.responses.append(body)
+            kind = body["type"]
+            result: dict[str, Any] = {"interaction": {"id": str(record.id), "type": 2,
+                                                      "response_message_loading": kind == 5,
+                                                      "response_message_ephemeral": bool(
+                                                          body.get("data", {}).get("flags", 0) & 64)}}
+            if kind in (4, 5):
+                data = body.get("data", {}) or {}
+                original = self._create(0, data, uploads)
+                original.interaction_token = record.token
+                record.original = original
+                result["interaction"]["response_message_id"] = str(original.id)
+                result["resource"] = {"type": kind, "message": self._payload(original)}
+            return result
+        m = re.fullmatch(r"/webhooks/\d+/([^/]+)(?:/messages/(@original|\d+))?", path)
+        if m:
+            record = self.interactions[m.group(1)]
+            target = m.group(2)
+            if target is None and method == "POST":
+                message = self._create(0, body, uploads)
+                message.interaction_token = record.token
+                record.followups.append(message)
+                return self._payload(message)
+            message = record.original if target == "@original" else self.messages.get(int(target or 0))
+            assert message is not None, f"no message {target} for interaction {record.id}"
+            if method == "PATCH":
+                return self._payload(self._edit(message, body, uploads))
+            if method == "DELETE":
+                message.deleted = True
+                return None
+            return self._payload(message)
+        raise AssertionError(f"the fake Discord has no webhook route for {method} {path}")
+
+    # --- messages -----------------------------------------------------------------------------------
+
+    def _create(self, channel_id: int, payload: dict[str, Any], uploads: dict[str, bytes]) -> FakeMessage:
+        message = FakeMessage(id=self.snowflake(), channel_id=channel_id, author_id=self.app_id)
+        self.messages[message.id] = message
+        self._apply(message, payload, uploads, new=True)
+        return message
+
+    def _edit(self, message: FakeMessage, payload: dict[str, Any], uploads: dict[str, bytes]) -> FakeMessage:
+        message.edits += 1
+        self._apply(message, payload, uploads, new=False)
+        return message
+
+    def _apply(self, message: FakeMessage, payload: dict[str, Any], uploads: dict[str, bytes], *, new: bool) -> None:
+        if "content" in payload:
+            message.content = payload["content"] or ""
+        if "embeds" in payload:
+            message.embeds = payload["embeds"] or []
+        elif "embed" in payload:
+            message.embeds = [payload["embed"]] if payload["embed"] else []
+        if "components" in payload:
+            message.components = payload["components"] or []
+        if "flags" in payload and payload["flags"] is not None:
+            message.flags = int(payload["flags"])
+        if uploads or "attachments" in payload:
+            kept = [a for a in message.attachments
+                    if any(str(a["id"]) == str(p.get("id")) for p in payload.get("attachments", []))] if not new else []
+            added = []
+            for i, (name, data) in enumerate(uploads.items()):
+                attachment_id = self.snowflake()
+                url = f"{CDN}/attachments/{message.channel_id}/{attachment_id}/{name}"
+                self.cdn[url] = (data, "")
+                message.files[name] = data
+                added.append({"id": str(attachment_id), "filename": name, "size": len(data), "url": url,
+                              "proxy_url": url, "content_type": _guess_type(name), "index": i})
+            message.attachments = kept + added
+
+    def _payload(self, message: FakeMessage) -> dict[str, Any]:
+        return {"id": str(message.id), "channel_id": str(message.channel_id), "author": self.bot_user,
+                "content": message.content, "timestamp": dt.datetime.now(dt.UTC).isoformat(),
+                "edited_timestamp": None, "tts": False, "mention_everyone": False, "mentions": [],
+                "mention_roles": [], "attachments": message.attachments, "embeds": message.embeds, "pinned": False,
+                "type": 0, "components": message.components, "flags": message.flags}
+
+    def channel_messages(self, channel_id: int, *, include_deleted: bool = False) -> list[FakeMessage]:
+        return [m for m in self.messages.values()
+                if m.channel_id == channel_id and (include_deleted or not m.deleted)]
+
+    # --- making things users send -------------------------------------------------------------------
+
+    def upload(self, channel_id: int, filename: str, data: bytes, content_type: str | None = None) -> dict[str, Any]:
+        """An attachment payload whose bytes the bot can download from the fake CDN."""
+        attachment_id = self.snowflake()
+        url = f"{CDN}/attachments/{channel_id}/{attachment_id}/{filename}"
+        self.cdn[url] = (data, content_type or "")
+        payload = {"id": str(attachment_id), "filename": filename, "size": len(data), "url": url, "proxy_url": url}
+        if content_type is not None:
+            payload["content_type"] = content_type
+        return payload
+
+    def user_message(self, channel_id: int, author: dict[str, Any], attachments: list[dict[str, Any]]) -> dict[str, Any]:
+        """A message a user posted (for message context menus)."""
+        return {"id": str(self.snowflake()), "channel_id": str(channel_id), "author": author, "content": "",
+                "timestamp": dt.datetime.now(dt.UTC).isoformat(), "edited_timestamp": None, "tts": False,
+                "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": attachments,
+                "embeds": [], "pinned": False, "type": 0, "components": [], "flags": 0}
+
+
+def _unpack(payload: Any, form: Any, files: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A request's JSON body and uploaded files, from either a JSON payload or a multipart form."""
+    body: dict[str, Any] = dict(payload or {})
+    uploads: dict[str, bytes] = {}
+    for part in form or []:
+        if part["name"] == "payload_json":
+            body = json.loads(part["value"])
+    for file in files or []:
+        file.fp.seek(0)
+        uploads[file.filename] = file.fp.read()
+    return body, uploads
+
+
+def _guess_type(name: str) -> str:
+    return {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "webp": "image/webp"}.get(
+        name.rsplit(".", 1)[-1].lower(), "application/octet-stream")
+
+
+# --- users, guilds, interactions ------------------------------------------------------------------------
+
+@dataclass
+class Place:
+    guild_id: int
+    channel_id: int
+    nsfw: bool = False
+
+
+def user(user_id: int, name: str) -> dict[str, Any]:
+    return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name, "avatar": None}
+
+
+class Driver:
+    """Sends interactions from users into a logged-in bot and waits for it to finish handling them."""
+
+    def __init__(self, fake: FakeDiscord, bot: discord.Client, place: Place) -> None:
+        self.fake = fake
+        self.bot = bot
+        self.place = place
+
+    def _base(self, kind: int, member: dict[str, Any], permissions: int) -> tuple[dict[str, Any], InteractionRecord]:
+        record = InteractionRecord(id=self.fake.snowflake(), token=f"tok{self.fake.snowflake()}")
+        self.fake.interactions[record.token] = record
+        payload: dict[str, Any] = {
+            "id": str(record.id), "application_id": str(self.fake.app_id), "type": kind, "token": record.token,
+            "version": 1, "guild_id": str(self.place.guild_id), "channel_id": str(self.place.channel_id),
+            "channel": {"id": str(self.place.channel_id), "type": 0, "guild_id": str(self.place.guild_id),
+                        "name": "art", "position": 0, "nsfw": self.place.nsfw, "permission_overwrites": [],
+                        "parent_id": None},
+            "member": {"user": member, "roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False,
+                       "mute": False, "flags": 0, "permissions": str(permissions)},
+            "app_permissions": str(ALL_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
+            "entitlements": [], "authorizing_integration_owners": {"0": str(self.place.guild_id)}, "context": 0,
+            "attachment_size_limit": 26214400,
+        }
+        return payload, record
+
+    async def slash(self, member: dict[str, Any], name: str, *, permissions: int = MEMBER_PERMISSIONS,
+                    **options: Any) -> InteractionRecord:
+        """Run `/name` with options; attachment options take payloads from `FakeDiscord.upload`."""
+        payload, record = self._base(2, member, permissions)
+        resolved: dict[str, Any] = {}
+        wire = []
+        for key, value in options.items():
+            if isinstance(value, dict) and "url" in value:
+                resolved.setdefault("attachments", {})[value["id"]] = value
+                wire.append({"name": key, "type": 11, "value": value["id"]})
+            elif isinstance(value, bool):
+                wire.append({"name": key, "type": 5, "value": value})
+            elif isinstance(value, int):
+                wire.append({"name": key, "type": 4, "value": value})
+            elif isinstance(value, float):
+                wire.append({"name": key, "type": 10, "value": value})
+            else:
+                wire.append({"name": key, "type": 3, "value": value})
+        payload["data"] = {"id": str(self.fake.snowflake()), "name": name, "type": 1, "options": wire,
+                           "resolved": resolved, "guild_id": str(self.place.guild_id)}
+        return await self._send(payload, record)
+
+    async def message_command(self, member: dict[str, Any], name: str, target: dict[str, Any], *,
+                              permissions: int = MEMBER_PERMISSIONS) -> InteractionRecord:
+        payload, record = self._base(2, member, permissions)
+        payload["data"] = {"id": str(self.fake.snowflake()), "name": name, "type": 3, "target_id": target["id"],
+                           "resolved": {"messages": {target["id"]: target}}, "guild_id": str(self.place.guild_id)}
+        return await self._send(payload, record)
+
+    async def click(self, member: dict[str, Any], message: FakeMessage, custom_id: str, *,
+                    permissions: int = MEMBER_PERMISSIONS) -> InteractionRecord:
+        assert custom_id in message.custom_ids(), f"{custom_id} is not on message {message.id}"
+        payload, record = self._base(3, member, permissions)
+        payload["message"] = self.fake._payload(message)
+        payload["data"] = {"custom_id": custom_id, "component_type": 2}
+        return await self._send(payload, record)
+
+    async def submit_modal(self, member: dict[str, Any], shown: InteractionRecord, values: dict[str, Any], *,
+                           permissions: int = MEMBER_PERMISSIONS) -> InteractionRecord:
+        """Submit the modal `shown` displayed; `values` maps an input's label to its text (or attachment payloads
+        for a file upload)."""
+        modal = shown.modal
+        assert modal is not None, "that interaction showed no modal"
+        payload, record = self._base(5, member, permissions)
+        resolved: dict[str, Any] = {}
+        rows = []
+        for row in modal["components"]:
+            if row["type"] == 1:  # action row holding a text input
+                inner = row["components"][0]
+                rows.append({"type": 1, "components": [{"type": 4, "custom_id": inner["custom_id"],
+                                                        "value": values.get(inner["label"], inner.get("value", ""))}]})
+            elif row["type"] == 18:  # label wrapping a component
+                inner = row["component"]
+                given = values.get(row["label"])
+                if inner["type"] == 19:  # file upload
+                    uploads = given or []
+                    for a in uploads:
+                        resolved.setdefault("attachments", {})[a["id"]] = a
+                    rows.append({"type": 18, "component": {"type": 19, "custom_id": inner["custom_id"],
+                                                           "values": [a["id"] for a in uploads]}})
+                else:
+                    rows.append({"type": 18, "component": {"type": 4, "custom_id": inner["custom_id"],
+                                                           "value": given if given is not None else ""}})
+        payload["data"] = {"custom_id": modal["custom_id"], "components": rows, "resolved": resolved}
+        return await self._send(payload, record)
+
+    async def _send(self, payload: dict[str, Any], record: InteractionRecord) -> InteractionRecord:
+        state = self.bot._connection
+        state.parse_interaction_create(payload)  # type: ignore[arg-type]
+        await wait_until(lambda: bool(record.responses), what=f"a response to interaction {record.id}")
+        # let the handler finish its follow-up work (defer → … → followup)
+        await wait_until(lambda: not _is_thinking(record) or bool(record.followups) or _edited(record),
+                         what=f"interaction {record.id} to finish")
+        await asyncio.sleep(0.01)
+        return record
+
+
+def _is_thinking(record: InteractionRecord) -> bool:
+    return bool(record.responses) and record.responses[-1]["type"] == 5
+
+
+def _edited(record: InteractionRecord) -> bool:
+    return record.original is not None and record.original.edits > 0
+
+
+async def wait_until(predicate: Callable[[], bool], *, what: str, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
