@@ -134,6 +134,8 @@ class InpaintBot(commands.Bot):
     async def close(self) -> None:
         if self._dispatcher is not None:
             await self._dispatcher.close()
+        if isinstance(self._presenter, DiscordPresenter):
+            await self._presenter.close()
         await super().close()
         if self._backend is not None:
             await self._backend.aclose()

@@ -4,7 +4,7 @@ is read from SQLite when pressed, so every button keeps working after a restart.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import discord
 
@@ -34,6 +34,9 @@ def _require_owner_or_mod(interaction: discord.Interaction, job: Job, action: st
         raise UserError(f"Only the person who started job #{job.id} or a moderator can {action} it.")
 
 
+_DynamicButton = discord.ui.DynamicItem[discord.ui.Button[Any]]
+
+
 class _JobButton:
     """What every job button shares: custom_id `inpaint:<action>:<job id>`, errors reported to the user.
     Concrete buttons also subclass `DynamicItem` with their own template (discord.py needs one per class)."""
@@ -49,8 +52,8 @@ class _JobButton:
         self.job_id = job_id
 
     @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
-                             match: re.Match[str], /) -> _JobButton:
+    async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],
+                             match: re.Match[str], /) -> Self:
         return cls(int(match["job_id"]))
 
     async def callback(self, interaction: discord.Interaction) -> None:
@@ -63,7 +66,7 @@ class _JobButton:
         raise NotImplementedError
 
 
-class CancelButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:cancel:(?P<job_id>\d+)"):
+class CancelButton(_JobButton, _DynamicButton, template=r"inpaint:cancel:(?P<job_id>\d+)"):
     action, label, emoji, style = "cancel", "Cancel", "🛑", discord.ButtonStyle.danger
 
     async def run(self, interaction: discord.Interaction) -> None:
@@ -75,28 +78,28 @@ class CancelButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], t
         await bot_of(interaction).dispatcher.cancel(job.id)
 
 
-class RerollButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:reroll:(?P<job_id>\d+)"):
+class RerollButton(_JobButton, _DynamicButton, template=r"inpaint:reroll:(?P<job_id>\d+)"):
     action, label, emoji, style = "reroll", "Reroll", "🎲", discord.ButtonStyle.primary
 
     async def run(self, interaction: discord.Interaction) -> None:
         await _derive(interaction, self.job_id, {"seed": None}, "Rerolling")
 
 
-class VariationsButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:vary:(?P<job_id>\d+)"):
+class VariationsButton(_JobButton, _DynamicButton, template=r"inpaint:vary:(?P<job_id>\d+)"):
     action, label, emoji = "vary", "Variations", "🖼️"
 
     async def run(self, interaction: discord.Interaction) -> None:
         await _derive(interaction, self.job_id, {"seed": None, "num_images": 4}, "Making 4 variations of")
 
 
-class RetryButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:retry:(?P<job_id>\d+)"):
+class RetryButton(_JobButton, _DynamicButton, template=r"inpaint:retry:(?P<job_id>\d+)"):
     action, label, emoji, style = "retry", "Retry", "🔁", discord.ButtonStyle.primary
 
     async def run(self, interaction: discord.Interaction) -> None:
         await _derive(interaction, self.job_id, {}, "Retrying")
 
 
-class EditButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:edit:(?P<job_id>\d+)"):
+class EditButton(_JobButton, _DynamicButton, template=r"inpaint:edit:(?P<job_id>\d+)"):
     action, label, emoji = "edit", "Edit", "✏️"
 
     async def run(self, interaction: discord.Interaction) -> None:
@@ -104,7 +107,7 @@ class EditButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], tem
         await interaction.response.send_modal(EditModal(job))
 
 
-class DeleteButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:delete:(?P<job_id>\d+)"):
+class DeleteButton(_JobButton, _DynamicButton, template=r"inpaint:delete:(?P<job_id>\d+)"):
     action, label, emoji = "delete", "Delete", "🗑️"
 
     async def run(self, interaction: discord.Interaction) -> None:
@@ -117,7 +120,7 @@ class DeleteButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], t
                                                   {"by": interaction.user.id})
 
 
-class ParamsButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"inpaint:params:(?P<job_id>\d+)"):
+class ParamsButton(_JobButton, _DynamicButton, template=r"inpaint:params:(?P<job_id>\d+)"):
     action, label, emoji = "params", "Params", "🧾"
 
     async def run(self, interaction: discord.Interaction) -> None:
@@ -125,7 +128,7 @@ class ParamsButton(_JobButton, discord.ui.DynamicItem[discord.ui.Button[Any]], t
         await interaction.response.send_message(f"```json\n{render.params_json(job)}\n```", ephemeral=True)
 
 
-BUTTONS: tuple[type[_JobButton], ...] = (CancelButton, RerollButton, VariationsButton, RetryButton, EditButton,
+BUTTONS: tuple[type[_DynamicButton], ...] = (CancelButton, RerollButton, VariationsButton, RetryButton, EditButton,
                                          DeleteButton, ParamsButton)
 
 
@@ -171,7 +174,7 @@ class EditModal(discord.ui.Modal):
                    "seed": int(seed_text) if seed_text else None}
         await _derive(interaction, self.job_id, changes, "Re-running")
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
         await report_error(interaction, error)
 
 

@@ -61,7 +61,7 @@ class Errors(commands.Cog):
         self._previous = bot.tree.on_error
 
     async def cog_load(self) -> None:
-        self.bot.tree.on_error = self.on_tree_error  # type: ignore[assignment]
+        self.bot.tree.on_error = self.on_tree_error  # type: ignore[method-assign]
 
     async def cog_unload(self) -> None:
         self.bot.tree.on_error = self._previous  # type: ignore[method-assign]

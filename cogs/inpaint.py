@@ -162,7 +162,7 @@ class InpaintModal(discord.ui.Modal):
             params["negative_prompt"] = self.negative.value
         await self.cog.start(interaction, self.image, uploads[0] if uploads else None, params, MaskOptions())
 
-    async def on_error(self, interaction: discord.Interaction, error: Exception) -> None:
+    async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
         await report_error(interaction, error)
 
 

@@ -100,6 +100,14 @@ class DiscordPresenter:
         await self._settle_edits(job.id)
         await self._edit_status(job, embed=render.ended_embed(job), view=ended_view(job))
 
+    async def close(self) -> None:
+        """Drop pending progress edits (the next start shows progress again from the store)."""
+        tasks = [state.task for state in self._edits.values() if state.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._edits.clear()
+
     # --- helpers ------------------------------------------------------------------------------------
 
     async def _settle_edits(self, job_id: int) -> None:

@@ -66,7 +66,7 @@ class JobService:
         params = {k: v for k, v in params.items() if v is not None}
         inp = self.validate(params)
         blobs = await self.store.job_blobs(parent.id)
-        refs = {role: blobs[role].sha256 for role in ("image", "mask") if role in blobs}
+        refs: dict[str, str] = {role: blobs[role].sha256 for role in ("image", "mask") if role in blobs}
         if len(refs) != 2:
             raise UserError(f"Job #{parent.id}'s images are no longer stored, so it can't be run again.")
         return await self.store.create_job(

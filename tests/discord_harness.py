@@ -99,9 +99,17 @@ class InteractionRecord:
 
 
 class _Response:
+    """Stands in for aiohttp's response in discord.py's HTTP exceptions (they read status and reason)."""
+
     def __init__(self, status: int, reason: str) -> None:
         self.status = status
         self.reason = reason
+
+
+def _http_error(status: int, message: str, code: int = 0) -> discord.HTTPException:
+    response: Any = _Response(status, message)
+    cls = discord.NotFound if status == 404 else discord.HTTPException
+    return cls(response, {"message": message, "code": code})
 
 
 class FakeDiscord:
@@ -153,7 +161,7 @@ class FakeDiscord:
         for pattern, status in self.fail_routes.items():
             m, _, rx = pattern.partition(" ")
             if m == method and re.fullmatch(rx, path):
-                raise discord.HTTPException(_Response(status, "injected"), {"message": "injected", "code": 0})
+                raise _http_error(status, "injected")
 
     async def _rest(self, route: Route, *, files: Any, form: Any, **kwargs: Any) -> Any:
         await asyncio.sleep(0)
@@ -182,7 +190,7 @@ class FakeDiscord:
         if m:
             message = self.messages.get(int(m.group(2)))
             if message is None or message.deleted:
-                raise discord.NotFound(_Response(404, "Not Found"), {"message": "Unknown Message", "code": 10008})
+                raise _http_error(404, "Unknown Message", 10008)
             if method == "PATCH":
                 payload, uploads = _unpack(kwargs.get("json"), form, files)
                 return self._payload(self._edit(message, payload, uploads))
@@ -196,7 +204,7 @@ class FakeDiscord:
     def _cdn_get(self, url: str) -> bytes:
         self.calls.append(("CDN", url))
         if url not in self.cdn:
-            raise discord.NotFound(_Response(404, "Not Found"), {"message": "404: Not Found", "code": 0})
+            raise _http_error(404, "404: Not Found")
         return self.cdn[url][0]
 
     # --- webhooks: interaction responses and follow-ups ---------------------------------------------
@@ -233,8 +241,9 @@ class FakeDiscord:
                 message.interaction_token = record.token
                 record.followups.append(message)
                 return self._payload(message)
-            message = record.original if target == "@original" else self.messages.get(int(target or 0))
-            assert message is not None, f"no message {target} for interaction {record.id}"
+            found = record.original if target == "@original" else self.messages.get(int(target or 0))
+            assert found is not None, f"no message {target} for interaction {record.id}"
+            message = found
             if method == "PATCH":
                 return self._payload(self._edit(message, body, uploads))
             if method == "DELETE":
@@ -303,7 +312,8 @@ class FakeDiscord:
             payload["content_type"] = content_type
         return payload
 
-    def user_message(self, channel_id: int, author: dict[str, Any], attachments: list[dict[str, Any]]) -> dict[str, Any]:
+    def user_message(self, channel_id: int, author: dict[str, Any],
+                     attachments: list[dict[str, Any]]) -> dict[str, Any]:
         """A message a user posted (for message context menus)."""
         return {"id": str(self.snowflake()), "channel_id": str(channel_id), "author": author, "content": "",
                 "timestamp": dt.datetime.now(dt.UTC).isoformat(), "edited_timestamp": None, "tts": False,
@@ -452,8 +462,8 @@ def _edited(record: InteractionRecord) -> bool:
     return record.original is not None and record.original.edits > 0
 
 
-async def wait_until(predicate: Callable[[], bool], *, what: str, timeout: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_until(predicate: Callable[[], bool], *, what: str, within_s: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
