@@ -11,16 +11,17 @@ from PIL import Image
 from services.errors import UserError
 from services.images import PreparedInputs
 from services.preview import mask_overlay_jpeg
-from services.store import Job, JobStatus
+from services.store import Job
 
 if TYPE_CHECKING:
     from bot import InpaintBot
 
 
 async def launch_job(bot: InpaintBot, job: Job, prepared: PreparedInputs) -> None:
-    """A new job whose images are in hand: preview from them, post progress, queue."""
+    """A new job whose images are in hand: queue it, and post its progress message with a preview."""
+    bot.dispatcher.enqueue(job.id)
     preview = await asyncio.to_thread(mask_overlay_jpeg, prepared.image, prepared.mask)
-    await _post_and_queue(bot, job, preview)
+    await _post_progress(bot, job, preview)
 
 
 async def launch_stored_job(bot: InpaintBot, job: Job) -> None:
@@ -34,13 +35,14 @@ async def launch_stored_job(bot: InpaintBot, job: Job) -> None:
         mask = Image.open(io.BytesIO(blobs["mask"].data))
         return mask_overlay_jpeg(image.convert("RGB"), mask.convert("L"))
 
-    await _post_and_queue(bot, job, await asyncio.to_thread(render))
+    bot.dispatcher.enqueue(job.id)
+    await _post_progress(bot, job, await asyncio.to_thread(render))
 
 
-async def _post_and_queue(bot: InpaintBot, job: Job, preview: bytes) -> None:
+async def _post_progress(bot: InpaintBot, job: Job, preview: bytes) -> None:
+    """Post the progress message; the job is already queued, so if posting fails it is cancelled."""
     try:
         await bot.presenter.post_progress(job, preview)
     except Exception:
-        await bot.store.transition(job.id, JobStatus.FAILED, error="Could not post the progress message here.")
+        await bot.dispatcher.cancel(job.id)
         raise
-    bot.dispatcher.enqueue(job.id)

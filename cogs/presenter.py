@@ -45,12 +45,20 @@ class DiscordPresenter:
         return self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
 
     async def post_progress(self, job: Job, preview_jpeg: bytes) -> None:
-        """Post the job's progress message (image with the mask overlaid, status, Cancel) and remember it."""
+        """Post the job's progress message (image with the mask overlaid, status, Cancel) and remember it.
+
+        The job is already queued, so it may have finished (or failed) while this message was on its way: then
+        the message is brought to the final state at once.
+        """
         position = self.bot.dispatcher.local_position(job.id)
         message = await self._channel(job).send(
             embed=render.progress_embed(job, None, local_position=position), view=progress_view(job.id),
             file=discord.File(io.BytesIO(preview_jpeg), filename=render.PREVIEW_NAME))
         await self.bot.store.set_status_message(job.id, message.id)
+        current = await self.bot.store.get_job(job.id)
+        if current.terminal:
+            view = ended_view(current) if current.result_message_id is None else None
+            await self._edit_status(current, embed=render.ended_embed(current), view=view)
 
     # --- JobListener --------------------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class FakeDiscord:
         self.commands: dict[int | None, list[dict[str, Any]]] = {}
         self.calls: list[tuple[str, str]] = []
         self.fail_routes: dict[str, int] = {}  # "METHOD path-regex" → HTTP status to answer with
+        self.on_create: Callable[[FakeMessage], None] | None = None  # called for every message the bot creates
 
     def snowflake(self) -> int:
         return next(self._ids)
@@ -258,6 +259,8 @@ class FakeDiscord:
         message = FakeMessage(id=self.snowflake(), channel_id=channel_id, author_id=self.app_id)
         self.messages[message.id] = message
         self._apply(message, payload, uploads, new=True)
+        if self.on_create is not None:
+            self.on_create(message)
         return message
 
     def _edit(self, message: FakeMessage, payload: dict[str, Any], uploads: dict[str, bytes]) -> FakeMessage:

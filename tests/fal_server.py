@@ -75,6 +75,7 @@ class FalTestServer:
         self.requests: dict[str, FakeRequest] = {}
         self.files: dict[str, tuple[bytes, str]] = {}
         self.fail_next: tuple[str, str] | None = None
+        self._outputs: dict[tuple[int, int], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -232,9 +233,11 @@ class FalTestServer:
         if job.error:
             return self._json({"detail": job.error, "error_type": job.error_type}, 500, job.id)
         width, height = job.input.size_pixels()
-        buf = io.BytesIO()
-        Image.new("RGB", (width, height), (40, 120, 200)).save(buf, format="PNG")
-        images = [{"url": to_data_uri(buf.getvalue(), "image/png"), "width": width, "height": height,
+        if (width, height) not in self._outputs:
+            buf = io.BytesIO()
+            Image.new("RGB", (width, height), (40, 120, 200)).save(buf, format="PNG")
+            self._outputs[(width, height)] = to_data_uri(buf.getvalue(), "image/png")
+        images = [{"url": self._outputs[(width, height)], "width": width, "height": height,
                    "content_type": "image/png"} for _ in range(job.input.num_images)]
         seed = job.input.seed if job.input.seed is not None else 17454220438242315174
         return self._json({"images": images, "timings": {"inference": 0.01}, "seed": seed,

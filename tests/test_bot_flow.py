@@ -376,3 +376,50 @@ def test_private_discord_names_still_exist() -> None:
     for owner, name in PRIVATE_NAMES:
         assert hasattr(owner, name) or name in getattr(owner, "__annotations__", {}) or name == "_connection", \
             f"discord.py no longer has {owner}.{name}"
+
+
+async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Neither FAL_KEY nor WORKER_URL: the worker app runs inside the bot on 127.0.0.1 (classic pipeline), still
+    spoken to over HTTP by the same client."""
+    for name in ("MODEL_PATH", "PIPELINE", "WORKER_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    caplog.set_level("WARNING")
+    settings = Settings(_env_file=None, discord_token="fake-token", database_path=tmp_path / "bot.sqlite3",
+                        backend_poll_interval_s=0.01, progress_edit_interval_s=0.05)
+    fake = FakeDiscord()
+    with fake.installed():
+        async with running_bot(settings, fake) as (bot, driver):
+            assert bot.embedded_worker is not None and bot.backend.base_url.startswith("http://127.0.0.1:")
+            assert "NO BACKEND CONFIGURED" in caplog.text
+            await driver.slash(ALICE, "inpaint", **_uploads(fake, (128, 96)), prompt="ignored by the fill",
+                               size="square", format="png")
+            result = await _result(fake, 1)
+            job = await bot.store.get_job(1)
+            assert job.backend == "embedded" and job.input["enable_safety_checker"] is False
+            assert Image.open(io.BytesIO(result.files["result_0.png"])).size == (512, 512)
+            logs = [e.message for e in await bot.store.events(1, kind="log")]
+            assert "classic pipeline: content-aware fill; the prompt is not used" in logs
+
+
+async def test_secrets_stay_out_of_logs_and_the_database(tmp_path: Path, server: FalTestServer,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    fake = FakeDiscord()
+    with fake.installed():
+        async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
+            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="quiet")
+            await _result(fake, 1)
+            server.inject("status", "echo_auth", times=1)  # a backend that echoes our key back in an error
+            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="loud backend")
+            for _ in range(500):
+                if (await bot.store.get_job(2)).terminal:
+                    break
+                await __import__("asyncio").sleep(0.01)
+            assert (await bot.store.get_job(2)).status is JobStatus.FAILED
+    secret = KEY.split(":")[1]
+    assert secret not in caplog.text and "fake-token" not in caplog.text
+    raw = (tmp_path / "bot.sqlite3").read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("bot.sqlite3-*"))
+    assert secret.encode() not in raw
+    assert all(secret not in m.content and secret not in json.dumps(m.embeds) for m in fake.messages.values())
