@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bot import InpaintBot
 from services.settings import Settings
@@ -56,7 +57,7 @@ async def run(jobs: int, side: int, output: str) -> list[float]:
                 fake.on_create = lambda m: posted.set() if any("reroll" in c for c in m.custom_ids()) else None
                 try:
                     for i in range(jobs + 3):
-                        uploads = {"image": fake.upload(2, "photo.png", image, "image/png"),
+                        uploads: dict[str, Any] = {"image": fake.upload(2, "photo.png", image, "image/png"),
                                    "mask": fake.upload(2, "mask.png", mask, "image/png")}
                         posted.clear()
                         start = time.perf_counter()

@@ -419,7 +419,10 @@ async def test_secrets_stay_out_of_logs_and_the_database(tmp_path: Path, server:
             assert (await bot.store.get_job(2)).status is JobStatus.FAILED
     secret = KEY.split(":")[1]
     assert secret not in caplog.text and "fake-token" not in caplog.text
-    raw = (tmp_path / "bot.sqlite3").read_bytes() + b"".join(
-        p.read_bytes() for p in tmp_path.glob("bot.sqlite3-*"))
-    assert secret.encode() not in raw
+    assert secret.encode() not in _database_bytes(tmp_path)
     assert all(secret not in m.content and secret not in json.dumps(m.embeds) for m in fake.messages.values())
+
+
+def _database_bytes(folder: Path) -> bytes:
+    """The SQLite database and its WAL, byte for byte."""
+    return b"".join(p.read_bytes() for p in sorted(folder.glob("bot.sqlite3*")))
