@@ -3,6 +3,7 @@ on 127.0.0.1: slash command → progress edits → result with buttons → butto
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -80,10 +81,17 @@ def _with(fake: FakeDiscord, custom_id: str) -> FakeMessage:
     return found[0]
 
 
-async def _result(fake: FakeDiscord, job_id: int) -> FakeMessage:
+async def _result(fake: FakeDiscord, job_id: int, bot: InpaintBot | None = None) -> FakeMessage:
+    """The job's result message, once posted (and, given the bot, once the bot has recorded posting it)."""
     await wait_until(lambda: any(f"inpaint:reroll:{job_id}" in m.custom_ids()
                                  for m in fake.channel_messages(PLACE.channel_id)), what=f"job {job_id}'s result")
-    return _with(fake, f"inpaint:reroll:{job_id}")
+    message = _with(fake, f"inpaint:reroll:{job_id}")
+    if bot is not None:
+        for _ in range(2000):
+            if (await bot.store.get_job(job_id)).result_message_id == message.id:
+                break
+            await asyncio.sleep(0.005)
+    return message
 
 
 def _progress_message(fake: FakeDiscord, bot: InpaintBot, message_id: int | None) -> FakeMessage:
@@ -102,7 +110,7 @@ async def test_inpaint_end_to_end(discord_env: tuple[InpaintBot, FakeDiscord, Dr
     assert record.responses[0] == {"type": 5, "data": {"flags": 64}}  # deferred, ephemeral, within the 3 s
     assert _ephemeral_text(record) == "Queued as job #1: progress is in the channel."
 
-    result = await _result(fake, 1)
+    result = await _result(fake, 1, bot)
     job = await bot.store.get_job(1)
     assert job.status is JobStatus.SUCCEEDED and job.result_message_id == result.id
     # the result: the author mentioned, the image attached, every parameter in the embed, five buttons
@@ -116,8 +124,9 @@ async def test_inpaint_end_to_end(discord_env: tuple[InpaintBot, FakeDiscord, Dr
 
     # the progress message: posted with the preview, edited with progress, finally marked done without buttons
     progress = _progress_message(fake, bot, job.status_message_id)
+    await wait_until(lambda: progress.field("Status") == "✅ Done", what="the progress message's final edit")
     assert list(progress.files) == ["preview.jpg"] and progress.edits >= 2
-    assert progress.field("Status") == "✅ Done" and progress.components == []
+    assert progress.components == []
 
     # the backend got the real inputs (data URIs built from the stored blobs), the options the user chose
     sent = next(iter(server.requests.values())).input
@@ -260,7 +269,7 @@ async def wait_for_status(fake: FakeDiscord, bot: InpaintBot, job_id: int, statu
     for _ in range(2000):
         if await reached():
             break
-        await __import__("asyncio").sleep(0.01)
+        await asyncio.sleep(0.01)
     job = await bot.store.get_job(job_id)
     assert job.status is status, job
     message = _progress_message(fake, bot, job.status_message_id)
@@ -287,8 +296,8 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
             del server.requests[second_rid]
             server.queue_polls = 1  # new submissions run promptly now
             async with running_bot(settings, fake) as (bot, driver):
-                one = await _result(fake, 1)
-                two = await _result(fake, 2)
+                one = await _result(fake, 1, bot)
+                two = await _result(fake, 2, bot)
                 assert (await bot.store.get_job(1)).backend_request_id == first_rid  # followed, not re-submitted
                 job_two = await bot.store.get_job(2)
                 assert job_two.attempts == 2 and job_two.backend_request_id != second_rid  # re-submitted from blobs
@@ -314,11 +323,11 @@ async def test_unposted_result_is_posted_after_restart(tmp_path: Path, server: F
             for _ in range(500):
                 if (await bot.store.get_job(1)).status is JobStatus.SUCCEEDED:
                     break
-                await __import__("asyncio").sleep(0.01)
+                await asyncio.sleep(0.01)
             assert (await bot.store.get_job(1)).result_message_id is None
         fake.fail_routes.clear()
         async with running_bot(settings, fake) as (bot, _):
-            await _result(fake, 1)
+            await _result(fake, 1, bot)
             assert (await bot.store.get_job(1)).result_message_id is not None
 
 
@@ -415,7 +424,7 @@ async def test_secrets_stay_out_of_logs_and_the_database(tmp_path: Path, server:
             for _ in range(500):
                 if (await bot.store.get_job(2)).terminal:
                     break
-                await __import__("asyncio").sleep(0.01)
+                await asyncio.sleep(0.01)
             assert (await bot.store.get_job(2)).status is JobStatus.FAILED
     secret = KEY.split(":")[1]
     assert secret not in caplog.text and "fake-token" not in caplog.text
