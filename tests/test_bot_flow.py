@@ -435,3 +435,52 @@ async def test_secrets_stay_out_of_logs_and_the_database(tmp_path: Path, server:
 def _database_bytes(folder: Path) -> bytes:
     """The SQLite database and its WAL, byte for byte."""
     return b"".join(p.read_bytes() for p in sorted(folder.glob("bot.sqlite3*")))
+
+
+async def test_progress_edits_are_throttled(tmp_path: Path) -> None:
+    async with FalTestServer(key=KEY, queue_polls=0, progress_logs=20) as busy:
+        fake = FakeDiscord()
+        with fake.installed():
+            settings = _settings(tmp_path, busy, progress_edit_interval_s=0.5)
+            async with running_bot(settings, fake) as (bot, driver):
+                await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="chatty backend")
+                await _result(fake, 1, bot)
+                job = await bot.store.get_job(1)
+                progress = _progress_message(fake, bot, job.status_message_id)
+                await wait_until(lambda: progress.field("Status") == "✅ Done", what="the final edit")
+                assert len(await bot.store.events(1, kind="log")) == 20  # every line stored…
+                elapsed = (job.finished_at or 0) - job.created_at
+                # …but the message is edited at most once per interval, plus the final state
+                assert progress.edits <= 2 + int(elapsed / 0.5), (progress.edits, elapsed)
+
+
+def test_results_are_reencoded_to_fit_the_upload_limit() -> None:
+    from cogs.render import result_files
+    from services.store import StoredBlob
+
+    big = encode(photo(1024, 1024), "PNG")
+    blobs = [StoredBlob(sha256=str(i), content_type="image/png", data=big) for i in range(3)]
+    roomy = result_files(blobs, 50 * 1024 * 1024)
+    assert [f.filename for f in roomy] == ["result_0.png", "result_1.png", "result_2.png"]
+    tight = result_files(blobs, 3 * len(big) // 2)
+    assert all(f.filename.endswith(".jpg") for f in tight)
+    sizes = [len(f.fp.read()) for f in tight]
+    assert sum(sizes) <= 0.95 * 3 * len(big) // 2
+    tiny = result_files(blobs, 200_000)
+    first = Image.open(tiny[0].fp)
+    assert first.width < 1024 and sum(len(f.fp.getvalue()) for f in tiny) <= 190_000  # type: ignore[attr-defined]
+
+
+async def test_buttons_on_old_messages_work_after_a_restart(tmp_path: Path, server: FalTestServer) -> None:
+    fake = FakeDiscord()
+    with fake.installed():
+        settings = _settings(tmp_path, server)
+        async with running_bot(settings, fake) as (bot, driver):
+            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="before the restart", seed=3)
+            old = await _result(fake, 1, bot)
+        async with running_bot(settings, fake) as (bot, driver):  # a new process: no views in memory
+            params = await driver.click(BOB, old, "inpaint:params:1")
+            assert "before the restart" in _ephemeral_text(params)
+            await driver.click(BOB, old, "inpaint:reroll:1")
+            await _result(fake, 2, bot)
+            assert (await bot.store.get_job(2)).parent_job_id == 1
