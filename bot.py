@@ -17,16 +17,19 @@ import discord
 import httpx
 from discord.ext import commands
 
+from services.admission import Admissions
 from services.backend_select import BackendChoice, EmbeddedWorker, choose_backend
 from services.backends.fal_queue import FalQueueClient
 from services.dispatch import Dispatcher
 from services.jobs import JobService
+from services.limits import Limits
+from services.moderation import GuildPolicy, load_policy
 from services.settings import Settings, load_settings
-from services.store import JobStore
+from services.store import JobStore, ModerationStore
 
 log = logging.getLogger("inpaint.bot")
 
-EXTENSIONS = ("cogs.errors", "cogs.inpaint", "cogs.jobs")
+EXTENSIONS = ("cogs.errors", "cogs.inpaint", "cogs.jobs", "cogs.settings")
 
 SETUP_HELP = """\
 The bot needs a Discord bot token to start.
@@ -62,6 +65,10 @@ class InpaintBot(commands.Bot):
         self._jobs: JobService | None = None
         self._presenter: object | None = None
         self._http_client: httpx.AsyncClient | None = None
+        self._moderation: ModerationStore | None = None
+        self._limits: Limits | None = None
+        self._admissions: Admissions | None = None
+        self._modlog: object | None = None
         self.embedded_worker: EmbeddedWorker | None = None
         self.backend_choice: BackendChoice | None = None
 
@@ -92,6 +99,26 @@ class InpaintBot(commands.Bot):
         return self._presenter
 
     @property
+    def moderation(self) -> ModerationStore:
+        assert self._moderation is not None, "setup_hook has not run"
+        return self._moderation
+
+    @property
+    def limits(self) -> Limits:
+        assert self._limits is not None, "setup_hook has not run"
+        return self._limits
+
+    @property
+    def admissions(self) -> Admissions:
+        assert self._admissions is not None, "setup_hook has not run"
+        return self._admissions
+
+    @property
+    def modlog(self) -> ModLog:
+        assert isinstance(self._modlog, ModLog), "setup_hook has not run"
+        return self._modlog
+
+    @property
     def http_client(self) -> httpx.AsyncClient:
         assert self._http_client is not None, "setup_hook has not run"
         return self._http_client
@@ -110,13 +137,22 @@ class InpaintBot(commands.Bot):
         self._backend = FalQueueClient(base_url=base_url, key=choice.key, app_id=settings.app_id,
                                        http=self._http_client, poll_interval_s=settings.backend_poll_interval_s,
                                        total_timeout_s=settings.backend_total_timeout_s)
-        self._jobs = JobService(self._store, backend=choice.name, safety_checker=choice.safety_checker)
+        store = self._store
+        self._jobs = JobService(store, backend=choice.name, safety_checker=choice.safety_checker)
+        self._moderation = ModerationStore(store)
+        self._limits = Limits(self._moderation)
+        self._modlog = modlog = ModLog(self)
+        self._admissions = Admissions(store, self._jobs, self._moderation, self._limits, sink=modlog)
         self._presenter = DiscordPresenter(self, min_edit_interval=settings.progress_edit_interval_s)
-        self._dispatcher = Dispatcher(self._store, self._jobs, self._backend, self._http_client, self._presenter,
-                                      concurrency=settings.dispatch_concurrency)
+
+        async def policy_of(guild_id: int | None) -> GuildPolicy:
+            return await load_policy(store, guild_id)
+
+        self._dispatcher = Dispatcher(store, self._jobs, self._backend, self._http_client, self._presenter,
+                                      concurrency=settings.dispatch_concurrency, policies=policy_of, sink=modlog)
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        self.add_dynamic_items(*BUTTONS)
+        self.add_dynamic_items(*BUTTONS, *MODLOG_BUTTONS)
         await self._dispatcher.start()
         log.info("job store %s; backend %s at %s", settings.database_path, choice.name, base_url)
         await self.sync_commands()
@@ -148,6 +184,7 @@ class InpaintBot(commands.Bot):
 
 
 from cogs.buttons import BUTTONS  # noqa: E402  (cogs import the bot type only for typing)
+from cogs.modlog import MODLOG_BUTTONS, ModLog  # noqa: E402
 from cogs.presenter import DiscordPresenter  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import discord
 
 from cogs import render
 from cogs.errors import report_error
-from cogs.flow import launch_stored_job
+from cogs.flow import launch_stored_job, requester
 from services.errors import UserError
 from services.store import Job, JobNotFound, JobStatus
 
@@ -116,8 +116,13 @@ class DeleteButton(_JobButton, _DynamicButton, template=r"inpaint:delete:(?P<job
         await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
         if interaction.message is not None:
             await interaction.message.delete()
-        await bot_of(interaction).store.add_event(job.id, "moderation", f"result deleted by {interaction.user.id}",
-                                                  {"by": interaction.user.id})
+        bot = bot_of(interaction)
+        if interaction.user.id == job.user_id:
+            await bot.store.add_event(job.id, "note", "result deleted by its author", {"by": interaction.user.id})
+        else:
+            from cogs.modlog import record_deletion
+
+            await record_deletion(bot, job, interaction.user.id)
 
 
 class ParamsButton(_JobButton, _DynamicButton, template=r"inpaint:params:(?P<job_id>\d+)"):
@@ -135,9 +140,12 @@ BUTTONS: tuple[type[_DynamicButton], ...] = (CancelButton, RerollButton, Variati
 async def _derive(interaction: discord.Interaction, job_id: int, changes: dict[str, Any], verb: str) -> None:
     bot = bot_of(interaction)
     parent = await _job(interaction, job_id)
+    who = requester(interaction)
+    admission = await bot.admissions.admit(who, bot.jobs.merged_params(parent, changes), parent=parent)
     await interaction.response.defer(ephemeral=True, thinking=True)
-    job = await bot.jobs.derive(parent, changes, user_id=interaction.user.id,
-                                channel_id=interaction.channel_id or parent.channel_id)
+    job = await bot.jobs.derive(parent, admission.params, user_id=interaction.user.id,
+                                channel_id=interaction.channel_id or parent.channel_id,
+                                age_restricted=who.age_restricted)
     await launch_stored_job(bot, job)
     await interaction.followup.send(f"{verb} job #{parent.id} as job #{job.id}.", ephemeral=True)
 

@@ -11,7 +11,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from cogs.errors import report_error
-from cogs.flow import launch_job
+from cogs.flow import launch_job, requester
 from services.errors import UserError
 from services.images import IntakeLimits, MaskOptions, prepare_inputs_async
 
@@ -87,24 +87,21 @@ class Inpaint(commands.Cog):
         image: discord.Attachment,
         prompt: app_commands.Range[str, 1, 1000],
         mask: discord.Attachment | None = None,
-        negative_prompt: app_commands.Range[str, 0, 1000] = "",
-        size: str = "auto",
-        steps: app_commands.Range[int, 1, 65] = 25,
-        guidance: app_commands.Range[float, 0.0, 20.0] = 7.5,
-        strength: app_commands.Range[float, 0.01, 1.0] = 0.95,
+        negative_prompt: app_commands.Range[str, 0, 1000] | None = None,
+        size: str | None = None,
+        steps: app_commands.Range[int, 1, 65] | None = None,
+        guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
+        strength: app_commands.Range[float, 0.01, 1.0] | None = None,
         seed: app_commands.Range[int, 0, 2**53 - 1] | None = None,
-        num_images: app_commands.Range[int, 1, 8] = 1,
-        format: str = "jpeg",
+        num_images: app_commands.Range[int, 1, 8] | None = None,
+        format: str | None = None,
         invert_mask: bool = False,
         feather: app_commands.Range[int, 0, 64] = 0,
     ) -> None:
-        params: dict[str, Any] = {"prompt": prompt, "image_size": size, "num_inference_steps": steps,
-                                  "guidance_scale": guidance, "strength": strength, "num_images": num_images,
-                                  "format": format}
-        if negative_prompt:
-            params["negative_prompt"] = negative_prompt
-        if seed is not None:
-            params["seed"] = seed
+        # options left empty fall back to the server's defaults, then fal's
+        params: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None, "image_size": size,
+                                  "num_inference_steps": steps, "guidance_scale": guidance, "strength": strength,
+                                  "seed": seed, "num_images": num_images, "format": format}
         await self.start(interaction, image, mask, params, MaskOptions(invert=invert_mask, feather=feather))
 
     async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
@@ -119,6 +116,9 @@ class Inpaint(commands.Cog):
         check_attachment(image, "image", limit)
         if mask is not None:
             check_attachment(mask, "mask", limit)
+        who = requester(interaction)
+        admission = await self.bot.admissions.admit(who, params)  # bans, access, filters, quotas, defaults
+        params = admission.params
         self.bot.jobs.validate({k: v for k, v in params.items() if k != "image_size" or v != "auto"})
         await interaction.response.defer(ephemeral=True, thinking=True)
         image_bytes, mask_bytes = await asyncio.gather(image.read(), mask.read() if mask else _none())
@@ -126,7 +126,8 @@ class Inpaint(commands.Cog):
         prepared = await prepare_inputs_async(image_bytes, mask_bytes, http=self.bot.http_client, limits=limits,
                                               options=options)
         job = await self.bot.jobs.create(prepared, params, user_id=interaction.user.id,
-                                         guild_id=interaction.guild_id, channel_id=interaction.channel_id)
+                                         guild_id=interaction.guild_id, channel_id=interaction.channel_id,
+                                         age_restricted=who.age_restricted)
         await launch_job(self.bot, job, prepared)
         note = " (mask taken from the image's transparent area)" if prepared.mask_source == "alpha" else ""
         await interaction.followup.send(f"Queued as job #{job.id}{note}: progress is in the channel.", ephemeral=True)
@@ -157,9 +158,7 @@ class InpaintModal(discord.ui.Modal):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         uploads = list(self.mask_upload.values)
-        params: dict[str, Any] = {"prompt": self.prompt.value, "image_size": "auto"}
-        if self.negative.value:
-            params["negative_prompt"] = self.negative.value
+        params: dict[str, Any] = {"prompt": self.prompt.value, "negative_prompt": self.negative.value or None}
         await self.cog.start(interaction, self.image, uploads[0] if uploads else None, params, MaskOptions())
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]

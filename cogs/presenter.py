@@ -84,7 +84,8 @@ class DiscordPresenter:
             await self._edit_status(job, embed=render.progress_embed(job, progress), view=progress_view(job.id))
             state.last_edit = time.monotonic()
 
-    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob]) -> None:
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob], *,
+                            spoiler: bool = False) -> None:
         await self._settle_edits(job.id)
         if job.channel_id is None or job.result_message_id is not None:
             return
@@ -92,10 +93,10 @@ class DiscordPresenter:
         guild = self.bot.get_guild(job.guild_id) if job.guild_id else None
         if guild is not None:
             limit = render.upload_limit(guild)
-        files = await asyncio.to_thread(render.result_files, images, limit)
+        files = await asyncio.to_thread(render.result_files, images, limit, spoiler=spoiler)
         try:
             message = await self._channel(job).send(
-                content=f"<@{job.user_id}>", embed=render.result_embed(job, output), files=files,
+                content=f"<@{job.user_id}>", embed=render.result_embed(job, output, spoiler=spoiler), files=files,
                 view=result_view(job.id), allowed_mentions=discord.AllowedMentions(users=True, roles=False,
                                                                                    everyone=False))
         except discord.HTTPException:

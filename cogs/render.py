@@ -76,7 +76,7 @@ def ended_embed(job: Job) -> discord.Embed:
     return embed
 
 
-def result_embed(job: Job, output: InpaintOutput) -> discord.Embed:
+def result_embed(job: Job, output: InpaintOutput, *, spoiler: bool = False) -> discord.Embed:
     embed = discord.Embed(title=f"Inpainted · job #{job.id}", colour=COLOUR_DONE,
                           description=short(output.prompt or job.input.get("prompt", ""), 1000))
     inp = job.input
@@ -93,10 +93,13 @@ def result_embed(job: Job, output: InpaintOutput) -> discord.Embed:
     if timings:
         embed.add_field(name="Timings", value=timings, inline=False)
     if any(output.has_nsfw_concepts):
-        embed.add_field(name="Safety", value="Some images were flagged by the safety checker and blacked out.",
+        embed.add_field(name="Safety", value="The safety checker flagged this result: it is posted behind a spoiler "
+                        "under this server's policy for age-restricted channels." if spoiler else
+                        "The safety checker flagged this result; this server allows it in age-restricted channels.",
                         inline=False)
-    embed.set_image(url="attachment://result_0." + _extension(output.images[0].content_type if output.images
-                                                               else "image/png"))
+    if not spoiler:  # an embed image would show a spoilered attachment unblurred
+        embed.set_image(url="attachment://result_0." + _extension(output.images[0].content_type if output.images
+                                                                   else "image/png"))
     return embed
 
 
@@ -113,15 +116,16 @@ def _extension(content_type: str) -> str:
     return {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}.get(content_type, "png")
 
 
-def result_files(images: list[StoredBlob], limit: int) -> list[discord.File]:
-    """The result images as attachments that fit the upload limit (re-encoded as JPEG, then smaller, if needed)."""
+def result_files(images: list[StoredBlob], limit: int, *, spoiler: bool = False) -> list[discord.File]:
+    """The result images as attachments that fit the upload limit (re-encoded as JPEG, then smaller, if needed);
+    as spoilers (blurred until clicked) when the server's policy says so."""
     budget = int(limit * 0.95)
     encoded = [(blob.data, blob.content_type) for blob in images]
     for quality, scale in ((None, 1.0), (90, 1.0), (85, 0.75), (80, 0.5), (75, 0.35)):
         if sum(len(d) for d, _ in encoded) <= budget:
             break
         encoded = [_reencode(blob.data, quality or 90, scale) for blob in images]
-    return [discord.File(io.BytesIO(data), filename=f"result_{i}.{_extension(ct)}")
+    return [discord.File(io.BytesIO(data), filename=f"result_{i}.{_extension(ct)}", spoiler=spoiler)
             for i, (data, ct) in enumerate(encoded)]
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import httpx
 
+from services.admission import ModLogSink
 from services.backends.fal_queue import (
     FalAuthError,
     FalError,
@@ -27,11 +29,13 @@ from services.backends.fal_queue import (
     QueueUpdate,
 )
 from services.errors import UserError
+from services.fairqueue import FairQueue, QueuedJob, UserKey
 from services.images import ImageInputError, IntakeLimits, fetch_source
 from services.jobs import JobService
+from services.moderation import GuildPolicy
 from services.progress import Progress
 from services.schema import InpaintOutput, QueueHandle
-from services.store import IllegalTransition, Job, JobStatus, JobStore, StoredBlob
+from services.store import IllegalTransition, Job, JobStatus, JobStore, ModerationStore, StoredBlob
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +47,45 @@ class JobListener(Protocol):
 
     async def job_progress(self, job: Job, progress: Progress) -> None: ...
 
-    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob]) -> None: ...
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob], *,
+                            spoiler: bool = False) -> None: ...
 
     async def job_ended(self, job: Job) -> None:
         """A job ended without a result: failed, cancelled or blocked (`job.error` says why)."""
 
 
+PolicyLoader = Callable[[int | None], Awaitable[GuildPolicy]]
+
+
+async def _default_policy(_guild_id: int | None) -> GuildPolicy:
+    return GuildPolicy()
+
+
 class Dispatcher:
+    """Runs jobs fairly: users take turns, each user and each server under its concurrency cap, and at most
+    `concurrency` jobs at the backend in all."""
+
     def __init__(self, store: JobStore, jobs: JobService, backend: FalQueueClient, http: httpx.AsyncClient,
-                 listener: JobListener, *, concurrency: int = 4, max_attempts: int = 3) -> None:
+                 listener: JobListener, *, concurrency: int = 4, max_attempts: int = 3,
+                 policies: PolicyLoader = _default_policy, sink: ModLogSink | None = None) -> None:
         self.store = store
         self.jobs = jobs
         self.backend = backend
         self.http = http
         self.listener = listener
         self.max_attempts = max_attempts
-        self._waiting: deque[int] = deque()
+        self.policies = policies
+        self.sink = sink
+        self.moderation = ModerationStore(store)
+        self._queue = FairQueue()
         self._wakeup = asyncio.Event()
-        self._running: dict[int, asyncio.Task[None]] = {}
-        self._runners: list[asyncio.Task[None]] = []
+        self._running: dict[int, tuple[QueuedJob, asyncio.Task[None]]] = {}
+        self._scheduler: asyncio.Task[None] | None = None
         self._concurrency = concurrency
+        self._caps: dict[int | None, tuple[int, int]] = {}
         self._cancel_requested: set[int] = set()
+        #: the order jobs started in (job ids), for tests and the fairness benchmark
+        self.started: list[int] = []
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -74,40 +96,47 @@ class Dispatcher:
         pending = await self.store.jobs_with_status([JobStatus.SUBMITTED, JobStatus.RUNNING, JobStatus.QUEUED])
         # jobs already at the backend first (they hold their place there), then the local queue in order
         for job in sorted(pending, key=lambda j: (j.status is JobStatus.QUEUED, j.id)):
-            self._waiting.append(job.id)
+            self.enqueue(job)
         if pending:
             log.info("recovering %d unfinished job(s): %s", len(pending), [j.id for j in pending])
-        self._runners = [asyncio.create_task(self._runner(), name=f"dispatch-{i}")
-                         for i in range(self._concurrency)]
-        self._wakeup.set()
+        self._scheduler = asyncio.create_task(self._schedule(), name="dispatch-scheduler")
 
     async def close(self) -> None:
         """Stop without changing any job's state: whatever was in flight resumes on the next start."""
-        for task in [*self._runners, *self._running.values()]:
+        tasks = [task for _, task in self._running.values()]
+        if self._scheduler is not None:
+            tasks.append(self._scheduler)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._runners, *self._running.values(), return_exceptions=True)
-        self._runners.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._scheduler = None
 
     # --- operations ---------------------------------------------------------------------------------
 
-    def enqueue(self, job_id: int) -> None:
-        self._waiting.append(job_id)
+    def enqueue(self, job: Job) -> None:
+        self._queue.push(QueuedJob(job.id, job.user_id, job.guild_id))
+        self._wakeup.set()
+
+    def forget_caps(self, guild_id: int | None) -> None:
+        """A server's limits changed: read them again before starting its next job."""
+        self._caps.pop(guild_id, None)
         self._wakeup.set()
 
     def local_position(self, job_id: int) -> int | None:
-        """Jobs waiting in the bot ahead of this one (None when it isn't waiting here)."""
-        try:
-            return list(self._waiting).index(job_id)
-        except ValueError:
-            return None
+        """Jobs that would start before this one in the bot's own queue (None when it isn't waiting here)."""
+        return self._queue.position(job_id)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
 
     async def cancel(self, job_id: int) -> bool:
         """Cancel a job: at once while it waits here, or by asking the backend once submitted."""
         job = await self.store.get_job(job_id)
         if job.terminal:
             return False
-        if job_id in self._waiting and job.status is JobStatus.QUEUED:
-            self._waiting.remove(job_id)
+        if job_id in self._queue and job.status is JobStatus.QUEUED:
+            self._queue.remove(job_id)
             try:
                 job = await self.store.transition(job_id, JobStatus.CANCELLED, message="cancelled before submission")
             except IllegalTransition:
@@ -126,24 +155,41 @@ class Dispatcher:
 
     # --- running ------------------------------------------------------------------------------------
 
-    async def _runner(self) -> None:
+    async def _schedule(self) -> None:
+        """Start queued jobs, fairly and within the caps, whenever there is room."""
         while True:
-            while not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            job_id = self._waiting.popleft()
-            task = asyncio.current_task()
-            assert task is not None
-            self._running[job_id] = task
-            try:
-                await self._run(job_id)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("job %s: unexpected error in the dispatcher", job_id)
-                await self._end(job_id, JobStatus.FAILED, "An unexpected error stopped this job.")
-            finally:
-                self._running.pop(job_id, None)
+            self._wakeup.clear()
+            for guild_id in {q.guild_id for q in self._queue} - self._caps.keys():
+                policy = await self.policies(guild_id)
+                self._caps[guild_id] = (policy.user_concurrent, policy.server_concurrent)
+            while len(self._running) < self._concurrency:
+                users: Counter[UserKey] = Counter(q.user_key for q, _ in self._running.values())
+                guilds: Counter[int | None] = Counter(q.guild_id for q, _ in self._running.values())
+
+                def can_run(item: QueuedJob, users: Counter[UserKey] = users,
+                            guilds: Counter[int | None] = guilds) -> bool:
+                    user_cap, server_cap = self._caps.get(item.guild_id, (1, 1))
+                    return users[item.user_key] < user_cap and guilds[item.guild_id] < server_cap
+
+                item = self._queue.pop(can_run)
+                if item is None:
+                    break
+                self.started.append(item.job_id)
+                task = asyncio.create_task(self._guarded_run(item), name=f"job-{item.job_id}")
+                self._running[item.job_id] = (item, task)
+            await self._wakeup.wait()
+
+    async def _guarded_run(self, item: QueuedJob) -> None:
+        try:
+            await self._run(item.job_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job %s: unexpected error in the dispatcher", item.job_id)
+            await self._end(item.job_id, JobStatus.FAILED, "An unexpected error stopped this job.")
+        finally:
+            self._running.pop(item.job_id, None)
+            self._wakeup.set()
 
     async def _run(self, job_id: int) -> None:
         job = await self.store.get_job(job_id)
@@ -185,6 +231,9 @@ class Dispatcher:
                     await self._end(job_id, JobStatus.FAILED, f"The backend failed: {exc}", retryable=exc.retryable)
                 return
             except FalValidationError as exc:
+                if _content_policy(exc):
+                    await self._block_flagged_input(job_id, str(exc))
+                    return
                 fields = ", ".join(f for f, _ in exc.field_errors if f) or "the request"
                 await self._end(job_id, JobStatus.FAILED, f"The backend refused {fields}: {exc}")
                 return
@@ -235,25 +284,67 @@ class Dispatcher:
                 stored_image["url"] = "stored"  # the bytes are in blobs; don't keep megabytes of base64 twice
         job = await self.store.get_job(job_id)
         if job.status is JobStatus.SUBMITTED:
-            await self.store.transition(job_id, JobStatus.RUNNING, message="running (seen only at completion)")
+            job = await self.store.transition(job_id, JobStatus.RUNNING, message="running (seen only at completion)")
+        flagged = [i for i, f in enumerate(output.has_nsfw_concepts) if f]
+        spoiler = False
+        if flagged:
+            policy = await self.policies(job.guild_id)
+            action = policy.flagged_action(job.age_restricted)
+            images = [blobs[f"output_{i}"][0] for i in flagged if f"output_{i}" in blobs]
+            where = "an age-restricted" if job.age_restricted else "an ordinary"
+            await self._log(job, f"image_flagged_{action}", f"{len(flagged)} of {len(output.images)} image(s) "
+                            f"flagged by the safety checker in {where} channel: {action}", images)
+            if action == "block":
+                await self._end(job_id, JobStatus.BLOCKED, "The safety checker flagged the result, so it was not "
+                                "posted here.", data={"rule": "safety checker (output)"})
+                return
+            spoiler = action == "spoiler"
         await self.store.transition(job_id, JobStatus.SUCCEEDED, result=result)
-        await self._post_result(await self.store.get_job(job_id), output)
+        await self._post_result(await self.store.get_job(job_id), output, spoiler=spoiler)
 
-    async def _post_result(self, job: Job, output: InpaintOutput | None = None) -> None:
+    async def _block_flagged_input(self, job_id: int, detail: str) -> None:
+        job = await self.store.get_job(job_id)
+        blobs = await self.store.job_blobs(job_id)
+        await self._log(job, "input_flagged", f"the backend's safety checker flagged the uploaded image: {detail}",
+                        [blobs["image"].data] if "image" in blobs else [])
+        await self._end(job_id, JobStatus.BLOCKED, "The safety checker flagged the uploaded image, so it can't be "
+                        "used here.", data={"rule": "safety checker (input)"})
+
+    async def _log(self, job: Job, action: str, detail: str, images: Sequence[bytes] = ()) -> None:
+        if job.guild_id is None:
+            return
+        entry = await self.moderation.log(job.guild_id, action, job_id=job.id, user_id=job.user_id, detail=detail)
+        if self.sink is not None:
+            try:
+                await self.sink.record(entry, job=job, images=images)
+            except Exception:
+                log.exception("job %s: could not report %s to the moderation log", job.id, action)
+
+    async def _post_result(self, job: Job, output: InpaintOutput | None = None, *, spoiler: bool = False) -> None:
         if output is None:
             assert job.result is not None
             output = InpaintOutput.model_validate(job.result)
+            spoiler = any(output.has_nsfw_concepts)  # only "spoiler" or "allow" let a flagged result get here
         blobs = await self.store.job_blobs(job.id)
         images = [blobs[f"output_{i}"] for i in range(len(output.images)) if f"output_{i}" in blobs]
-        await self.listener.job_succeeded(job, output, images)
+        await self.listener.job_succeeded(job, output, images, spoiler=spoiler)
 
-    async def _end(self, job_id: int, status: JobStatus, error: str, *, retryable: bool = False) -> None:
+    async def _end(self, job_id: int, status: JobStatus, error: str, *, retryable: bool = False,
+                   data: dict[str, object] | None = None) -> None:
         try:
-            job = await self.store.transition(job_id, status, error=error, data={"retryable": retryable})
+            job = await self.store.transition(job_id, status, error=error,
+                                              data={"retryable": retryable, **(data or {})})
         except IllegalTransition:
             job = await self.store.get_job(job_id)
         log.info("job %s ended %s: %s", job_id, job.status, job.error)
         await self.listener.job_ended(job)
+
+
+def _content_policy(exc: FalValidationError) -> bool:
+    """A 422 for content (fal's `content_policy_violation`, also what our worker sends for a flagged input)."""
+    detail = exc.detail if isinstance(exc.detail, list) else []
+    return exc.error_type == "content_policy_violation" or any(
+        isinstance(item, dict) and item.get("type") == "content_policy_violation" for item in detail)
 
 
 def _handle(job: Job) -> QueueHandle | None:

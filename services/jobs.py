@@ -48,22 +48,28 @@ class JobService:
             raise UserError(f"Some options are not valid: {problems}") from exc
 
     async def create(self, prepared: PreparedInputs, params: dict[str, Any], *, user_id: int,
-                     guild_id: int | None, channel_id: int | None) -> Job:
+                     guild_id: int | None, channel_id: int | None, age_restricted: bool = False) -> Job:
         """Store a new queued job with its image and mask as content-addressed blobs."""
         if params.get("image_size") in (None, "auto"):
             params = {**params, "image_size": auto_size(*prepared.size)}
         inp = self.validate(params)
         return await self.store.create_job(
             user_id=user_id, guild_id=guild_id, channel_id=channel_id, backend=self.backend, input=inp.wire(),
+            age_restricted=age_restricted,
             blobs={"image": (prepared.image_blob.data, prepared.image_blob.content_type),
                    "mask": (prepared.mask_blob.data, prepared.mask_blob.content_type)})
 
-    async def derive(self, parent: Job, changes: dict[str, Any], *, user_id: int,
-                     channel_id: int | None = None) -> Job:
-        """A new job from an earlier one (reroll, variations, edit, retry), sharing its input blobs."""
+    @staticmethod
+    def merged_params(parent: Job, changes: dict[str, Any]) -> dict[str, Any]:
+        """An earlier job's options with some changed; a change to None removes the option (e.g. the seed)."""
         params = {k: v for k, v in parent.input.items() if k not in ("image_url", "mask_url")}
         params.update(changes)
-        params = {k: v for k, v in params.items() if v is not None}
+        return {k: v for k, v in params.items() if v is not None}
+
+    async def derive(self, parent: Job, params: dict[str, Any], *, user_id: int, channel_id: int | None = None,
+                     age_restricted: bool | None = None) -> Job:
+        """A new job from an earlier one (reroll, variations, edit, retry) with these complete options, sharing
+        the parent's input blobs."""
         inp = self.validate(params)
         blobs = await self.store.job_blobs(parent.id)
         refs: dict[str, str] = {role: blobs[role].sha256 for role in ("image", "mask") if role in blobs}
@@ -71,7 +77,8 @@ class JobService:
             raise UserError(f"Job #{parent.id}'s images are no longer stored, so it can't be run again.")
         return await self.store.create_job(
             user_id=user_id, guild_id=parent.guild_id, channel_id=channel_id or parent.channel_id,
-            backend=self.backend, input=inp.wire(), parent_job_id=parent.id, blob_refs=refs)
+            backend=self.backend, input=inp.wire(), parent_job_id=parent.id, blob_refs=refs,
+            age_restricted=parent.age_restricted if age_restricted is None else age_restricted)
 
     async def backend_input(self, job: Job) -> dict[str, Any]:
         """The request body to send: the stored input with blob references replaced by data URIs."""

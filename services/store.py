@@ -85,6 +85,7 @@ class Job(BaseModel):
     started_at: float | None
     finished_at: float | None
     result_message_id: int | None = None
+    age_restricted: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -178,6 +179,30 @@ _MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN result_message_id INTEGER;
     """,
+    # 3: moderation: where a job ran (age-restricted or not), bans, the moderation log
+    """
+    ALTER TABLE jobs ADD COLUMN age_restricted INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX jobs_guild_user ON jobs(guild_id, user_id, created_at);
+    CREATE TABLE bans (
+        guild_id    INTEGER NOT NULL,
+        user_id     INTEGER NOT NULL,
+        by_user_id  INTEGER,
+        reason      TEXT,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (guild_id, user_id)
+    );
+    CREATE TABLE moderation_log (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        guild_id    INTEGER NOT NULL,
+        job_id      INTEGER REFERENCES jobs(id),
+        user_id     INTEGER,
+        actor_id    INTEGER,
+        action      TEXT NOT NULL,
+        detail      TEXT NOT NULL DEFAULT '',
+        created_at  REAL NOT NULL
+    );
+    CREATE INDEX moderation_log_guild ON moderation_log(guild_id, id);
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -185,7 +210,7 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _JOB_COLUMNS = (
     "id, guild_id, channel_id, user_id, status, status_message_id, parent_job_id, backend, backend_request_id, "
     "status_url, response_url, cancel_url, input_json, result_json, error, attempts, created_at, updated_at, "
-    "submitted_at, started_at, finished_at, result_message_id"
+    "submitted_at, started_at, finished_at, result_message_id, age_restricted"
 )
 
 #: Columns `transition()` may set alongside the status.
@@ -201,7 +226,7 @@ def _job_from_row(row: Sequence[Any]) -> Job:
         status_url=row[9], response_url=row[10], cancel_url=row[11], input=json.loads(row[12]),
         result=json.loads(row[13]) if row[13] is not None else None, error=row[14], attempts=row[15],
         created_at=row[16], updated_at=row[17], submitted_at=row[18], started_at=row[19], finished_at=row[20],
-        result_message_id=row[21],
+        result_message_id=row[21], age_restricted=bool(row[22]),
     )
 
 
@@ -277,7 +302,7 @@ class JobStore:
     async def create_job(self, *, user_id: int, input: dict[str, Any], backend: str, guild_id: int | None = None,
                          channel_id: int | None = None, parent_job_id: int | None = None,
                          blobs: dict[str, tuple[bytes, str]] | None = None,
-                         blob_refs: dict[str, str] | None = None) -> Job:
+                         blob_refs: dict[str, str] | None = None, age_restricted: bool = False) -> Job:
         """Insert a `queued` job, its input blobs and its first event.
 
         `blobs` maps a role ("image", "mask") to new (bytes, content type); `blob_refs` maps a role to the
@@ -287,8 +312,9 @@ class JobStore:
         async with self._transaction() as db:
             cur = await db.execute(
                 "INSERT INTO jobs (guild_id, channel_id, user_id, status, parent_job_id, backend, input_json, "
-                "created_at, updated_at) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (guild_id, channel_id, user_id, parent_job_id, backend, json.dumps(input), now, now))
+                "created_at, updated_at, age_restricted) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (guild_id, channel_id, user_id, parent_job_id, backend, json.dumps(input), now, now,
+                 int(age_restricted)))
             job_id = cur.lastrowid
             assert job_id is not None
             for role, (data, content_type) in (blobs or {}).items():
@@ -492,6 +518,93 @@ class JobStore:
                         "INSERT INTO guild_settings (guild_id, key, value_json, updated_at) VALUES (?, ?, ?, ?) "
                         "ON CONFLICT (guild_id, key) DO UPDATE SET value_json = excluded.value_json, "
                         "updated_at = excluded.updated_at", (guild_id, key, json.dumps(value), now))
+
+
+class Usage(BaseModel):
+    """What a user and their server have used since a moment (the start of the day, for quotas)."""
+
+    user_jobs: int
+    server_jobs: int
+    server_steps: int
+    last_user_job_at: float | None
+
+
+class ModerationEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    guild_id: int
+    job_id: int | None
+    user_id: int | None
+    actor_id: int | None
+    action: str
+    detail: str
+    created_at: float
+
+
+#: Jobs that count against quotas: everything except what was blocked or never reached a backend.
+_COUNTED = "status != 'blocked' AND NOT (status IN ('failed', 'cancelled') AND attempts = 0)"
+
+
+class ModerationStore:
+    """Bans, the moderation log and usage counts, on the same database as the jobs."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    async def usage(self, guild_id: int, user_id: int, since: float) -> Usage:
+        db = self.store._db
+        async with db.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(user_id = ?), 0), COALESCE(SUM("
+                f"COALESCE(json_extract(input_json, '$.num_inference_steps'), 25) * "
+                f"COALESCE(json_extract(input_json, '$.num_images'), 1)), 0) "
+                f"FROM jobs WHERE guild_id = ? AND created_at >= ? AND {_COUNTED}",
+                (user_id, guild_id, since)) as cur:
+            row = await cur.fetchone()
+        async with db.execute("SELECT MAX(created_at) FROM jobs WHERE guild_id = ? AND user_id = ? AND " + _COUNTED,
+                              (guild_id, user_id)) as cur:
+            last = await cur.fetchone()
+        assert row is not None
+        return Usage(server_jobs=int(row[0]), user_jobs=int(row[1]), server_steps=int(row[2]),
+                     last_user_job_at=last[0] if last else None)
+
+    async def ban(self, guild_id: int, user_id: int, *, by: int | None, reason: str = "") -> bool:
+        """Ban a user from the bot in a server; False if they already were."""
+        async with self.store._transaction() as db:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO bans (guild_id, user_id, by_user_id, reason, created_at) VALUES (?, ?, ?, ?, ?)",
+                (guild_id, user_id, by, reason, time.time()))
+            return cur.rowcount > 0
+
+    async def unban(self, guild_id: int, user_id: int) -> bool:
+        async with self.store._transaction() as db:
+            cur = await db.execute("DELETE FROM bans WHERE guild_id = ? AND user_id = ?", (guild_id, user_id))
+            return cur.rowcount > 0
+
+    async def is_banned(self, guild_id: int, user_id: int) -> bool:
+        async with self.store._db.execute("SELECT 1 FROM bans WHERE guild_id = ? AND user_id = ?",
+                                          (guild_id, user_id)) as cur:
+            return await cur.fetchone() is not None
+
+    async def log(self, guild_id: int, action: str, *, job_id: int | None = None, user_id: int | None = None,
+                  actor_id: int | None = None, detail: str = "") -> ModerationEntry:
+        now = time.time()
+        async with self.store._transaction() as db:
+            cur = await db.execute(
+                "INSERT INTO moderation_log (guild_id, job_id, user_id, actor_id, action, detail, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", (guild_id, job_id, user_id, actor_id, action, detail, now))
+            entry_id = cur.lastrowid
+        assert entry_id is not None
+        return ModerationEntry(id=entry_id, guild_id=guild_id, job_id=job_id, user_id=user_id, actor_id=actor_id,
+                               action=action, detail=detail, created_at=now)
+
+    async def entries(self, guild_id: int, limit: int = 50) -> list[ModerationEntry]:
+        async with self.store._db.execute(
+                "SELECT id, guild_id, job_id, user_id, actor_id, action, detail, created_at FROM moderation_log "
+                "WHERE guild_id = ? ORDER BY id DESC LIMIT ?", (guild_id, limit)) as cur:
+            rows = await cur.fetchall()
+        return [ModerationEntry(id=r[0], guild_id=r[1], job_id=r[2], user_id=r[3], actor_id=r[4], action=r[5],
+                                detail=r[6], created_at=r[7]) for r in reversed(list(rows))]
 
 
 def _split_sql(script: str) -> list[str]:

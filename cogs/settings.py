@@ -1,0 +1,217 @@
+"""`/settings` (Manage Server, checked when run) and `/quota`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from cogs import render
+from cogs.inpaint import SIZE_CHOICES
+from services.errors import UserError
+from services.moderation import DEFAULT_WORDS, MAX_RULES, GuildPolicy, load_policy, save_policy, validate_regex
+
+if TYPE_CHECKING:
+    from bot import InpaintBot
+
+
+def _limit(value: int | None) -> str:
+    return "unlimited" if value is None else str(value)
+
+
+def settings_embed(policy: GuildPolicy) -> discord.Embed:
+    embed = discord.Embed(title="Inpaint bot settings", colour=render.COLOUR_RUNNING)
+    checker = "off in age-restricted channels" if policy.checker_off_in_age_restricted else "always on"
+    embed.add_field(name="Safety", value=f"checker: {checker}\nflagged images in age-restricted channels: "
+                    f"**{policy.nsfw_policy}** (ordinary channels: always block)", inline=False)
+    words = ", ".join(f"`{w}`" for w in policy.filter_words) or "none"
+    regexes = ", ".join(f"`{r}`" for r in policy.filter_regexes) or "none"
+    defaults = f"built-in list ({len(DEFAULT_WORDS)} words) " + ("on" if policy.use_default_filters else "off")
+    embed.add_field(name="Prompt filters", value=render.short(f"{defaults}\nwords: {words}\nregexes: {regexes}", 1024),
+                    inline=False)
+    embed.add_field(name="Mod log", value=f"<#{policy.modlog_channel_id}>" if policy.modlog_channel_id else "off")
+    channels = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids) or "all"
+    roles = ", ".join(f"<@&{r}>" for r in policy.allowed_role_ids) or "everyone"
+    embed.add_field(name="Access", value=f"channels: {channels}\nroles: {roles}")
+    embed.add_field(name="Limits", value=(
+        f"per user at once: {policy.user_concurrent}\nper server at once: {policy.server_concurrent}\n"
+        f"cooldown: {policy.user_cooldown_s} s\nper user per day: {_limit(policy.user_daily_jobs)}\n"
+        f"per server per day: {_limit(policy.server_daily_jobs)}\n"
+        f"steps × images per day: {_limit(policy.server_daily_steps)}"), inline=False)
+    embed.add_field(name="Defaults", value=(
+        f"steps: {policy.default_steps or 25}\nsize: {policy.default_size or 'match the image'}\n"
+        f"negative prompt: {render.short(policy.default_negative_prompt or 'none', 200)}"), inline=False)
+    return embed
+
+
+class SettingsGroup(app_commands.Group):
+    def __init__(self, bot: InpaintBot) -> None:
+        super().__init__(name="settings", description="The bot's settings for this server (Manage Server)",
+                         guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
+        self.bot = bot
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        # default_permissions only hides the command; a server can override that, so check when it runs too
+        if not interaction.permissions.manage_guild:
+            raise app_commands.CheckFailure("You need the Manage Server permission to use /settings.")
+        return True
+
+    async def _apply(self, interaction: discord.Interaction, changes: dict[str, Any], summary: str) -> None:
+        assert interaction.guild_id is not None
+        policy = await save_policy(self.bot.store, interaction.guild_id, changes)
+        self.bot.dispatcher.forget_caps(interaction.guild_id)
+        await interaction.response.send_message(f"Saved: {summary}", embed=settings_embed(policy), ephemeral=True)
+        entry = await self.bot.moderation.log(interaction.guild_id, "settings_changed", actor_id=interaction.user.id,
+                                              detail=summary)
+        await self.bot.modlog.record(entry)
+
+    async def _policy(self, interaction: discord.Interaction) -> GuildPolicy:
+        return await load_policy(self.bot.store, interaction.guild_id)
+
+    @app_commands.command(name="show", description="Show this server's settings")
+    async def show(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(embed=settings_embed(await self._policy(interaction)), ephemeral=True)
+
+    @app_commands.command(name="safety", description="Safety checker and what happens to flagged images")
+    @app_commands.choices(flagged=[app_commands.Choice(name=n, value=n) for n in ("block", "spoiler", "allow")])
+    @app_commands.describe(flagged="Flagged images in age-restricted channels (ordinary channels always block)",
+                           checker_off_in_age_restricted="Skip the safety checker in age-restricted channels")
+    async def safety(self, interaction: discord.Interaction, flagged: str | None = None,
+                     checker_off_in_age_restricted: bool | None = None) -> None:
+        changes: dict[str, Any] = {}
+        if flagged is not None:
+            if flagged not in ("block", "spoiler", "allow"):
+                raise UserError("Choose block, spoiler or allow.")
+            changes["nsfw_policy"] = flagged
+        if checker_off_in_age_restricted is not None:
+            changes["checker_off_in_age_restricted"] = checker_off_in_age_restricted
+        if not changes:
+            raise UserError("Nothing to change: pick an option.")
+        await self._apply(interaction, changes, ", ".join(f"{k} = {v}" for k, v in changes.items()))
+
+    @app_commands.command(name="filter", description="Add or remove a blocked word or regular expression")
+    @app_commands.describe(action="What to do", value="The word or pattern (for add/remove)")
+    @app_commands.choices(action=[app_commands.Choice(name=n, value=v) for n, v in (
+        ("add word", "add_word"), ("remove word", "remove_word"), ("add regex", "add_regex"),
+        ("remove regex", "remove_regex"), ("use the built-in list", "defaults_on"),
+        ("don't use the built-in list", "defaults_off"))])
+    async def filter(self, interaction: discord.Interaction, action: str, value: str | None = None) -> None:
+        policy = await self._policy(interaction)
+        words, regexes = list(policy.filter_words), list(policy.filter_regexes)
+        text = (value or "").strip()
+        if action in ("add_word", "remove_word", "add_regex", "remove_regex") and not text:
+            raise UserError("Give the word or pattern in `value`.")
+        if action == "add_word":
+            if text.casefold() not in (w.casefold() for w in words):
+                words.append(text)
+        elif action == "remove_word":
+            if text not in words:
+                raise UserError(f"`{text}` isn't in the word list.")
+            words.remove(text)
+        elif action == "add_regex":
+            if text not in regexes:
+                regexes.append(validate_regex(text))
+        elif action == "remove_regex":
+            if text not in regexes:
+                raise UserError(f"`{text}` isn't in the regex list.")
+            regexes.remove(text)
+        if len(words) + len(regexes) > MAX_RULES:
+            raise UserError(f"A server can have at most {MAX_RULES} filter rules.")
+        changes: dict[str, Any] = {"filter_words": words, "filter_regexes": regexes}
+        if action in ("defaults_on", "defaults_off"):
+            changes = {"use_default_filters": action == "defaults_on"}
+        await self._apply(interaction, changes, f"filter {action.replace('_', ' ')} {text}".strip())
+
+    @app_commands.command(name="modlog", description="Where moderation events are posted (empty = off)")
+    async def modlog(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+        await self._apply(interaction, {"modlog_channel_id": channel.id if channel else None},
+                          f"mod log {'in ' + channel.mention if channel else 'off'}")
+
+    @app_commands.command(name="access", description="Limit the bot to some channels or roles")
+    @app_commands.choices(action=[app_commands.Choice(name=n, value=n) for n in ("allow", "disallow", "clear")])
+    async def access(self, interaction: discord.Interaction, action: str,
+                     channel: discord.TextChannel | None = None, role: discord.Role | None = None) -> None:
+        policy = await self._policy(interaction)
+        channels, roles = set(policy.allowed_channel_ids), set(policy.allowed_role_ids)
+        if action == "clear":
+            channels, roles = set(), set()
+        elif channel is None and role is None:
+            raise UserError("Pick a channel or a role.")
+        for target, pool in ((channel, channels), (role, roles)):
+            if target is not None:
+                (pool.add if action == "allow" else pool.discard)(target.id)
+        await self._apply(interaction, {"allowed_channel_ids": sorted(channels), "allowed_role_ids": sorted(roles)},
+                          f"access {action}")
+
+    @app_commands.command(name="limits", description="Concurrency, cooldown and daily quotas (0 = unlimited daily)")
+    async def limits(self, interaction: discord.Interaction,
+                     per_user_at_once: app_commands.Range[int, 1, 20] | None = None,
+                     per_server_at_once: app_commands.Range[int, 1, 100] | None = None,
+                     cooldown_seconds: app_commands.Range[int, 0, 86400] | None = None,
+                     per_user_per_day: app_commands.Range[int, 0, 100000] | None = None,
+                     per_server_per_day: app_commands.Range[int, 0, 1000000] | None = None,
+                     steps_per_day: app_commands.Range[int, 0, 100000000] | None = None) -> None:
+        changes: dict[str, Any] = {}
+        for key, value in (("user_concurrent", per_user_at_once), ("server_concurrent", per_server_at_once),
+                           ("user_cooldown_s", cooldown_seconds)):
+            if value is not None:
+                changes[key] = value
+        for key, value in (("user_daily_jobs", per_user_per_day), ("server_daily_jobs", per_server_per_day),
+                           ("server_daily_steps", steps_per_day)):
+            if value is not None:
+                changes[key] = value or None
+        if not changes:
+            raise UserError("Nothing to change: pick an option.")
+        await self._apply(interaction, changes, ", ".join(f"{k} = {_limit(v)}" for k, v in changes.items()))
+
+    @app_commands.command(name="defaults", description="Default steps, size and negative prompt for /inpaint")
+    @app_commands.choices(size=SIZE_CHOICES)
+    async def defaults(self, interaction: discord.Interaction, steps: app_commands.Range[int, 1, 65] | None = None,
+                       size: str | None = None, negative_prompt: str | None = None,
+                       clear: bool = False) -> None:
+        if clear:
+            changes: dict[str, Any] = {"default_steps": None, "default_size": None, "default_negative_prompt": None}
+        else:
+            changes = {k: v for k, v in (("default_steps", steps), ("default_size", size),
+                                         ("default_negative_prompt", negative_prompt)) if v is not None}
+        if not changes:
+            raise UserError("Nothing to change: pick an option (or clear).")
+        await self._apply(interaction, changes, "defaults " + ", ".join(f"{k} = {v}" for k, v in changes.items()))
+
+
+class Settings(commands.Cog):
+    def __init__(self, bot: InpaintBot) -> None:
+        self.bot = bot
+        self.group = SettingsGroup(bot)
+
+    async def cog_load(self) -> None:
+        self.bot.tree.add_command(self.group)
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.group.name)
+
+    @app_commands.command(name="quota", description="What you can still run here today")
+    @app_commands.guild_only()
+    async def quota(self, interaction: discord.Interaction) -> None:
+        assert interaction.guild_id is not None
+        policy = await load_policy(self.bot.store, interaction.guild_id)
+        q = await self.bot.limits.quota(policy, interaction.guild_id, interaction.user.id)
+
+        def left(used: int, limit: int | None) -> str:
+            return "unlimited" if limit is None else f"{max(0, limit - used)} of {limit} left"
+
+        embed = discord.Embed(title="Your quota today", colour=render.COLOUR_RUNNING)
+        embed.add_field(name="Your jobs", value=left(q.user_jobs, q.user_limit))
+        embed.add_field(name="Server jobs", value=left(q.server_jobs, q.server_limit))
+        embed.add_field(name="Server steps × images", value=left(q.server_steps, q.steps_limit))
+        embed.add_field(name="Cooldown", value=f"{q.cooldown_left_s:.0f} s" if q.cooldown_left_s else "ready")
+        embed.add_field(name="Resets", value=f"<t:{int(q.resets_at)}:R>")
+        if await self.bot.moderation.is_banned(interaction.guild_id, interaction.user.id):
+            embed.description = "You are banned from using the bot in this server."
+        await interaction.response.send_message(embed=embed, ephemeral=True)
+
+
+async def setup(bot: InpaintBot) -> None:
+    await bot.add_cog(Settings(bot))

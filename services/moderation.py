@@ -1,0 +1,166 @@
+"""Per-server moderation policy, prompt filters and the NSFW decision — no Discord here.
+
+Prompt filters: a built-in list plus each server's words and regular expressions, applied to the prompt and the
+negative prompt after normalisation (case, accents, look-alike letters, leetspeak, invisible characters, letters
+spaced or dotted apart). Server regexes run with a timeout (the `regex` package), and a pattern that can blow up
+(catastrophic backtracking) is refused when it is set.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import regex
+from pydantic import BaseModel, Field, ValidationError
+
+from services.errors import UserError
+from services.store import JobStore
+
+NsfwPolicy = Literal["block", "spoiler", "allow"]
+
+#: The built-in list for every server (a server may turn it off with `use_default_filters`).
+DEFAULT_WORDS: tuple[str, ...] = (
+    "nude", "nudes", "naked", "nsfw", "porn", "porno", "pornographic", "sex", "sexy", "hentai", "loli", "lolicon",
+    "shota", "shotacon", "nipple", "nipples", "genitals", "genitalia", "penis", "vagina", "boobs", "topless",
+    "undressed", "explicit", "xxx", "gore", "gory", "dismembered", "decapitated", "beheading", "rape",
+)
+MAX_RULES = 200
+MAX_REGEX_LENGTH = 200
+REGEX_TIMEOUT_S = 0.05
+
+
+class GuildPolicy(BaseModel):
+    """Everything a server's moderators can set. Stored key by key in `guild_settings`; defaults are safe."""
+
+    nsfw_policy: NsfwPolicy = "block"  # flagged images in age-restricted channels (ordinary channels: block)
+    checker_off_in_age_restricted: bool = False
+    use_default_filters: bool = True
+    filter_words: list[str] = Field(default_factory=list)
+    filter_regexes: list[str] = Field(default_factory=list)
+    modlog_channel_id: int | None = None
+    allowed_channel_ids: list[int] = Field(default_factory=list)
+    allowed_role_ids: list[int] = Field(default_factory=list)
+    user_concurrent: int = Field(default=2, ge=1, le=20)
+    server_concurrent: int = Field(default=4, ge=1, le=100)
+    user_cooldown_s: int = Field(default=0, ge=0, le=86400)
+    user_daily_jobs: int | None = Field(default=None, ge=1)
+    server_daily_jobs: int | None = Field(default=None, ge=1)
+    server_daily_steps: int | None = Field(default=None, ge=1, description="steps × images per day (API spend)")
+    default_steps: int | None = Field(default=None, ge=1, le=65)
+    default_size: str | None = None
+    default_negative_prompt: str | None = None
+
+    def safety_checker_required(self, age_restricted: bool) -> bool:
+        return not (age_restricted and self.checker_off_in_age_restricted)
+
+    def flagged_action(self, age_restricted: bool) -> NsfwPolicy:
+        """What happens to an image the safety checker flagged: ordinary channels always block."""
+        return self.nsfw_policy if age_restricted else "block"
+
+
+async def load_policy(store: JobStore, guild_id: int | None) -> GuildPolicy:
+    if guild_id is None:
+        return GuildPolicy()
+    stored = await store.get_guild_settings(guild_id)
+    known = {k: v for k, v in stored.items() if k in GuildPolicy.model_fields}
+    try:
+        return GuildPolicy.model_validate(known)
+    except ValidationError:
+        return GuildPolicy()  # a setting from an older version no longer fits: fall back to safe defaults
+
+
+async def save_policy(store: JobStore, guild_id: int, changes: dict[str, Any]) -> GuildPolicy:
+    """Validate and store changed settings; returns the policy now in force."""
+    current = await load_policy(store, guild_id)
+    try:
+        updated = GuildPolicy.model_validate({**current.model_dump(), **changes})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"That setting isn't valid: {problems}") from exc
+    await store.set_guild_settings(guild_id, {k: getattr(updated, k) for k in changes})
+    return updated
+
+
+# --- normalisation ------------------------------------------------------------------------------------
+
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s",
+                       "!": "i", "|": "i", "€": "e"})
+_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
+# letters split apart by spaces or punctuation: "n u d e", "n.u.d.e", "n-u-d-e", "n_u_d_e"
+_SPACED = re.compile(r"\b(?:[a-z][\s._\-*+~'`,]+){2,}[a-z]\b")
+_SEPARATORS = re.compile(r"[\s._\-*+~'`,]+")
+
+
+def normalize(text: str) -> str:
+    """Lower-case ASCII-ish words with accents, look-alikes, leetspeak and spacing tricks undone."""
+    text = unicodedata.normalize("NFKD", text.translate(_INVISIBLE))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+    text = " ".join(_leet(word) for word in text.split())
+    return _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group(0)), text)
+
+
+def _leet(word: str) -> str:
+    """Undo leetspeak inside words that have letters (so "1024" stays a number)."""
+    return word.translate(_LEET) if any(c.isalpha() for c in word) else word
+
+
+# --- the filter ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FilterHit:
+    rule: str  # e.g. "default word 'nude'", "server regex 'foo.*bar'"
+    field: str  # "prompt" or "negative_prompt"
+
+
+class PromptFilter:
+    def __init__(self, policy: GuildPolicy) -> None:
+        words: list[tuple[str, str]] = []
+        if policy.use_default_filters:
+            words += [(w, f"default word '{w}'") for w in DEFAULT_WORDS]
+        words += [(normalize(w), f"server word '{w}'") for w in policy.filter_words if w.strip()]
+        self._words = [(re.compile(rf"\b{re.escape(w)}(?:s|es)?\b"), label) for w, label in words if w]
+        self._regexes = [(regex.compile(p, regex.IGNORECASE), f"server regex '{p}'") for p in policy.filter_regexes]
+
+    def check(self, fields: dict[str, str]) -> FilterHit | None:
+        """The first rule any field breaks, or None."""
+        for name, text in fields.items():
+            if not text:
+                continue
+            normal = normalize(text)
+            for pattern, label in self._words:
+                if pattern.search(normal):
+                    return FilterHit(label, name)
+            for compiled, label in self._regexes:
+                try:
+                    if compiled.search(normal, timeout=REGEX_TIMEOUT_S) or compiled.search(
+                            text, timeout=REGEX_TIMEOUT_S):
+                        return FilterHit(label, name)
+                except TimeoutError:
+                    return FilterHit(f"{label} (took too long: treated as a match)", name)
+        return None
+
+
+_PROBES = ("a" * 3000 + "!", "x" * 3000 + "y", " " * 3000 + "!", "ab" * 1500 + "!", "a a " * 800 + "!",
+           "0" * 3000 + "!", "aaa.bbb." * 400 + "!")
+
+
+def validate_regex(pattern: str) -> str:
+    """Refuse a pattern that doesn't compile, is too long, or backtracks catastrophically on hostile input."""
+    if not pattern.strip():
+        raise UserError("The pattern is empty.")
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise UserError(f"Patterns can be at most {MAX_REGEX_LENGTH} characters long.")
+    try:
+        compiled = regex.compile(pattern, regex.IGNORECASE)
+    except regex.error as exc:
+        raise UserError(f"That isn't a valid regular expression: {exc}.") from exc
+    for probe in _PROBES:
+        try:
+            compiled.search(probe, timeout=REGEX_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise UserError("That pattern can take exponential time on some prompts (catastrophic "
+                            "backtracking, e.g. nested repeats like `(a+)+`). Please simplify it.") from exc
+    return pattern
