@@ -89,17 +89,39 @@ async def save_policy(store: JobStore, guild_id: int, changes: dict[str, Any]) -
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "8": "b", "@": "a", "$": "s",
                        "!": "i", "|": "i", "€": "e"})
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
-# letters split apart by spaces or punctuation: "n u d e", "n.u.d.e", "n-u-d-e", "n_u_d_e"
-_SPACED = re.compile(r"\b(?:[a-z][\s._\-*+~'`,]+){2,}[a-z]\b")
-_SEPARATORS = re.compile(r"[\s._\-*+~'`,]+")
+# letters split apart by punctuation: "n.u.d.e", "n-u-d-e", "n_u_d_e", "n*u*d*e"
+_DOTTED = re.compile(r"\b[a-z](?:[._\-*+~'`,]+[a-z]){2,}\b")
+_DOT_SEPARATORS = re.compile(r"[._\-*+~'`,]+")
+# letters split apart by spaces: "n u d e" (a run of three or more single letters)
+_SPACED = re.compile(r"\b[a-z](?: +[a-z]){2,}\b")
+
+
+def _canonical(text: str) -> str:
+    """Lower case, accents and invisible characters gone, look-alikes folded, leetspeak undone."""
+    text = unicodedata.normalize("NFKD", text.translate(_INVISIBLE))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
+    return " ".join(_leet(word) for word in text.split())
+
+
+def variants(text: str) -> list[str]:
+    """The ways a prompt may be read: as written, with split-apart letters joined, and with a leading one-letter
+    word ("a", "i") kept apart from a spaced-out word that follows it ("a n u d e")."""
+    base = _DOTTED.sub(lambda m: _DOT_SEPARATORS.sub("", m.group(0)), _canonical(text))
+    joined = _SPACED.sub(lambda m: m.group(0).replace(" ", ""), base)
+    apart = _SPACED.sub(lambda m: _keep_article(m.group(0)), base)
+    return list(dict.fromkeys((base, joined, apart)))
+
+
+def _keep_article(run: str) -> str:
+    letters = run.split()
+    if letters[0] in ("a", "i") and len(letters) > 3:
+        return letters[0] + " " + "".join(letters[1:])
+    return "".join(letters)
 
 
 def normalize(text: str) -> str:
-    """Lower-case ASCII-ish words with accents, look-alikes, leetspeak and spacing tricks undone."""
-    text = unicodedata.normalize("NFKD", text.translate(_INVISIBLE))
-    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
-    text = " ".join(_leet(word) for word in text.split())
-    return _SPACED.sub(lambda m: _SEPARATORS.sub("", m.group(0)), text)
+    """The prompt with every trick undone (its last reading: split-apart letters joined)."""
+    return variants(text)[-1]
 
 
 def _leet(word: str) -> str:
@@ -129,14 +151,13 @@ class PromptFilter:
         for name, text in fields.items():
             if not text:
                 continue
-            normal = normalize(text)
+            readings = variants(text)
             for pattern, label in self._words:
-                if pattern.search(normal):
+                if any(pattern.search(reading) for reading in readings):
                     return FilterHit(label, name)
             for compiled, label in self._regexes:
                 try:
-                    if compiled.search(normal, timeout=REGEX_TIMEOUT_S) or compiled.search(
-                            text, timeout=REGEX_TIMEOUT_S):
+                    if any(compiled.search(reading, timeout=REGEX_TIMEOUT_S) for reading in (*readings, text)):
                         return FilterHit(label, name)
                 except TimeoutError:
                     return FilterHit(f"{label} (took too long: treated as a match)", name)
@@ -157,7 +178,9 @@ def validate_regex(pattern: str) -> str:
         compiled = regex.compile(pattern, regex.IGNORECASE)
     except regex.error as exc:
         raise UserError(f"That isn't a valid regular expression: {exc}.") from exc
-    for probe in _PROBES:
+    literals = sorted({ch for ch in pattern if ch.isalnum()})[:12]
+    probes = [*_PROBES, *(ch * 3000 + "!" for ch in literals), *(ch * 3000 + "\n" for ch in literals)]
+    for probe in probes:
         try:
             compiled.search(probe, timeout=REGEX_TIMEOUT_S)
         except TimeoutError as exc:

@@ -75,7 +75,9 @@ class FalTestServer:
         self.requests: dict[str, FakeRequest] = {}
         self.files: dict[str, tuple[bytes, str]] = {}
         self.fail_next: tuple[str, str] | None = None
-        self._outputs: dict[tuple[int, int], str] = {}  # encoded result image per size: the server is "instant"
+        self.flag_outputs = False  # the safety checker flags every output (images come back black, as on fal)
+        self.flag_inputs = False  # the safety checker flags every uploaded image (a 422 content_policy_violation)
+        self._outputs: dict[tuple[int, int, bool], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -199,6 +201,8 @@ class FalTestServer:
         if self.fail_next is not None:
             job.error, job.error_type = self.fail_next
             self.fail_next = None
+        elif self.flag_inputs and inp.enable_safety_checker:
+            job.error, job.error_type = "the safety checker flagged the uploaded image", "content_policy_violation"
         self.requests[rid] = job
         ahead = sum(1 for j in self.requests.values() if j.state == "IN_QUEUE") - 1
         return self._json({**self._urls(rid, foreign=foreign), "status": "IN_QUEUE", "queue_position": ahead},
@@ -230,18 +234,23 @@ class FalTestServer:
     def _result(self, job: FakeRequest) -> web.Response:
         if job.state != "COMPLETED":
             return self._json({**self._urls(job.id), "status": job.state}, 202, job.id)
+        if job.error_type == "content_policy_violation":
+            return self._json({"detail": [{"loc": ["body", "image_url"], "msg": job.error,
+                                           "type": "content_policy_violation"}]}, 422, job.id)
         if job.error:
             return self._json({"detail": job.error, "error_type": job.error_type}, 500, job.id)
         width, height = job.input.size_pixels()
-        if (width, height) not in self._outputs:
+        flagged = self.flag_outputs and job.input.enable_safety_checker
+        key = (width, height, flagged)
+        if key not in self._outputs:
             buf = io.BytesIO()
-            Image.new("RGB", (width, height), (40, 120, 200)).save(buf, format="PNG")
-            self._outputs[(width, height)] = to_data_uri(buf.getvalue(), "image/png")
-        images = [{"url": self._outputs[(width, height)], "width": width, "height": height,
+            Image.new("RGB", (width, height), (0, 0, 0) if flagged else (40, 120, 200)).save(buf, format="PNG")
+            self._outputs[key] = to_data_uri(buf.getvalue(), "image/png")
+        images = [{"url": self._outputs[key], "width": width, "height": height,
                    "content_type": "image/png"} for _ in range(job.input.num_images)]
         seed = job.input.seed if job.input.seed is not None else 17454220438242315174
         return self._json({"images": images, "timings": {"inference": 0.01}, "seed": seed,
-                           "has_nsfw_concepts": [False] * job.input.num_images, "prompt": job.input.prompt},
+                           "has_nsfw_concepts": [flagged] * job.input.num_images, "prompt": job.input.prompt},
                           200, job.id)
 
     def _cancel(self, job: FakeRequest) -> web.Response:

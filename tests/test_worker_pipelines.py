@@ -147,8 +147,8 @@ def test_sizes_round_to_a_multiple_of_8_and_fields_are_honoured(sdxl9: str) -> N
 
 
 def test_safety_checker_flags_and_blacks_out(tiny_inpaint_model: Path, checker_flags_all: Path) -> None:
-    with serve_sync(create_app(_settings(model_path=tiny_inpaint_model,
-                                         safety_checker_path=checker_flags_all))) as base:
+    with serve_sync(create_app(_settings(model_path=tiny_inpaint_model, safety_checker_path=checker_flags_all,
+                                         check_inputs=False))) as base:
         assert httpx.get(f"{base}/health").json()["safety_checker"] is True
         resp = httpx.post(f"{base}/{APP}", json=_body(enable_safety_checker=True, num_images=2,
                                                       safety_checker_version="v2", sync_mode=False), timeout=60)
@@ -166,6 +166,18 @@ def test_safety_checker_flags_and_blacks_out(tiny_inpaint_model: Path, checker_f
         for image in out.images:
             pixels = Image.open(io.BytesIO(httpx.get(image.url).content)).convert("L")
             assert pixels.getextrema() == (0, 0)
+
+
+def test_flagged_upload_is_refused_before_inference(tiny_inpaint_model: Path, checker_flags_all: Path) -> None:
+    with serve_sync(create_app(_settings(model_path=tiny_inpaint_model, safety_checker_path=checker_flags_all,
+                                         warmup=False))) as base:
+        resp = _post(base, _body(enable_safety_checker=True))
+        unchecked = _post(base, _body(enable_safety_checker=False))  # the checker was switched off: no check
+    assert resp.status_code == 422
+    assert resp.json()["detail"] == [{"loc": ["body", "image_url"], "msg": "the safety checker flagged the "
+                                      "uploaded image", "type": "content_policy_violation"}]
+    assert resp.headers["x-fal-error-type"] == "content_policy_violation"
+    assert unchecked.status_code == 200
 
 
 def test_safety_checker_passes_clean_images(sdxl9: str) -> None:

@@ -194,6 +194,11 @@ class RequestQueue:
                 field = "mask_url" if exc.role == "mask" else "image_url"
                 raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
             job = await asyncio.to_thread(build_job, inp, prepared, record.seed, self.settings)
+            if inp.enable_safety_checker and self.safety is not None and self.settings.check_inputs:
+                # the uploaded image too: nobody gets to launder an image through the bot
+                if (await asyncio.to_thread(self.safety, [prepared.image]))[0]:
+                    raise RequestError("image_url", "the safety checker flagged the uploaded image",
+                                       "content_policy_violation")
             ctx.check()
             record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
                            f"{inp.num_images} image(s), seed {record.seed}")
@@ -211,7 +216,9 @@ class RequestQueue:
             record.fail("Request was cancelled", "cancelled", 400)
         except RequestError as exc:
             record.add_log(f"request error: {exc}", "ERROR")
-            record.fail(str(exc), "validation_error", 422, {"detail": exc.detail})
+            error_type = exc.detail[0]["type"] if exc.detail[0]["type"] == "content_policy_violation" \
+                else "validation_error"
+            record.fail(str(exc), error_type, 422, {"detail": exc.detail})
         except Exception as exc:
             log.exception("request %s failed", record.id)
             record.add_log(f"internal error: {type(exc).__name__}: {exc}", "ERROR")

@@ -17,6 +17,7 @@ class WorkerSettings(BaseSettings):
     model_config_path: Path | None = Field(
         default=None, description="For a single-file checkpoint: a diffusers folder holding the component configs")
     safety_checker_path: Path | None = Field(default=None, description="Folder of a StableDiffusionSafetyChecker")
+    check_inputs: bool = Field(default=True, description="Run the safety checker on uploaded images too")
     lora_dir: Path | None = Field(default=None, description="LoRA paths in requests resolve inside this folder")
     embedding_dir: Path | None = Field(default=None, description="Embedding paths resolve inside this folder")
     device: str | None = Field(default=None, description="torch device; default cuda when available, else cpu")
