@@ -33,6 +33,7 @@ PRIVATE_NAMES: tuple[tuple[object, str], ...] = (
     (AsyncWebhookAdapter, "request"),
     (discord.state.ConnectionState, "parse_interaction_create"),
     (discord.Client, "_connection"),
+    (discord.state.ConnectionState, "_add_guild_from_data"),
 )
 
 CDN = "https://cdn.discordapp.com"
@@ -351,8 +352,37 @@ class Place:
     nsfw: bool = False
 
 
+@dataclass(frozen=True)
+class Channel:
+    """A channel option's value (it resolves to a text channel in the bot's cache)."""
+
+    id: int
+    nsfw: bool = False
+
+
 def user(user_id: int, name: str) -> dict[str, Any]:
     return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name, "avatar": None}
+
+
+def add_guild(bot: discord.Client, guild_id: int, channels: dict[int, bool]) -> discord.Guild:
+    """Put a guild with text channels (id → age-restricted) in the bot's cache, as the gateway's GUILD_CREATE
+    would, so channel options resolve to real channels."""
+    state = bot._connection
+    existing = state._get_guild(guild_id)
+    known = {c.id for c in existing.channels} if existing else set()
+    if existing is not None and set(channels) <= known:
+        return existing
+    payload: dict[str, Any] = {
+        "id": str(guild_id), "name": "art server", "icon": None, "owner_id": "1", "features": [], "emojis": [],
+        "stickers": [], "member_count": 3, "premium_tier": 0, "verification_level": 0, "mfa_level": 0,
+        "roles": [{"id": str(guild_id), "name": "@everyone", "permissions": str(MEMBER_PERMISSIONS), "position": 0,
+                   "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
+        "channels": [{"id": str(cid), "type": 0, "name": f"channel-{cid}", "position": i, "nsfw": nsfw,
+                      "permission_overwrites": [], "parent_id": None}
+                     for i, (cid, nsfw) in enumerate(sorted({**{c: False for c in known}, **channels}.items()))],
+        "members": [], "threads": [], "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
+    }
+    return state._add_guild_from_data(payload)  # type: ignore[arg-type]
 
 
 class Driver:
@@ -362,6 +392,7 @@ class Driver:
         self.fake = fake
         self.bot = bot
         self.place = place
+        add_guild(bot, place.guild_id, {place.channel_id: place.nsfw})
 
     def _base(self, kind: int, member: dict[str, Any], permissions: int) -> tuple[dict[str, Any], InteractionRecord]:
         record = InteractionRecord(id=self.fake.snowflake(), token=f"tok{self.fake.snowflake()}")
@@ -382,12 +413,19 @@ class Driver:
 
     async def slash(self, member: dict[str, Any], name: str, *, permissions: int = MEMBER_PERMISSIONS,
                     **options: Any) -> InteractionRecord:
-        """Run `/name` with options; attachment options take payloads from `FakeDiscord.upload`."""
+        """Run `/name` (or `/group sub` with a space) with options: attachments are payloads from
+        `FakeDiscord.upload`, channels are `Channel`s."""
         payload, record = self._base(2, member, permissions)
         resolved: dict[str, Any] = {}
         wire = []
         for key, value in options.items():
-            if isinstance(value, dict) and "url" in value:
+            if isinstance(value, Channel):
+                add_guild(self.bot, self.place.guild_id, {value.id: value.nsfw})
+                resolved.setdefault("channels", {})[str(value.id)] = {
+                    "id": str(value.id), "type": 0, "name": f"channel-{value.id}", "nsfw": value.nsfw,
+                    "permissions": str(ALL_PERMISSIONS), "guild_id": str(self.place.guild_id)}
+                wire.append({"name": key, "type": 7, "value": str(value.id)})
+            elif isinstance(value, dict) and "url" in value:
                 resolved.setdefault("attachments", {})[value["id"]] = value
                 wire.append({"name": key, "type": 11, "value": value["id"]})
             elif isinstance(value, bool):
@@ -398,7 +436,9 @@ class Driver:
                 wire.append({"name": key, "type": 10, "value": value})
             else:
                 wire.append({"name": key, "type": 3, "value": value})
-        payload["data"] = {"id": str(self.fake.snowflake()), "name": name, "type": 1, "options": wire,
+        root, _, sub = name.partition(" ")
+        top = [{"name": sub, "type": 1, "options": wire}] if sub else wire
+        payload["data"] = {"id": str(self.fake.snowflake()), "name": root, "type": 1, "options": top,
                            "resolved": resolved, "guild_id": str(self.place.guild_id)}
         return await self._send(payload, record)
 

@@ -43,7 +43,8 @@ def test_server_words_regexes_and_the_negative_prompt() -> None:
     policy = GuildPolicy(filter_words=["Clown"], filter_regexes=[r"\bspider\s*man\b"], use_default_filters=False)
     check = PromptFilter(policy).check
     assert check({"prompt": "a c.l.o.w.n at a party"}) == check({"prompt": "CLOWNS"})
-    assert check({"prompt": "clown"}).rule == "server word 'Clown'"  # type: ignore[union-attr]
+    hit_word = check({"prompt": "clown"})
+    assert hit_word is not None and hit_word.rule == "server word 'Clown'"
     hit = check({"prompt": "a hero", "negative_prompt": "SpiderMan"})
     assert hit is not None and hit.field == "negative_prompt" and hit.rule.startswith("server regex")
     assert check({"prompt": "nude"}) is None  # the built-in list is off for this server
@@ -65,7 +66,7 @@ def test_regex_validation() -> None:
 
 def test_nsfw_policy_by_channel_type() -> None:
     for policy in ("block", "spoiler", "allow"):
-        p = GuildPolicy(nsfw_policy=policy)  # type: ignore[arg-type]
+        p = GuildPolicy(nsfw_policy=policy)
         assert p.flagged_action(age_restricted=False) == "block"  # ordinary channels: never anything else
         assert p.flagged_action(age_restricted=True) == policy
     assert GuildPolicy().safety_checker_required(age_restricted=True)
@@ -148,7 +149,8 @@ def test_fair_queue_round_robin() -> None:
     # a user at their cap is skipped, not waited for
     for job_id, user in ((1, 1), (2, 1), (3, 2)):
         queue.push(QueuedJob(job_id, user, 1))
-    assert queue.pop(lambda q: q.user_id != 1).job_id == 3  # type: ignore[union-attr]
+    skipped = queue.pop(lambda q: q.user_id != 1)
+    assert skipped is not None and skipped.job_id == 3
 
 
 class _Recorder:

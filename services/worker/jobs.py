@@ -194,10 +194,10 @@ class RequestQueue:
                 field = "mask_url" if exc.role == "mask" else "image_url"
                 raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
             job = await asyncio.to_thread(build_job, inp, prepared, record.seed, self.settings)
-            if inp.enable_safety_checker and self.safety is not None and self.settings.check_inputs:
-                # the uploaded image too: nobody gets to launder an image through the bot
-                if (await asyncio.to_thread(self.safety, [prepared.image]))[0]:
-                    raise RequestError("image_url", "the safety checker flagged the uploaded image",
+            # the uploaded image too: nobody gets to launder an image through the bot
+            if inp.enable_safety_checker and self.safety is not None and self.settings.check_inputs and (
+                    await asyncio.to_thread(self.safety, [prepared.image]))[0]:
+                raise RequestError("image_url", "the safety checker flagged the uploaded image",
                                        "content_policy_violation")
             ctx.check()
             record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
