@@ -9,6 +9,7 @@ was never posted are posted. Nothing is posted twice: a posted result records it
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -262,8 +263,10 @@ class Dispatcher:
             progress.queue_position = None
             job = await self.store.get_job(job_id)
             if job.status is JobStatus.SUBMITTED:
-                await self.store.transition(job_id, JobStatus.RUNNING)
+                job = await self.store.transition(job_id, JobStatus.RUNNING)
             progress.status = JobStatus.RUNNING
+            await self.listener.job_progress(job, progress)
+            return
         elif update.kind == "log" and update.log is not None:
             progress.add_log(update.log.message)
             await self.store.add_event(job_id, "log", update.log.message,
@@ -277,7 +280,6 @@ class Dispatcher:
         for i, image in enumerate(output.images):
             data = await fetch_source(image.url, http=self.http, limits=OUTPUT_LIMITS, role="result")
             blobs[f"output_{i}"] = (data, image.content_type)
-        await self.store.add_job_blobs(job_id, blobs)
         result = output.model_dump(mode="json")
         for stored_image in result["images"]:
             if stored_image["url"].startswith("data:"):
@@ -290,17 +292,20 @@ class Dispatcher:
         if flagged:
             policy = await self.policies(job.guild_id)
             action = policy.flagged_action(job.age_restricted)
-            images = [blobs[f"output_{i}"][0] for i in flagged if f"output_{i}" in blobs]
+            flagged_images = [blobs[f"output_{i}"][0] for i in flagged if f"output_{i}" in blobs]
             where = "an age-restricted" if job.age_restricted else "an ordinary"
             await self._log(job, f"image_flagged_{action}", f"{len(flagged)} of {len(output.images)} image(s) "
-                            f"flagged by the safety checker in {where} channel: {action}", images)
+                            f"flagged by the safety checker in {where} channel: {action}", flagged_images)
             if action == "block":
+                await self.store.add_job_blobs(job_id, blobs)  # kept for moderators, never posted
                 await self._end(job_id, JobStatus.BLOCKED, "The safety checker flagged the result, so it was not "
                                 "posted here.", data={"rule": "safety checker (output)"})
                 return
             spoiler = action == "spoiler"
-        await self.store.transition(job_id, JobStatus.SUCCEEDED, result=result)
-        await self._post_result(await self.store.get_job(job_id), output, spoiler=spoiler)
+        job = await self.store.transition(job_id, JobStatus.SUCCEEDED, result=result, blobs=blobs)
+        images = [StoredBlob(sha256=hashlib.sha256(data).hexdigest(), content_type=content_type, data=data)
+                  for data, content_type in blobs.values()]
+        await self.listener.job_succeeded(job, output, images, spoiler=spoiler)
 
     async def _block_flagged_input(self, job_id: int, detail: str) -> None:
         job = await self.store.get_job(job_id)

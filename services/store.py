@@ -355,11 +355,13 @@ class JobStore:
         return [_job_from_row(r) for r in rows]
 
     async def transition(self, job_id: int, new_status: JobStatus, *, message: str | None = None,
-                         data: dict[str, Any] | None = None, **fields: Any) -> Job:
+                         data: dict[str, Any] | None = None, blobs: dict[str, tuple[bytes, str]] | None = None,
+                         **fields: Any) -> Job:
         """Move a job to `new_status`, refusing illegal transitions, and record the change as an event.
 
         `fields` may set the backend request id and URLs, `result`, `error` or `status_message_id` in the
-        same transaction. Re-queueing (`→ queued`) counts an attempt and clears the backend request.
+        same transaction, and `blobs` attaches blobs (a result's images) in it too. Re-queueing (`→ queued`)
+        counts an attempt and clears the backend request.
         """
         unknown = set(fields) - _TRANSITION_FIELDS
         if unknown:
@@ -396,6 +398,10 @@ class JobStore:
             await db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*sets.values(), inc, job_id))
             await self._insert_event(db, job_id, "state", message or new_status.value,
                                      {"from": current.value, "to": new_status.value, **(data or {})}, now)
+            for role, (blob, content_type) in (blobs or {}).items():
+                sha = await self._put_blob(db, blob, content_type, now)
+                await db.execute("INSERT OR REPLACE INTO job_blobs (job_id, role, sha256) VALUES (?, ?, ?)",
+                                 (job_id, role, sha))
         return await self.get_job(job_id)
 
     async def add_job_blobs(self, job_id: int, blobs: dict[str, tuple[bytes, str]]) -> None:
