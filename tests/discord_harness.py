@@ -360,13 +360,21 @@ class Channel:
     nsfw: bool = False
 
 
-def user(user_id: int, name: str) -> dict[str, Any]:
-    return {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name, "avatar": None}
+def user(user_id: int, name: str, *, roles: tuple[int, ...] = ()) -> dict[str, Any]:
+    """A user; `roles` are the ids (from `GUILD_ROLES`) they have as a member of the test guild."""
+    data: dict[str, Any] = {"id": str(user_id), "username": name, "discriminator": "0", "global_name": name,
+                            "avatar": None}
+    if roles:
+        data["member_roles"] = [str(r) for r in roles]
+    return data
+
+
+GUILD_ROLES = (555, 556)  # roles every test guild has, besides @everyone
 
 
 def add_guild(bot: discord.Client, guild_id: int, channels: dict[int, bool]) -> discord.Guild:
-    """Put a guild with text channels (id → age-restricted) in the bot's cache, as the gateway's GUILD_CREATE
-    would, so channel options resolve to real channels."""
+    """Put a guild with text channels (id → age-restricted) and the `GUILD_ROLES` in the bot's cache, as the
+    gateway's GUILD_CREATE would, so channel options and member roles resolve."""
     state = bot._connection
     existing = state._get_guild(guild_id)
     known = {c.id for c in existing.channels} if existing else set()
@@ -375,8 +383,10 @@ def add_guild(bot: discord.Client, guild_id: int, channels: dict[int, bool]) -> 
     payload: dict[str, Any] = {
         "id": str(guild_id), "name": "art server", "icon": None, "owner_id": "1", "features": [], "emojis": [],
         "stickers": [], "member_count": 3, "premium_tier": 0, "verification_level": 0, "mfa_level": 0,
-        "roles": [{"id": str(guild_id), "name": "@everyone", "permissions": str(MEMBER_PERMISSIONS), "position": 0,
-                   "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}],
+        "roles": [{"id": str(role_id), "name": "@everyone" if role_id == guild_id else f"role-{role_id}",
+                   "permissions": str(MEMBER_PERMISSIONS if role_id == guild_id else 0), "position": i,
+                   "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}
+                  for i, role_id in enumerate((guild_id, *GUILD_ROLES))],
         "channels": [{"id": str(cid), "type": 0, "name": f"channel-{cid}", "position": i, "nsfw": nsfw,
                       "permission_overwrites": [], "parent_id": None}
                      for i, (cid, nsfw) in enumerate(sorted({**{c: False for c in known}, **channels}.items()))],
@@ -403,7 +413,8 @@ class Driver:
             "channel": {"id": str(self.place.channel_id), "type": 0, "guild_id": str(self.place.guild_id),
                         "name": "art", "position": 0, "nsfw": self.place.nsfw, "permission_overwrites": [],
                         "parent_id": None},
-            "member": {"user": member, "roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False,
+            "member": {"user": {k: v for k, v in member.items() if k != "member_roles"},
+                       "roles": member.get("member_roles", []), "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False,
                        "mute": False, "flags": 0, "permissions": str(permissions)},
             "app_permissions": str(ALL_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
             "entitlements": [], "authorizing_integration_owners": {"0": str(self.place.guild_id)}, "context": 0,

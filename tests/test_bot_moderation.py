@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bot import InpaintBot
+from services.moderation import save_policy
 from services.store import JobStatus
 from tests.discord_harness import (
     ALL_PERMISSIONS,
@@ -242,3 +243,24 @@ async def test_moderator_deleting_a_result_is_logged(env: tuple[InpaintBot, Fake
     await wait_until(lambda: any("Result deleted" in (m.embeds[0].get("title") or "") for m in _modlog_posts(fake)
                                  if m.embeds), what="the moderator action in the mod log")
     assert "result_deleted" in [e.action for e in await bot.moderation.entries(PLACE.guild_id)]
+
+
+async def test_server_defaults_and_allowed_roles(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+    bot, fake, driver = env
+    await _settings_cmd(driver, "defaults", steps=12, size="square", negative_prompt="watermark")
+    await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a harbour")
+    await _result(fake, 1, bot)
+    job = await bot.store.get_job(1)
+    assert (job.input["num_inference_steps"], job.input["image_size"], job.input["negative_prompt"]) == \
+        (12, "square", "watermark")
+    await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a harbour", steps=30)  # the user's choice wins
+    await _result(fake, 2, bot)
+    assert (await bot.store.get_job(2)).input["num_inference_steps"] == 30
+
+    # allowed roles (set directly: a role option is just its id)
+    await save_policy(bot.store, PLACE.guild_id, {"allowed_role_ids": [555]})
+    refused = await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a harbour")
+    assert "Only members with <@&555> can use the bot in this server." in _ephemeral_text(refused)
+    artist = user(50, "artist", roles=(555,))
+    allowed = await driver.slash(artist, "inpaint", **_uploads(fake), prompt="a harbour")
+    assert "Queued as job #3" in _ephemeral_text(allowed)
