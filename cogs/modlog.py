@@ -112,11 +112,13 @@ class _ModButton:
 _Dynamic = discord.ui.DynamicItem[discord.ui.Button[Any]]
 
 
-class BanButton(_ModButton, _Dynamic, template=r"modlog:ban:(?P<guild>\d+):(?P<user>\d+)"):
-    label, emoji, style = "Ban from bot", "🔨", discord.ButtonStyle.danger
+class _UserButton(_ModButton):
+    """A moderator button about one user of one server: `modlog:<verb>:<guild id>:<user id>`."""
+
+    verb = ""
 
     def __init__(self, guild_id: int, user_id: int) -> None:
-        super().__init__(self._button(f"modlog:ban:{guild_id}:{user_id}"))
+        super().__init__(self._button(f"modlog:{self.verb}:{guild_id}:{user_id}"))  # type: ignore[call-arg]
         self.guild_id, self.user_id = guild_id, user_id
 
     @classmethod
@@ -124,38 +126,30 @@ class BanButton(_ModButton, _Dynamic, template=r"modlog:ban:(?P<guild>\d+):(?P<u
                              match: re.Match[str], /) -> Self:
         return cls(int(match["guild"]), int(match["user"]))
 
-    async def run(self, interaction: discord.Interaction) -> None:
+    async def _done(self, interaction: discord.Interaction, text: str, action: str) -> None:
+        """Tell the moderator, then record the action in the moderation log (and its channel)."""
+        await interaction.response.send_message(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
         bot = _bot(interaction)
-        if not await bot.moderation.ban(self.guild_id, self.user_id, by=interaction.user.id):
+        entry = await bot.moderation.log(self.guild_id, action, user_id=self.user_id, actor_id=interaction.user.id)
+        await bot.modlog.record(entry)
+
+
+class BanButton(_UserButton, _Dynamic, template=r"modlog:ban:(?P<guild>\d+):(?P<user>\d+)"):
+    verb, label, emoji, style = "ban", "Ban from bot", "🔨", discord.ButtonStyle.danger
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        if not await _bot(interaction).moderation.ban(self.guild_id, self.user_id, by=interaction.user.id):
             raise UserError(f"<@{self.user_id}> is already banned from the bot.")
-        await interaction.response.send_message(f"Banned <@{self.user_id}> from the bot.", ephemeral=True,
-                                                allowed_mentions=discord.AllowedMentions.none())
-        entry = await bot.moderation.log(self.guild_id, "user_banned", user_id=self.user_id,
-                                         actor_id=interaction.user.id)
-        await bot.modlog.record(entry)
+        await self._done(interaction, f"Banned <@{self.user_id}> from the bot.", "user_banned")
 
 
-class UnbanButton(_ModButton, _Dynamic, template=r"modlog:unban:(?P<guild>\d+):(?P<user>\d+)"):
-    label, emoji = "Unban", "♻️"
-
-    def __init__(self, guild_id: int, user_id: int) -> None:
-        super().__init__(self._button(f"modlog:unban:{guild_id}:{user_id}"))
-        self.guild_id, self.user_id = guild_id, user_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
-        return cls(int(match["guild"]), int(match["user"]))
+class UnbanButton(_UserButton, _Dynamic, template=r"modlog:unban:(?P<guild>\d+):(?P<user>\d+)"):
+    verb, label, emoji = "unban", "Unban", "♻️"
 
     async def run(self, interaction: discord.Interaction) -> None:
-        bot = _bot(interaction)
-        if not await bot.moderation.unban(self.guild_id, self.user_id):
+        if not await _bot(interaction).moderation.unban(self.guild_id, self.user_id):
             raise UserError(f"<@{self.user_id}> isn't banned from the bot.")
-        await interaction.response.send_message(f"Unbanned <@{self.user_id}>.", ephemeral=True,
-                                                allowed_mentions=discord.AllowedMentions.none())
-        entry = await bot.moderation.log(self.guild_id, "user_unbanned", user_id=self.user_id,
-                                         actor_id=interaction.user.id)
-        await bot.modlog.record(entry)
+        await self._done(interaction, f"Unbanned <@{self.user_id}>.", "user_unbanned")
 
 
 class DeleteResultButton(_ModButton, _Dynamic, template=r"modlog:delete:(?P<job_id>\d+)"):
