@@ -69,6 +69,7 @@ class InpaintBot(commands.Bot):
         self._limits: Limits | None = None
         self._admissions: Admissions | None = None
         self._modlog: object | None = None
+        self.painter: Painter | None = None
         self.embedded_worker: EmbeddedWorker | None = None
         self.backend_choice: BackendChoice | None = None
 
@@ -150,6 +151,9 @@ class InpaintBot(commands.Bot):
 
         self._dispatcher = Dispatcher(store, self._jobs, self._backend, self._http_client, self._presenter,
                                       concurrency=settings.dispatch_concurrency, policies=policy_of, sink=modlog)
+        if settings.painter_enabled:
+            self.painter = Painter(self)
+            await self.painter.start()
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         self.add_dynamic_items(*BUTTONS, *MODLOG_BUTTONS)
@@ -172,6 +176,8 @@ class InpaintBot(commands.Bot):
             await self._dispatcher.close()
         if isinstance(self._presenter, DiscordPresenter):
             await self._presenter.close()
+        if self.painter is not None:
+            await self.painter.stop()
         await super().close()
         if self._backend is not None:
             await self._backend.aclose()
@@ -185,6 +191,7 @@ class InpaintBot(commands.Bot):
 
 from cogs.buttons import BUTTONS  # noqa: E402  (cogs import the bot type only for typing)
 from cogs.modlog import MODLOG_BUTTONS, ModLog  # noqa: E402
+from cogs.painter import Painter  # noqa: E402
 from cogs.presenter import DiscordPresenter  # noqa: E402
 
 

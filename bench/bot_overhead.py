@@ -43,7 +43,8 @@ async def run(jobs: int, side: int, output: str) -> list[float]:
     async with FalTestServer(key=KEY, queue_polls=0, progress_logs=0) as server:
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(_env_file=None, discord_token="bench", fal_key=KEY, fal_queue_base=server.base_url,
-                                database_path=Path(tmp) / "bench.sqlite3", backend_poll_interval_s=0.01)
+                                database_path=Path(tmp) / "bench.sqlite3", backend_poll_interval_s=0.01,
+                                painter_port=0)
             fake = FakeDiscord()
             place = Place(guild_id=1, channel_id=2)
             image = encode(photo(side, side), "PNG")

@@ -13,7 +13,7 @@ from discord.ext import commands
 from cogs.errors import report_error
 from cogs.flow import launch_job, requester
 from services.errors import UserError
-from services.images import IntakeLimits, MaskOptions, prepare_inputs_async
+from services.images import ImageInputError, IntakeLimits, MaskOptions, prepare_inputs_async
 
 if TYPE_CHECKING:
     from bot import InpaintBot
@@ -123,8 +123,14 @@ class Inpaint(commands.Cog):
         await interaction.response.defer(ephemeral=True, thinking=True)
         image_bytes, mask_bytes = await asyncio.gather(image.read(), mask.read() if mask else _none())
         limits = IntakeLimits(max_bytes=limit, max_pixels=self.bot.settings.max_image_pixels)
-        prepared = await prepare_inputs_async(image_bytes, mask_bytes, http=self.bot.http_client, limits=limits,
-                                              options=options)
+        try:
+            prepared = await prepare_inputs_async(image_bytes, mask_bytes, http=self.bot.http_client,
+                                                  limits=limits, options=options)
+        except ImageInputError as exc:
+            if exc.code == "no_mask" and self.bot.painter is not None:
+                await self.bot.painter.offer(interaction, image_bytes, params, who)
+                return
+            raise
         job = await self.bot.jobs.create(prepared, params, user_id=interaction.user.id,
                                          guild_id=interaction.guild_id, channel_id=interaction.channel_id,
                                          age_restricted=who.age_restricted)

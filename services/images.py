@@ -387,6 +387,13 @@ def _image_blob(decoded: DecodedImage, rgb: Image.Image, raw: bytes) -> Blob:
     return Blob(encode_image(rgb, "png"), "image/png")
 
 
+def normalized_image(data: bytes, limits: IntakeLimits) -> tuple[Image.Image, Blob]:
+    """A decoded RGB image and the bytes to keep for it (the user's own file when it is a plain RGB PNG/JPEG)."""
+    decoded = decode_image(data, limits, role="image")
+    rgb = to_rgb(decoded.image)
+    return rgb, _image_blob(decoded, rgb, data)
+
+
 # --- the whole intake ---------------------------------------------------------------------------------
 
 def decode_mask(data: bytes, limits: IntakeLimits) -> Image.Image:

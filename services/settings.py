@@ -36,6 +36,15 @@ class Settings(BaseSettings):
 
     backend_total_timeout_s: float = Field(default=600.0, gt=0)
     backend_poll_interval_s: float = Field(default=0.5, gt=0)
+    painter_enabled: bool = Field(default=True, description="Offer the web mask painter when no mask is given")
+    painter_host: str = Field(default="127.0.0.1", description="Where the painter's web server listens")
+    painter_port: int = Field(default=8765, ge=0, le=65535)
+    painter_public_url: str | None = Field(
+        default=None, description="The painter's address as users reach it (e.g. https://bot.example.com); "
+                                  "default http://PAINTER_HOST:PAINTER_PORT")
+    painter_secret: SecretStr | None = Field(
+        default=None, description="Key that signs painter links; default a new random one each start")
+    painter_link_ttl_s: int = Field(default=1800, ge=60, description="How long a painter link works")
     progress_edit_interval_s: float = Field(default=2.0, ge=0, description="Least time between progress edits")
     dispatch_concurrency: int = Field(default=4, ge=1, description="Jobs the bot has at the backend at once")
 

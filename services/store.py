@@ -203,6 +203,23 @@ _MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX moderation_log_guild ON moderation_log(guild_id, id);
     """,
+    # 4: web mask painter sessions (one per link; single use)
+    """
+    CREATE TABLE painter_sessions (
+        id              TEXT PRIMARY KEY,
+        user_id         INTEGER NOT NULL,
+        guild_id        INTEGER,
+        channel_id      INTEGER,
+        image_sha256    TEXT NOT NULL REFERENCES blobs(sha256),
+        requester_json  TEXT NOT NULL,
+        params_json     TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        expires_at      REAL NOT NULL,
+        browser_key     TEXT,
+        used_at         REAL,
+        job_id          INTEGER REFERENCES jobs(id)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -611,6 +628,84 @@ class ModerationStore:
             rows = await cur.fetchall()
         return [ModerationEntry(id=r[0], guild_id=r[1], job_id=r[2], user_id=r[3], actor_id=r[4], action=r[5],
                                 detail=r[6], created_at=r[7]) for r in reversed(list(rows))]
+
+
+class PainterSession(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    user_id: int
+    guild_id: int | None
+    channel_id: int | None
+    image_sha256: str
+    requester: dict[str, Any]
+    params: dict[str, Any]
+    created_at: float
+    expires_at: float
+    browser_key: str | None
+    used_at: float | None
+    job_id: int | None
+
+
+_PAINTER_COLUMNS = ("id, user_id, guild_id, channel_id, image_sha256, requester_json, params_json, created_at, "
+                    "expires_at, browser_key, used_at, job_id")
+
+
+class PainterSessions:
+    """Mask-painter links: who may paint which image for which channel, until when, and whether it was used."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    async def create(self, session_id: str, *, user_id: int, guild_id: int | None, channel_id: int | None,
+                     image: tuple[bytes, str], requester: dict[str, Any], params: dict[str, Any],
+                     expires_at: float) -> PainterSession:
+        now = time.time()
+        async with self.store._transaction() as db:
+            sha = await JobStore._put_blob(db, image[0], image[1], now)
+            await db.execute(
+                f"INSERT INTO painter_sessions ({_PAINTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, "
+                "NULL)", (session_id, user_id, guild_id, channel_id, sha, json.dumps(requester), json.dumps(params),
+                          now, expires_at))
+        found = await self.get(session_id)
+        assert found is not None
+        return found
+
+    async def get(self, session_id: str) -> PainterSession | None:
+        async with self.store._db.execute(f"SELECT {_PAINTER_COLUMNS} FROM painter_sessions WHERE id = ?",
+                                          (session_id,)) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        return PainterSession(id=r[0], user_id=r[1], guild_id=r[2], channel_id=r[3], image_sha256=r[4],
+                              requester=json.loads(r[5]), params=json.loads(r[6]), created_at=r[7], expires_at=r[8],
+                              browser_key=r[9], used_at=r[10], job_id=r[11])
+
+    async def claim_browser(self, session_id: str, browser_key: str) -> bool:
+        """Bind the session to the first browser that opens it; True if this browser holds it."""
+        async with self.store._transaction() as db:
+            await db.execute("UPDATE painter_sessions SET browser_key = ? WHERE id = ? AND browser_key IS NULL",
+                             (browser_key, session_id))
+            async with db.execute("SELECT browser_key FROM painter_sessions WHERE id = ?", (session_id,)) as cur:
+                row = await cur.fetchone()
+        return row is not None and row[0] == browser_key
+
+    async def consume(self, session_id: str, now: float) -> bool:
+        """Mark the link used; False if it already was (a link works once)."""
+        async with self.store._transaction() as db:
+            cur = await db.execute("UPDATE painter_sessions SET used_at = ? WHERE id = ? AND used_at IS NULL",
+                                   (now, session_id))
+            return cur.rowcount == 1
+
+    async def release(self, session_id: str) -> None:
+        """Make a consumed link usable again (the submit was refused for a reason the user can fix)."""
+        async with self.store._transaction() as db:
+            await db.execute("UPDATE painter_sessions SET used_at = NULL WHERE id = ? AND job_id IS NULL",
+                             (session_id,))
+
+    async def set_job(self, session_id: str, job_id: int) -> None:
+        async with self.store._transaction() as db:
+            await db.execute("UPDATE painter_sessions SET job_id = ? WHERE id = ?", (job_id, session_id))
 
 
 def _split_sql(script: str) -> list[str]:

@@ -46,7 +46,7 @@ async def server() -> AsyncIterator[FalTestServer]:
 def _settings(tmp_path: Path, server: FalTestServer, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"discord_token": "fake-token", "fal_key": KEY, "fal_queue_base": server.base_url,
                               "database_path": tmp_path / "bot.sqlite3", "backend_poll_interval_s": 0.01,
-                              "progress_edit_interval_s": 0.05, **overrides}
+                              "progress_edit_interval_s": 0.05, "painter_port": 0, **overrides}
     return Settings(_env_file=None, **values)
 
 
@@ -230,7 +230,7 @@ async def test_user_errors_are_friendly_and_ephemeral(discord_env: tuple[Inpaint
     assert "The mask is empty" in _ephemeral_text(record)
 
     no_mask = await driver.slash(ALICE, "inpaint", image=_uploads(fake)["image"], prompt="x")
-    assert "No mask was given and the image has no transparent area" in _ephemeral_text(no_mask)
+    assert "paint the area to change on this page" in _ephemeral_text(no_mask)  # the web painter's link
     assert await bot.store.jobs_for_user(10) == []  # nothing was queued for any of these
 
 
@@ -395,7 +395,7 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
         monkeypatch.delenv(name, raising=False)
     caplog.set_level("WARNING")
     settings = Settings(_env_file=None, discord_token="fake-token", database_path=tmp_path / "bot.sqlite3",
-                        backend_poll_interval_s=0.01, progress_edit_interval_s=0.05)
+                        backend_poll_interval_s=0.01, progress_edit_interval_s=0.05, painter_port=0)
     fake = FakeDiscord()
     with fake.installed():
         async with running_bot(settings, fake) as (bot, driver):

@@ -1,0 +1,189 @@
+"""The web mask painter: a real Chromium paints a stroke and submits; links are personal, single-use, expiring.
+
+Needs Debian's `chromium` (/usr/bin/chromium) and the `playwright` package (browser downloads are impossible
+here, so Playwright drives the system Chromium). The browser test skips with a reason when they are missing;
+the link tests need no browser.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from bot import InpaintBot
+from tests.discord_harness import Driver, FakeDiscord, InteractionRecord
+from tests.fal_server import FalTestServer
+from tests.imagegen import encode, photo
+from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, _settings, running_bot
+
+CHROMIUM = "/usr/bin/chromium"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def _browser_missing() -> str | None:
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        return "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it where apt works"
+    try:
+        import playwright.async_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (it is in the [dev] extra)"
+    return None
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
+    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=2) as server:
+        fake = FakeDiscord()
+        with fake.installed():
+            async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
+                yield bot, fake, driver
+
+
+def _link(record: InteractionRecord) -> str:
+    for message in record.followups:
+        for row in message.components:
+            for component in row.get("components", []):
+                if component.get("style") == 5:
+                    return str(component["url"])
+    raise AssertionError(f"no link button in {record.texts()}")
+
+
+async def _ask_for_link(fake: FakeDiscord, driver: Driver, size: tuple[int, int] = (320, 240),
+                        prompt: str = "a red balloon") -> tuple[str, bytes]:
+    image = encode(photo(*size), "PNG")
+    upload = fake.upload(PLACE.channel_id, "photo.png", image, "image/png")
+    record = await driver.slash(ALICE, "inpaint", image=upload, prompt=prompt)
+    assert "paint the area to change on this page" in _ephemeral_text(record)
+    assert "works once, for 30 minutes" in _ephemeral_text(record)
+    return _link(record), image
+
+
+def _painted_mask(width: int, height: int, box: tuple[int, int, int, int]) -> str:
+    from services.images import to_data_uri
+
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, box)
+    return to_data_uri(encode(mask), "image/png")
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
+async def test_chromium_paints_a_stroke_and_submits(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+    from playwright.async_api import async_playwright
+
+    bot, fake, driver = env
+    url, _ = await _ask_for_link(fake, driver)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 900, "height": 760})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(url)
+            await page.wait_for_selector("#app[data-ready='1']")
+            assert await page.input_value("#prompt") == "a red balloon"  # pre-filled from /inpaint
+            assert await page.is_disabled("#submit")  # nothing painted yet
+            box = await page.locator("#overlay").bounding_box()
+            assert box is not None
+            # a horizontal stroke across the middle third of the image, at 40% of its height
+            y = box["y"] + box["height"] * 0.4
+            await page.mouse.move(box["x"] + box["width"] * 0.33, y)
+            await page.mouse.down()
+            for step in range(1, 21):
+                await page.mouse.move(box["x"] + box["width"] * (0.33 + 0.34 * step / 20), y)
+            await page.mouse.up()
+            # undo and redo are real: the stroke goes and comes back
+            await page.click("#undo")
+            assert "Nothing painted yet" in await page.inner_text("#coverage")
+            await page.click("#redo")
+            assert "will be repainted" in await page.inner_text("#coverage")
+            await page.fill("#prompt", "a red balloon, sunset light")
+            DOCS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(DOCS / "mask-painter.png"))
+            await page.click("#submit")
+            await page.wait_for_selector("#status.ok")
+            assert "Queued as job #1" in await page.inner_text("#status")
+            assert not errors, errors
+        finally:
+            await browser.close()
+
+    await _result(fake, 1, bot)
+    job = await bot.store.get_job(1)
+    assert job.input["prompt"] == "a red balloon, sunset light"
+    mask = Image.open(io.BytesIO((await bot.store.job_blobs(1))["mask"].data)).convert("L")
+    assert mask.size == (320, 240)
+    row = int(240 * 0.4)
+    assert mask.getpixel((160, row)) == 255  # on the stroke
+    assert mask.getpixel((int(320 * 0.4), row)) == 255 and mask.getpixel((int(320 * 0.6), row)) == 255
+    assert mask.getpixel((10, 10)) == 0 and mask.getpixel((160, 230)) == 0  # far from it
+    events = [e.message for e in await bot.store.events(1)]
+    assert "mask painted in the web painter" in events
+
+
+async def test_links_are_personal_single_use_and_expire(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+    bot, fake, driver = env
+    url, _ = await _ask_for_link(fake, driver)
+    async with httpx.AsyncClient() as owner, httpx.AsyncClient() as stranger:
+        page = await owner.get(url)
+        assert page.status_code == 200 and "Paint what to change" in page.text
+        assert any(c.startswith("painter_") for c in owner.cookies)
+        image = await owner.get(f"{url}/image")
+        assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+
+        # someone else with the same link: refused, and never sees the image
+        assert (await stranger.get(url)).status_code == 403
+        assert "opened in another browser" in (await stranger.get(url)).text
+        assert (await stranger.get(f"{url}/image")).status_code == 403
+
+        # forged: another signature, or another session id
+        forged = url[:-3] + ("AAA" if not url.endswith("AAA") else "BBB")
+        assert (await owner.get(forged)).status_code == 403
+        assert "This link isn&#x27;t valid." in (await owner.get(forged)).text  # (HTML-escaped)
+
+        # a fixable mistake (an empty mask) is refused but keeps the link usable
+        empty = await owner.post(f"{url}/submit", json={"prompt": "x", "mask": _painted_mask(320, 240, (0, 0, 0, 0))})
+        assert empty.status_code == 400 and "The mask is empty" in empty.json()["error"]
+        ok = await owner.post(f"{url}/submit", json={"prompt": "a kite", "mask": _painted_mask(320, 240,
+                                                                                                (50, 50, 150, 150))})
+        assert ok.status_code == 200 and ok.json() == {"job_id": 1}
+        # …and then it is used up
+        again = await owner.post(f"{url}/submit", json={"prompt": "a kite", "mask": _painted_mask(320, 240,
+                                                                                                   (50, 50, 150, 150))})
+        assert again.status_code == 410 and "already used" in again.json()["error"]
+        assert (await owner.get(url)).status_code == 410
+
+    await _result(fake, 1, bot)
+    url2, _ = await _ask_for_link(fake, driver)
+    assert bot.painter is not None
+    real = bot.painter.clock
+    bot.painter.clock = lambda: real() + 31 * 60  # past the 30-minute life of the link
+    async with httpx.AsyncClient() as owner:
+        expired = await owner.get(url2)
+    assert expired.status_code == 410 and "expired" in expired.text
+
+
+async def test_painter_submit_goes_through_moderation(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+    bot, fake, driver = env
+    url, _ = await _ask_for_link(fake, driver)
+    async with httpx.AsyncClient() as owner:
+        await owner.get(url)
+        blocked = await owner.post(f"{url}/submit", json={"prompt": "a nude statue",
+                                                          "mask": _painted_mask(320, 240, (0, 0, 100, 100))})
+    assert blocked.status_code == 400 and "blocked by this server's filters" in blocked.json()["error"]
+
+
+async def test_painter_page_has_no_inline_code(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+    """The page is served with a strict Content-Security-Policy, so nothing inline would run."""
+    _, fake, driver = env
+    url, _ = await _ask_for_link(fake, driver)
+    async with httpx.AsyncClient() as owner:
+        page = await owner.get(url)
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "<script>" not in page.text and "onclick" not in page.text and "<style>" not in page.text
