@@ -177,6 +177,10 @@ async def test_painter_submit_goes_through_moderation(env: tuple[InpaintBot, Fak
         blocked = await owner.post(f"{url}/submit", json={"prompt": "a nude statue",
                                                           "mask": _painted_mask(320, 240, (0, 0, 100, 100))})
     assert blocked.status_code == 400 and "blocked by this server's filters" in blocked.json()["error"]
+    from services.store import JobStatus
+
+    (stored,) = await bot.store.jobs_with_status([JobStatus.BLOCKED])
+    assert stored.error == "Blocked: default word 'nude' in the prompt"
 
 
 async def test_painter_page_has_no_inline_code(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
