@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
 import httpx
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 
 #: Formats we accept, by sniffed content (Pillow identifies by magic bytes, never by name or MIME type).
 #: MPO is how Pillow names many phone-camera JPEGs; AVIF is taken when this Pillow build has it.
@@ -38,6 +38,7 @@ _B = TypeVar("_B")
 ASPECT_TOLERANCE = 0.02
 
 ErrorCode = Literal[
+    "mask_unclear",
     "not_an_image",
     "unsupported_format",
     "truncated",
@@ -88,6 +89,11 @@ class DecodedImage:
 class MaskOptions:
     invert: bool = False
     feather: float = 0.0
+    #: the colour the user painted straight onto the image (no separate mask): those pixels are repainted
+    paint_colour: tuple[int, int, int] | None = None
+
+
+MaskSource = Literal["attachment", "alpha", "painted_copy", "colour"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ class PreparedInputs:
     image_blob: Blob
     mask_blob: Blob
     coverage: float
-    mask_source: Literal["attachment", "alpha"]
+    mask_source: MaskSource
     source_format: str
     animated: bool
 
@@ -396,30 +402,114 @@ def normalized_image(data: bytes, limits: IntakeLimits) -> tuple[Image.Image, Bl
 
 # --- the whole intake ---------------------------------------------------------------------------------
 
-def decode_mask(data: bytes, limits: IntakeLimits) -> Image.Image:
-    """Decode an uploaded mask to 8-bit luminance (not yet fitted or binarised)."""
-    return to_mask_l(decode_image(data, limits, role="mask").image)
+def decode_mask(data: bytes, limits: IntakeLimits) -> tuple[Image.Image | None, Image.Image | None]:
+    """Decode an uploaded mask: (luminance mask, None) for a black-and-white one, (None, the picture) for a
+    colour one (a painted copy of the image)."""
+    image = decode_image(data, limits, role="mask").image
+    if is_colour_mask(image) and not _has_transparency(image):
+        return None, image
+    return to_mask_l(image), None
 
 
 def assemble_inputs(decoded: DecodedImage, image_bytes: bytes, mask_l: Image.Image | None,
-                    options: MaskOptions = MaskOptions()) -> PreparedInputs:
-    """Combine a decoded image with its decoded mask (or its own transparency) into ready-to-send inputs."""
+                    options: MaskOptions = MaskOptions(), *, mask_rgb: Image.Image | None = None) -> PreparedInputs:
+    """Combine a decoded image with its mask into ready-to-send inputs. The mask is, in order: a painted copy
+    of the image (`mask_rgb` in colour), a black-and-white mask (`mask_l`), the colour painted onto the image
+    (`options.paint_colour`), or the image's own transparent area."""
     rgb = to_rgb(decoded.image)
-    mask_source: Literal["attachment", "alpha"] = "attachment"
-    if mask_l is None:
-        mask_l = mask_from_alpha(decoded.image)
-        mask_source = "alpha"
-        if mask_l is None:
-            raise ImageInputError(
-                "no_mask", "No mask was given and the image has no transparent area. Attach a mask (white = "
-                "repaint) or send a PNG whose area to repaint is transparent.", role="mask")
-    mask = fit_mask(mask_l, rgb.size, options)
+    mask, source = understood_mask(decoded, rgb, mask_l, options, mask_rgb=mask_rgb)
     coverage = mask_coverage(mask)
     check_coverage(coverage)
     return PreparedInputs(
         image=rgb, mask=mask, image_blob=_image_blob(decoded, rgb, image_bytes),
-        mask_blob=Blob(encode_image(mask, "png"), "image/png"), coverage=coverage, mask_source=mask_source,
+        mask_blob=Blob(encode_image(mask, "png"), "image/png"), coverage=coverage, mask_source=source,
         source_format=decoded.source_format, animated=decoded.animated)
+
+
+def understood_mask(decoded: DecodedImage, rgb: Image.Image, mask_l: Image.Image | None,
+                    options: MaskOptions = MaskOptions(), *,
+                    mask_rgb: Image.Image | None = None) -> tuple[Image.Image, MaskSource]:
+    """The binary mask as the bot reads it (before the empty/full check), and where it came from."""
+    source: MaskSource
+    if mask_rgb is not None:
+        mask_l, source = mask_from_painted_copy(rgb, mask_rgb), "painted_copy"
+    elif mask_l is not None:
+        source = "attachment"
+    elif options.paint_colour is not None:
+        mask_l, source = mask_from_colour(rgb, options.paint_colour), "colour"
+    else:
+        mask_l, source = mask_from_alpha(decoded.image), "alpha"
+        if mask_l is None:
+            raise ImageInputError(
+                "no_mask", "No mask was given and the image has no transparent area. Attach a mask (white = "
+                "repaint) or send a PNG whose area to repaint is transparent.", role="mask")
+    return fit_mask(mask_l, rgb.size, options), source
+
+
+# --- painted masks ----------------------------------------------------------------------------------------
+
+#: a pixel counts as painted when some channel moved by more than this (JPEG noise stays well below)
+PAINT_DIFF = 48
+COLOUR_TOLERANCE = 60
+
+
+def is_colour_mask(im: Image.Image) -> bool:
+    """True when a mask upload is a colour picture rather than black-and-white (with some JPEG slack)."""
+    if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        return False
+    r, g, b = im.convert("RGB").split()
+    spread = ImageChops.lighter(ImageChops.difference(r, g), ImageChops.difference(g, b))
+    hist = spread.histogram()
+    coloured = sum(hist[24:])
+    return coloured > 0.005 * im.width * im.height
+
+
+def mask_from_painted_copy(original: Image.Image, painted: Image.Image) -> Image.Image:
+    """The strokes a user painted on a copy of the image: the pixels that differ from the original, when they
+    differ in one roughly uniform colour over part (not all) of the picture."""
+    painted = to_rgb(painted)
+    if painted.size != original.size:
+        pw, ph = painted.size
+        if abs((pw / ph) / (original.width / original.height) - 1) > ASPECT_TOLERANCE:
+            raise ImageInputError("mask_mismatch", f"The painted copy is {pw}×{ph} but the image is "
+                                  f"{original.width}×{original.height}: paint on the same image.", role="mask")
+        painted = painted.resize(original.size, Image.Resampling.BILINEAR)
+    diff = ImageChops.difference(original, painted)
+    r, g, b = diff.split()
+    strongest = ImageChops.lighter(ImageChops.lighter(r, g), b)
+    mask = strongest.point(lambda v: 255 if v > PAINT_DIFF else 0).filter(ImageFilter.MedianFilter(3))
+    share = mask_coverage(mask)
+    if share > 0.9:
+        raise ImageInputError("mask_unclear", "The mask is a colour picture that doesn't look like a painted copy "
+                              "of the image. Send a black-and-white mask (white = repaint), or the image with "
+                              "the area to change painted over in one solid colour.", role="mask")
+    if share > 0 and not _uniform(painted, mask):
+        raise ImageInputError("mask_unclear", "The mask looks like a painted copy of the image, but the painted "
+                              "area isn't one solid colour, so it can't be told apart reliably. Paint it in one "
+                              "bright colour, or send a black-and-white mask.", role="mask")
+    return _grow(mask)
+
+
+def mask_from_colour(image: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """The pixels painted in `colour` (within a tolerance) on the image itself."""
+    flat = Image.new("RGB", image.size, colour)
+    r, g, b = ImageChops.difference(image, flat).split()
+    distance = ImageChops.lighter(ImageChops.lighter(r, g), b)
+    mask = distance.point(lambda v: 255 if v <= COLOUR_TOLERANCE else 0).filter(ImageFilter.MedianFilter(3))
+    return _grow(mask)
+
+
+def _uniform(painted: Image.Image, mask: Image.Image) -> bool:
+    """Whether the masked pixels of `painted` are close to a single colour."""
+    from PIL import ImageStat
+
+    stats = ImageStat.Stat(painted, mask.point(lambda v: 255 if v else 0))
+    return max(stats.stddev) < 40
+
+
+def _grow(mask: Image.Image) -> Image.Image:
+    """Widen by 2 px so the soft edge of a brush stroke is repainted too, not left as a coloured fringe."""
+    return mask.filter(ImageFilter.MaxFilter(5))
 
 
 def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: IntakeLimits,
@@ -429,8 +519,8 @@ def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: Inta
     Synchronous and CPU-bound: async code calls `prepare_inputs_async`.
     """
     decoded = decode_image(image_bytes, limits, role="image")
-    mask_l = decode_mask(mask_bytes, limits) if mask_bytes is not None else None
-    return assemble_inputs(decoded, image_bytes, mask_l, options)
+    mask_l, mask_rgb = decode_mask(mask_bytes, limits) if mask_bytes is not None else (None, None)
+    return assemble_inputs(decoded, image_bytes, mask_l, options, mask_rgb=mask_rgb)
 
 
 async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, http: httpx.AsyncClient,
@@ -445,9 +535,9 @@ async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, 
         return await asyncio.to_thread(prepare_inputs, image_bytes, None, limits=limits, options=options)
     image_bytes, mask_bytes = await _both(fetch_source(image, http=http, limits=limits, role="image"),
                                           fetch_source(mask, http=http, limits=limits, role="mask"))
-    decoded, mask_l = await _both(asyncio.to_thread(decode_image, image_bytes, limits, role="image"),
-                                  asyncio.to_thread(decode_mask, mask_bytes, limits))
-    return await asyncio.to_thread(assemble_inputs, decoded, image_bytes, mask_l, options)
+    decoded, (mask_l, mask_rgb) = await _both(asyncio.to_thread(decode_image, image_bytes, limits, role="image"),
+                                              asyncio.to_thread(decode_mask, mask_bytes, limits))
+    return await asyncio.to_thread(lambda: assemble_inputs(decoded, image_bytes, mask_l, options, mask_rgb=mask_rgb))
 
 
 async def _both(first: Awaitable[_A], second: Awaitable[_B]) -> tuple[_A, _B]:

@@ -315,3 +315,65 @@ async def test_when_both_files_are_bad_the_image_error_is_reported() -> None:
         with pytest.raises(ImageInputError) as info:
             await prepare_inputs_async(encode(photo()), b"nor is this", http=http, limits=LIMITS)
         assert info.value.role == "mask" and info.value.code == "not_an_image"
+
+
+def _strokes(size: tuple[int, int] = (256, 192), colour: tuple[int, int, int] = (255, 0, 255)) -> tuple[
+        Image.Image, Image.Image]:
+    """A photo with brush strokes painted on it, and the true mask of those strokes."""
+    from PIL import ImageDraw
+
+    painted = photo(*size).copy()
+    truth = Image.new("L", size, 0)
+    for canvas, fill in ((ImageDraw.Draw(painted), colour), (ImageDraw.Draw(truth), 255)):
+        canvas.line((40, 60, 180, 80), fill=fill, width=18)  # type: ignore[arg-type]
+        canvas.ellipse((150, 100, 210, 160), fill=fill)  # type: ignore[arg-type]
+    return painted, truth
+
+
+def _iou(mask: Image.Image, truth: Image.Image) -> float:
+    """Overlap with the true strokes grown by 2 px (the bot widens painted masks so stroke edges are repainted),
+    after checking that every true stroke pixel is in the mask."""
+    from PIL import ImageChops, ImageFilter
+
+    a, b = mask.point(lambda v: 255 if v >= 128 else 0), truth.point(lambda v: 255 if v >= 128 else 0)
+    missed = mask_coverage(ImageChops.subtract(b, a))
+    assert missed < 0.002, f"{missed:.2%} of the painted strokes are missing from the mask"
+    grown = b.filter(ImageFilter.MaxFilter(5))
+    return mask_coverage(ImageChops.multiply(a, grown)) / mask_coverage(ImageChops.lighter(a, grown))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_painted_copy_as_the_mask(fmt: str) -> None:
+    painted, truth = _strokes()
+    prepared = prepare_inputs(encode(photo()), encode(painted, fmt, **({"quality": 90} if fmt == "JPEG" else {})),
+                              limits=LIMITS)
+    assert prepared.mask_source == "painted_copy"
+    assert _iou(prepared.mask, truth) > 0.85
+    assert prepared.mask.getpixel((110, 70)) == 255 and prepared.mask.getpixel((10, 180)) == 0
+
+
+def test_colour_painted_on_the_image_itself() -> None:
+    painted, truth = _strokes(colour=(0, 255, 0))
+    prepared = prepare_inputs(encode(painted), None, limits=LIMITS, options=MaskOptions(paint_colour=(0, 255, 0)))
+    assert prepared.mask_source == "colour" and _iou(prepared.mask, truth) > 0.85
+    with pytest.raises(ImageInputError) as info:  # a colour that isn't there: nothing to repaint
+        prepare_inputs(encode(painted), None, limits=LIMITS, options=MaskOptions(paint_colour=(0, 0, 255)))
+    assert info.value.code == "empty_mask"
+
+
+def test_unclear_colour_masks_are_refused() -> None:
+    unrelated = photo(256, 192, seed=9).convert("RGB")
+    from PIL import ImageOps
+
+    with pytest.raises(ImageInputError) as info:
+        prepare_inputs(encode(photo()), encode(ImageOps.invert(unrelated)), limits=LIMITS)
+    assert info.value.code == "mask_unclear"  # a colour picture that isn't a painted copy: refused, not guessed
+    rainbow = photo().copy()
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(rainbow)
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        draw.rectangle((20 + 40 * i, 40, 55 + 40 * i, 120), fill=colour)
+    with pytest.raises(ImageInputError) as info:
+        prepare_inputs(encode(photo()), encode(rainbow), limits=LIMITS)
+    assert info.value.code == "mask_unclear" and "isn't one solid colour" in info.value.message
