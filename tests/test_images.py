@@ -325,8 +325,8 @@ def _strokes(size: tuple[int, int] = (256, 192), colour: tuple[int, int, int] = 
     painted = photo(*size).copy()
     truth = Image.new("L", size, 0)
     for canvas, fill in ((ImageDraw.Draw(painted), colour), (ImageDraw.Draw(truth), 255)):
-        canvas.line((40, 60, 180, 80), fill=fill, width=18)  # type: ignore[arg-type]
-        canvas.ellipse((150, 100, 210, 160), fill=fill)  # type: ignore[arg-type]
+        canvas.line((40, 60, 180, 80), fill=fill, width=18)
+        canvas.ellipse((150, 100, 210, 160), fill=fill)
     return painted, truth
 
 
