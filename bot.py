@@ -156,7 +156,7 @@ class InpaintBot(commands.Bot):
             await self.painter.start()
         for extension in EXTENSIONS:
             await self.load_extension(extension)
-        self.add_dynamic_items(*BUTTONS, *MODLOG_BUTTONS)
+        self.add_dynamic_items(*BUTTONS, *MODLOG_BUTTONS, *DRAFT_BUTTONS)
         await self._dispatcher.start()
         log.info("job store %s; backend %s at %s", settings.database_path, choice.name, base_url)
         await self.sync_commands()
@@ -190,6 +190,7 @@ class InpaintBot(commands.Bot):
 
 
 from cogs.buttons import BUTTONS  # noqa: E402  (cogs import the bot type only for typing)
+from cogs.drafts import DRAFT_BUTTONS  # noqa: E402
 from cogs.modlog import MODLOG_BUTTONS, ModLog  # noqa: E402
 from cogs.painter import Painter  # noqa: E402
 from cogs.presenter import DiscordPresenter  # noqa: E402

@@ -4,16 +4,19 @@ the job, post its progress message and queue it. Everything past the Discord glu
 from __future__ import annotations
 
 import asyncio
+import io
 from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.drafts import offer_draft
 from cogs.errors import report_error
 from cogs.flow import launch_job, requester
 from services.errors import UserError
 from services.images import ImageInputError, IntakeLimits, MaskOptions, prepare_inputs_async
+from services.preview import parse_colour, understood_jpeg
 
 if TYPE_CHECKING:
     from bot import InpaintBot
@@ -79,6 +82,7 @@ class Inpaint(commands.Cog):
         format="Output format (default JPEG)",
         invert_mask="Swap the mask's colours (if you painted what to keep)",
         feather="Soften the mask edge by this many pixels (0-64)",
+        mask_colour="No mask? The colour you painted over the image with (a name or #hex), e.g. magenta",
     )
     @app_commands.choices(size=SIZE_CHOICES, format=FORMAT_CHOICES)
     async def inpaint(
@@ -97,12 +101,15 @@ class Inpaint(commands.Cog):
         format: str | None = None,
         invert_mask: bool = False,
         feather: app_commands.Range[int, 0, 64] = 0,
+        mask_colour: app_commands.Range[str, 1, 20] | None = None,
     ) -> None:
         # options left empty fall back to the server's defaults, then fal's
         params: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None, "image_size": size,
                                   "num_inference_steps": steps, "guidance_scale": guidance, "strength": strength,
                                   "seed": seed, "num_images": num_images, "format": format}
-        await self.start(interaction, image, mask, params, MaskOptions(invert=invert_mask, feather=feather))
+        colour = parse_colour(mask_colour) if mask_colour else None
+        await self.start(interaction, image, mask, params,
+                         MaskOptions(invert=invert_mask, feather=feather, paint_colour=colour))
 
     async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         image = first_image(message)
@@ -130,7 +137,16 @@ class Inpaint(commands.Cog):
             if exc.code == "no_mask" and self.bot.painter is not None:
                 await self.bot.painter.offer(interaction, image_bytes, params, who)
                 return
+            if exc.code in ("empty_mask", "full_mask"):  # show what was understood, so the mistake is visible
+                picture = await asyncio.to_thread(understood_jpeg, image_bytes, mask_bytes, limits, options)
+                await interaction.followup.send(f"{exc.message}\nLeft: your image with the mask as read (red = "
+                                                "repaint). Right: the mask (white = repaint).", ephemeral=True,
+                                                file=discord.File(io.BytesIO(picture), filename="understood.jpg"))
+                return
             raise
+        if admission.policy.confirm_masks:
+            await offer_draft(interaction, prepared, params, who)
+            return
         job = await self.bot.jobs.create(prepared, params, user_id=interaction.user.id,
                                          guild_id=interaction.guild_id, channel_id=interaction.channel_id,
                                          age_restricted=who.age_restricted)

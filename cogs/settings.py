@@ -31,6 +31,7 @@ def settings_embed(policy: GuildPolicy) -> discord.Embed:
     defaults = f"built-in list ({len(DEFAULT_WORDS)} words) " + ("on" if policy.use_default_filters else "off")
     embed.add_field(name="Prompt filters", value=render.short(f"{defaults}\nwords: {words}\nregexes: {regexes}", 1024),
                     inline=False)
+    embed.add_field(name="Masks", value="shown for Confirm first" if policy.confirm_masks else "run at once")
     embed.add_field(name="Mod log", value=f"<#{policy.modlog_channel_id}>" if policy.modlog_channel_id else "off")
     channels = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids) or "all"
     roles = ", ".join(f"<@&{r}>" for r in policy.allowed_role_ids) or "everyone"
@@ -123,6 +124,10 @@ class SettingsGroup(app_commands.Group):
         if action in ("defaults_on", "defaults_off"):
             changes = {"use_default_filters": action == "defaults_on"}
         await self._apply(interaction, changes, f"filter {action.replace('_', ' ')} {text}".strip())
+
+    @app_commands.command(name="masks", description="Show users their mask and wait for Confirm before running")
+    async def masks(self, interaction: discord.Interaction, confirm: bool) -> None:
+        await self._apply(interaction, {"confirm_masks": confirm}, f"confirm masks = {confirm}")
 
     @app_commands.command(name="modlog", description="Where moderation events are posted (empty = off)")
     async def modlog(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:

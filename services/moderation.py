@@ -49,6 +49,7 @@ class GuildPolicy(BaseModel):
     user_daily_jobs: int | None = Field(default=None, ge=1)
     server_daily_jobs: int | None = Field(default=None, ge=1)
     server_daily_steps: int | None = Field(default=None, ge=1, description="steps × images per day (API spend)")
+    confirm_masks: bool = False  # show the mask to its author and wait for Confirm before spending anything
     default_steps: int | None = Field(default=None, ge=1, le=65)
     default_size: str | None = None
     default_negative_prompt: str | None = None

@@ -220,6 +220,18 @@ _MIGRATIONS: tuple[str, ...] = (
         job_id          INTEGER REFERENCES jobs(id)
     );
     """,
+    # 5: drafts waiting for the user to confirm their mask (never run until confirmed)
+    """
+    CREATE TABLE drafts (
+        id              TEXT PRIMARY KEY,
+        user_id         INTEGER NOT NULL,
+        image_sha256    TEXT NOT NULL REFERENCES blobs(sha256),
+        mask_sha256     TEXT NOT NULL REFERENCES blobs(sha256),
+        requester_json  TEXT NOT NULL,
+        params_json     TEXT NOT NULL,
+        created_at      REAL NOT NULL
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -706,6 +718,64 @@ class PainterSessions:
     async def set_job(self, session_id: str, job_id: int) -> None:
         async with self.store._transaction() as db:
             await db.execute("UPDATE painter_sessions SET job_id = ? WHERE id = ?", (job_id, session_id))
+
+
+class Draft(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    user_id: int
+    image_sha256: str
+    mask_sha256: str
+    requester: dict[str, Any]
+    params: dict[str, Any]
+    created_at: float
+
+
+class Drafts:
+    """Jobs shown to their author with the mask overlaid, waiting for Confirm (servers that ask for it)."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    async def create(self, draft_id: str, *, user_id: int, image: tuple[bytes, str], mask: tuple[bytes, str],
+                     requester: dict[str, Any], params: dict[str, Any]) -> Draft:
+        now = time.time()
+        async with self.store._transaction() as db:
+            image_sha = await JobStore._put_blob(db, image[0], image[1], now)
+            mask_sha = await JobStore._put_blob(db, mask[0], mask[1], now)
+            await db.execute("INSERT INTO drafts (id, user_id, image_sha256, mask_sha256, requester_json, params_json, "
+                             "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (draft_id, user_id, image_sha, mask_sha, json.dumps(requester), json.dumps(params), now))
+        return Draft(id=draft_id, user_id=user_id, image_sha256=image_sha, mask_sha256=mask_sha, requester=requester,
+                     params=params, created_at=now)
+
+    async def get(self, draft_id: str) -> Draft | None:
+        async with self.store._db.execute(
+                "SELECT id, user_id, image_sha256, mask_sha256, requester_json, params_json, created_at FROM drafts "
+                "WHERE id = ?", (draft_id,)) as cur:
+            r = await cur.fetchone()
+        if r is None:
+            return None
+        return Draft(id=r[0], user_id=r[1], image_sha256=r[2], mask_sha256=r[3], requester=json.loads(r[4]),
+                     params=json.loads(r[5]), created_at=r[6])
+
+    async def replace_mask(self, draft_id: str, mask: tuple[bytes, str]) -> None:
+        now = time.time()
+        async with self.store._transaction() as db:
+            sha = await JobStore._put_blob(db, mask[0], mask[1], now)
+            await db.execute("UPDATE drafts SET mask_sha256 = ? WHERE id = ?", (sha, draft_id))
+
+    async def take(self, draft_id: str) -> Draft | None:
+        """Remove and return a draft (confirm or cancel); None if it is already gone (a double click)."""
+        draft = await self.get(draft_id)
+        if draft is None:
+            return None
+        async with self.store._transaction() as db:
+            cur = await db.execute("DELETE FROM drafts WHERE id = ?", (draft_id,))
+            if cur.rowcount != 1:
+                return None
+        return draft
 
 
 def _split_sql(script: str) -> list[str]:
