@@ -63,6 +63,14 @@ def resolve_asset(path: str, folder: Path | None, field: str, setting: str) -> P
     return candidate
 
 
+def request_batch_key(inp: InpaintInput) -> tuple[object, ...] | None:
+    """Requests with equal keys can share one UNet batch (the same as `batch_key` on their PipelineJobs)."""
+    if inp.loras or inp.embeddings:
+        return None
+    return (output_size(inp), inp.num_inference_steps, round(inp.strength, 6), round(inp.guidance_scale, 6),
+            bool(inp.negative_prompt))
+
+
 def resolve_seed(inp: InpaintInput) -> int:
     return inp.seed if inp.seed is not None else secrets.randbelow(SEED_SPACE)
 

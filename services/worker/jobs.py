@@ -21,8 +21,8 @@ from PIL import Image
 
 from services.images import ImageInputError, IntakeLimits, encode_image, prepare_inputs_async, to_data_uri
 from services.schema import CancelOutcome, InpaintInput, InpaintOutput, OutputImage
-from services.worker.inputs import RequestError, build_job, resolve_seed
-from services.worker.pipelines.base import Cancelled, Pipeline, RunContext
+from services.worker.inputs import RequestError, build_job, request_batch_key, resolve_seed
+from services.worker.pipelines.base import Cancelled, Pipeline, PipelineJob, RunContext
 from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ CONTENT_TYPES = {"jpeg": "image/jpeg", "png": "image/png"}
 
 class QueueFull(RuntimeError):
     pass
+
+
+def _thread_logger(loop: asyncio.AbstractEventLoop, record: RequestRecord) -> Callable[[str], None]:
+    """A log function a pipeline thread can call: the line is added on the event loop, in order."""
+    def log_from_thread(message: str) -> None:
+        loop.call_soon_threadsafe(record.add_log, message)
+
+    return log_from_thread
 
 
 @dataclass
@@ -96,7 +104,7 @@ class RequestQueue:
         self.safety: Callable[[list[Image.Image]], list[bool]] | None = None
         self.records: dict[str, RequestRecord] = {}
         self.pending: deque[RequestRecord] = deque()
-        self.running: RequestRecord | None = None
+        self.running: list[RequestRecord] = []
         self.ready = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._limits = IntakeLimits(max_bytes=settings.max_image_bytes, min_side=8)
@@ -141,7 +149,7 @@ class RequestQueue:
 
     @property
     def queue_length(self) -> int:
-        return len(self.pending) + (1 if self.running is not None else 0)
+        return len(self.pending) + len(self.running)
 
     # --- background tasks ---------------------------------------------------------------------------
 
@@ -151,12 +159,30 @@ class RequestQueue:
             while not self.pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            record = self.pending.popleft()
-            self.running = record
+            batch = self._take_batch()
+            self.running = batch
             try:
-                await self._run(record)
+                await self._run(batch)
             finally:
-                self.running = None
+                self.running = []
+
+    def _take_batch(self) -> list[RequestRecord]:
+        """The next request, plus the compatible ones behind it (same size, steps, strength, guidance) up to
+        `max_batch_images`, when the pipeline can share a UNet batch between requests."""
+        first = self.pending.popleft()
+        batch = [first]
+        key = request_batch_key(first.input)
+        if key is None or self.pipeline is None or not self.pipeline.batches:
+            return batch
+        images = first.input.num_images
+        for record in list(self.pending):
+            if images + record.input.num_images > self.settings.max_batch_images:
+                break
+            if request_batch_key(record.input) == key:
+                self.pending.remove(record)
+                batch.append(record)
+                images += record.input.num_images
+        return batch
 
     async def reap_forever(self, interval: float | None = None) -> None:
         ttl = self.settings.result_ttl_s
@@ -175,16 +201,45 @@ class RequestQueue:
 
     # --- running one request ------------------------------------------------------------------------
 
-    async def _run(self, record: RequestRecord) -> None:
+    async def _run(self, batch: list[RequestRecord]) -> None:
         pipeline = self.pipeline
         assert pipeline is not None
         loop = asyncio.get_running_loop()
-        record.state, record.started_at = "IN_PROGRESS", time.monotonic()
-        def log_from_thread(message: str) -> None:
-            loop.call_soon_threadsafe(record.add_log, message)
+        for record in batch:
+            record.state, record.started_at = "IN_PROGRESS", time.monotonic()
+            record.ctx = RunContext(log=_thread_logger(loop, record))
+            record.notify()
+        prepared = await asyncio.gather(*(self._prepare(record) for record in batch))
+        live = [(record, job) for record, job in zip(batch, prepared, strict=True) if job is not None]
+        if not live:
+            return
+        together = f" (sharing a batch with {len(live) - 1} other request(s))" if len(live) > 1 else ""
+        for record, job in live:
+            record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
+                           f"{job.num_images} image(s), seed {record.seed}{together}")
+        jobs = [job for _, job in live]
+        ctxs = [record.ctx for record, _ in live if record.ctx is not None]
+        start = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(pipeline.run_batch, jobs, ctxs)
+        except Cancelled:
+            for record, _ in live:
+                record.add_log("cancelled between denoising steps")
+                record.fail("Request was cancelled", "cancelled", 400)
+            return
+        except Exception as exc:
+            log.exception("batch %s failed", [r.id for r, _ in live])
+            for record, _ in live:
+                record.add_log(f"internal error: {type(exc).__name__}: {exc}", "ERROR")
+                record.fail(f"the worker failed: {type(exc).__name__}: {exc}", "runner_error", 500)
+            return
+        elapsed = time.perf_counter() - start
+        for (record, _), images in zip(live, outputs, strict=True):
+            record.inference_time = elapsed
+            await self._finish(record, images)
 
-        ctx = record.ctx = RunContext(log=log_from_thread)
-        record.notify()
+    async def _prepare(self, record: RequestRecord) -> PipelineJob | None:
+        """Fetch, check and fit one request's inputs; a request that can't run is completed with its error."""
         inp = record.input
         try:
             try:
@@ -198,21 +253,12 @@ class RequestQueue:
             if inp.enable_safety_checker and self.safety is not None and self.settings.check_inputs and (
                     await asyncio.to_thread(self.safety, [prepared.image]))[0]:
                 raise RequestError("image_url", "the safety checker flagged the uploaded image",
-                                       "content_policy_violation")
-            ctx.check()
-            record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
-                           f"{inp.num_images} image(s), seed {record.seed}")
-            start = time.perf_counter()
-            images = await asyncio.to_thread(pipeline.run, job, ctx)
-            record.inference_time = time.perf_counter() - start
-            nsfw = [False] * len(images)
-            if inp.enable_safety_checker:
-                nsfw, images = await self._check_safety(record, images)
-            record.result = await asyncio.to_thread(self._encode, record, images, nsfw)
-            record.add_log(f"done in {time.monotonic() - record.started_at:.2f} s")
-            record.complete()
+                                   "content_policy_violation")
+            assert record.ctx is not None
+            record.ctx.check()
+            return job
         except Cancelled:
-            record.add_log("cancelled between denoising steps")
+            record.add_log("cancelled before inference")
             record.fail("Request was cancelled", "cancelled", 400)
         except RequestError as exc:
             record.add_log(f"request error: {exc}", "ERROR")
@@ -223,6 +269,26 @@ class RequestQueue:
             log.exception("request %s failed", record.id)
             record.add_log(f"internal error: {type(exc).__name__}: {exc}", "ERROR")
             record.fail(f"the worker failed: {type(exc).__name__}: {exc}", "runner_error", 500)
+        return None
+
+    async def _finish(self, record: RequestRecord, images: list[Image.Image]) -> None:
+        """Safety check, encode and complete one request of a batch (unless it was cancelled meanwhile)."""
+        if record.ctx is not None and record.ctx.cancel_event.is_set():
+            record.add_log("cancelled: its images are discarded")
+            record.fail("Request was cancelled", "cancelled", 400)
+            return
+        try:
+            nsfw = [False] * len(images)
+            if record.input.enable_safety_checker:
+                nsfw, images = await self._check_safety(record, images)
+            record.result = await asyncio.to_thread(self._encode, record, images, nsfw)
+        except Exception as exc:
+            log.exception("request %s failed", record.id)
+            record.fail(f"the worker failed: {type(exc).__name__}: {exc}", "runner_error", 500)
+            return
+        assert record.started_at is not None
+        record.add_log(f"done in {time.monotonic() - record.started_at:.2f} s")
+        record.complete()
 
     async def _check_safety(self, record: RequestRecord,
                             images: list[Image.Image]) -> tuple[list[bool], list[Image.Image]]:

@@ -22,6 +22,11 @@ class WorkerSettings(BaseSettings):
     embedding_dir: Path | None = Field(default=None, description="Embedding paths resolve inside this folder")
     device: str | None = Field(default=None, description="torch device; default cuda when available, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    fast_path: Literal["auto", "on", "off"] = Field(
+        default="auto", description="channels-last + fused QKV (auto: on for CUDA)")
+    fast_compile: Literal["auto", "on", "off"] = Field(
+        default="off", description="torch.compile the UNet (auto: on for CUDA); off until measured on the GPU")
+    max_batch_images: int = Field(default=8, ge=1, le=64, description="Images per shared UNet batch")
 
     host: str = "127.0.0.1"
     port: int = 8000

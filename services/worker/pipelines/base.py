@@ -63,7 +63,18 @@ class Pipeline(Protocol):
     name: str
     device: str
     model: str
+    batches: bool  # whether run_batch shares one model call between requests
 
     def warmup(self) -> None: ...
 
     def run(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]: ...
+
+    def run_batch(self, jobs: list[PipelineJob], ctxs: list[RunContext]) -> list[list[Image.Image]]: ...
+
+
+def batch_key(job: PipelineJob) -> tuple[object, ...] | None:
+    """Requests with equal keys can share one batch; None means this one runs alone (it loads adapters)."""
+    if job.loras or job.embeddings:
+        return None
+    return (job.image.size, job.steps, round(job.strength, 6), round(job.guidance_scale, 6),
+            bool(job.negative_prompt))

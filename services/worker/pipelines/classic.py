@@ -19,6 +19,7 @@ class ClassicPipeline:
     name = "classic"
     device = "cpu"
     model = "opencv-inpaint"
+    batches = False
 
     def warmup(self) -> None:
         image = np.zeros((16, 16, 3), np.uint8)
@@ -41,3 +42,6 @@ class ClassicPipeline:
             outputs.append(Image.fromarray(out, "RGB"))
             ctx.log(f"step {i + 1}/{job.num_images} ({method})")
         return outputs
+
+    def run_batch(self, jobs: list[PipelineJob], ctxs: list[RunContext]) -> list[list[Image.Image]]:
+        return [self.run(job, ctx) for job, ctx in zip(jobs, ctxs, strict=True)]

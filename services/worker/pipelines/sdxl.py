@@ -17,7 +17,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob, RunContext
+from services.worker.pipelines.base import Cancelled, EmbeddingSpec, LoraSpec, PipelineJob, RunContext
+from services.worker.pipelines.fast import (
+    FastPathOptions,
+    apply_fast_path,
+    refuse_after_adapters,
+    unfuse_for_adapters,
+)
 from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -33,11 +39,14 @@ def denoising_steps(steps: int, strength: float) -> int:
 
 class SDXLPipeline:
     name = "sdxl"
+    batches = True  # compatible requests can share one UNet batch
 
-    def __init__(self, pipe: Any, device: str, model: str) -> None:
+    def __init__(self, pipe: Any, device: str, model: str, *, fast: FastPathOptions | None = None) -> None:
         self.pipe = pipe
         self.device = device
         self.model = model
+        self.fast_options = fast or FastPathOptions(enabled="off")
+        self.fast = apply_fast_path(pipe, device, self.fast_options)
         self._lock = threading.Lock()
 
     @classmethod
@@ -67,7 +76,8 @@ class SDXLPipeline:
         pipe.set_progress_bar_config(disable=True)
         in_channels = pipe.unet.config.in_channels
         log.info("loaded SDXL from %s on %s (%s, UNet with %d input channels)", path, device, dtype, in_channels)
-        return cls(pipe, device, str(path))
+        fast = FastPathOptions(enabled=settings.fast_path, compile=settings.fast_compile)
+        return cls(pipe, device, str(path), fast=fast)
 
     @property
     def in_channels(self) -> int:
@@ -83,35 +93,63 @@ class SDXLPipeline:
         self.run(job, RunContext(log=lambda _msg: None))
 
     def run(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
-        with self._lock:
-            self._load_loras(job.loras, ctx)
-            self._load_embeddings(job.embeddings, ctx)
-            try:
-                return self._generate(job, ctx)
-            finally:
-                self._unload(job, ctx)
+        return self.run_batch([job], [ctx])[0]
 
-    def _generate(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
-        total = denoising_steps(job.steps, job.strength)
+    def run_batch(self, jobs: list[PipelineJob], ctxs: list[RunContext]) -> list[list[Image.Image]]:
+        """Several compatible requests (same size, steps, strength, guidance; no adapters) in one UNet batch.
+
+        Each image is one batch row with its own generator, so a request gets the same images batched or alone.
+        The batch stops between steps only when every request in it was cancelled; the worker drops the results
+        of any that were cancelled on their own.
+        """
+        with self._lock:
+            adapters = len(jobs) == 1 and (jobs[0].loras or jobs[0].embeddings)
+            if adapters:
+                unfuse_for_adapters(self.pipe, self.fast)
+                self._load_loras(jobs[0].loras, ctxs[0])
+                self._load_embeddings(jobs[0].embeddings, ctxs[0])
+            try:
+                return self._generate(jobs, ctxs)
+            finally:
+                if adapters:
+                    self._unload(jobs[0], ctxs[0])
+                    refuse_after_adapters(self.pipe, self.fast, self.fast_options)
+
+    def _generate(self, jobs: list[PipelineJob], ctxs: list[RunContext]) -> list[list[Image.Image]]:
+        first = jobs[0]
+        total = denoising_steps(first.steps, first.strength)
         gen_device = self.device if self.device.startswith("cuda") else "cpu"
-        generators = [torch.Generator(device=gen_device).manual_seed(seed) for seed in job.seeds]
+        prompts, negatives, images, masks, generators = [], [], [], [], []
+        for job in jobs:
+            for seed in job.seeds:
+                prompts.append(job.prompt)
+                negatives.append(job.negative_prompt)
+                images.append(job.image)
+                masks.append(job.mask)
+                generators.append(torch.Generator(device=gen_device).manual_seed(seed))
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            ctx.log(f"step {step + 1}/{total}")
-            ctx.check()  # raises Cancelled between steps
+            for ctx in ctxs:
+                ctx.log(f"step {step + 1}/{total}")
+            if all(ctx.cancel_event.is_set() for ctx in ctxs):
+                raise Cancelled()
             return kwargs
 
-        ctx.check()
+        if all(ctx.cancel_event.is_set() for ctx in ctxs):
+            raise Cancelled()
         # One batch row per image, each with its own generator. (With num_images_per_prompt, diffusers encodes the
         # image once with generator[0] only, so image i of a batch would not match a single image of seed i.)
-        n = job.num_images
         result = self.pipe(
-            prompt=[job.prompt] * n, negative_prompt=[job.negative_prompt] * n if job.negative_prompt else None,
-            image=[job.image] * n, mask_image=[job.mask] * n, width=job.image.width, height=job.image.height,
-            num_inference_steps=job.steps, strength=job.strength, guidance_scale=job.guidance_scale,
-            num_images_per_prompt=1, generator=generators, output_type="pil", callback_on_step_end=on_step_end)
-        images: list[Image.Image] = list(result.images)
-        return images
+            prompt=prompts, negative_prompt=negatives if any(negatives) else None, image=images, mask_image=masks,
+            width=first.image.width, height=first.image.height, num_inference_steps=first.steps,
+            strength=first.strength, guidance_scale=first.guidance_scale, num_images_per_prompt=1,
+            generator=generators, output_type="pil", callback_on_step_end=on_step_end)
+        out: list[Image.Image] = list(result.images)
+        split, start = [], 0
+        for job in jobs:
+            split.append(out[start:start + job.num_images])
+            start += job.num_images
+        return split
 
     # --- per-request adapters -----------------------------------------------------------------------
 
