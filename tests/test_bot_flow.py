@@ -60,12 +60,19 @@ async def running_bot(settings: Settings, fake: FakeDiscord) -> AsyncIterator[tu
         await bot.close()
 
 
-@pytest.fixture
-async def discord_env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
+@asynccontextmanager
+async def bot_env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
+    """A logged-in bot on an in-memory Discord, backed by `server` (shared by the Discord-layer test modules)."""
     fake = FakeDiscord()
     with fake.installed():
         async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
             yield bot, fake, driver
+
+
+@pytest.fixture
+async def discord_env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
+    async with bot_env(tmp_path, server) as env:
+        yield env
 
 
 def _uploads(fake: FakeDiscord, size: tuple[int, int] = (256, 192)) -> dict[str, Any]:

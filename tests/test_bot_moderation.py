@@ -31,6 +31,7 @@ from tests.test_bot_flow import (
     _result,
     _settings,
     _uploads,
+    bot_env,
     running_bot,
 )
 
@@ -47,10 +48,8 @@ async def server() -> AsyncIterator[FalTestServer]:
 
 @pytest.fixture
 async def env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    fake = FakeDiscord()
-    with fake.installed():
-        async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
-            yield bot, fake, driver
+    async with bot_env(tmp_path, server) as started:
+        yield started
 
 
 async def _settings_cmd(driver: Driver, sub: str, **options: object) -> str:

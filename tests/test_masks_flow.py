@@ -16,18 +16,15 @@ from services.store import JobStatus
 from tests.discord_harness import Driver, FakeDiscord, FakeMessage, InteractionRecord, user
 from tests.fal_server import FalTestServer
 from tests.imagegen import encode, photo
-from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, _settings, running_bot
+from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, bot_env
 
 BOB = user(20, "bob")
 
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=1) as server:
-        fake = FakeDiscord()
-        with fake.installed():
-            async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
-                yield bot, fake, driver
+    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=1) as server, bot_env(tmp_path, server) as started:
+        yield started
 
 
 def _painted(colour: tuple[int, int, int] = (255, 0, 255)) -> Image.Image:

@@ -20,7 +20,7 @@ from bot import InpaintBot
 from tests.discord_harness import Driver, FakeDiscord, InteractionRecord
 from tests.fal_server import FalTestServer
 from tests.imagegen import encode, photo
-from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, _settings, running_bot
+from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, bot_env
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -40,11 +40,8 @@ def _browser_missing() -> str | None:
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=2) as server:
-        fake = FakeDiscord()
-        with fake.installed():
-            async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
-                yield bot, fake, driver
+    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=2) as server, bot_env(tmp_path, server) as started:
+        yield started
 
 
 def _link(record: InteractionRecord) -> str:

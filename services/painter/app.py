@@ -55,6 +55,8 @@ class LinkRefused(Exception):
 
 
 def create_painter_app(config: PainterConfig) -> Starlette:
+    template = (STATIC / "painter.html").read_text(encoding="utf-8")  # read once, not on the event loop per request
+
     async def session_for(request: Request, *, claim: bool) -> tuple[PainterSession, str | None]:
         """The session behind a link, checked; with `claim`, the first browser to open it takes it."""
         token = request.path_params["token"]
@@ -82,7 +84,7 @@ def create_painter_app(config: PainterConfig) -> Starlette:
         except LinkRefused as exc:
             return _error_page(exc)
         token = request.path_params["token"]
-        body = (STATIC / "painter.html").read_text(encoding="utf-8")
+        body = template
         for key, value in {"TOKEN": token, "PROMPT": str(session.params.get("prompt", "")),
                            "EXPIRES": str(int(session.expires_at))}.items():
             body = body.replace("{{" + key + "}}", html.escape(value, quote=True))
