@@ -276,10 +276,11 @@ class Dispatcher:
         await self.listener.job_progress(await self.store.get_job(job_id), progress)
 
     async def _succeed(self, job_id: int, output: InpaintOutput) -> None:
-        blobs: dict[str, tuple[bytes, str]] = {}
+        blobs: dict[str, StoredBlob] = {}
         for i, image in enumerate(output.images):
             data = await fetch_source(image.url, http=self.http, limits=OUTPUT_LIMITS, role="result")
-            blobs[f"output_{i}"] = (data, image.content_type)
+            blobs[f"output_{i}"] = StoredBlob(sha256=hashlib.sha256(data).hexdigest(),
+                                              content_type=image.content_type, data=data)
         result = output.model_dump(mode="json")
         for stored_image in result["images"]:
             if stored_image["url"].startswith("data:"):
@@ -292,20 +293,18 @@ class Dispatcher:
         if flagged:
             policy = await self.policies(job.guild_id)
             action = policy.flagged_action(job.age_restricted)
-            flagged_images = [blobs[f"output_{i}"][0] for i in flagged if f"output_{i}" in blobs]
+            flagged_images = [blobs[f"output_{i}"].data for i in flagged if f"output_{i}" in blobs]
             where = "an age-restricted" if job.age_restricted else "an ordinary"
             await self._log(job, f"image_flagged_{action}", f"{len(flagged)} of {len(output.images)} image(s) "
                             f"flagged by the safety checker in {where} channel: {action}", flagged_images)
             if action == "block":
-                await self.store.add_job_blobs(job_id, blobs)  # kept for moderators, never posted
+                await self.store.add_job_blobs(job_id, {role: (b.data, b.content_type) for role, b in blobs.items()})
                 await self._end(job_id, JobStatus.BLOCKED, "The safety checker flagged the result, so it was not "
                                 "posted here.", data={"rule": "safety checker (output)"})
                 return
             spoiler = action == "spoiler"
         job = await self.store.transition(job_id, JobStatus.SUCCEEDED, result=result, blobs=blobs)
-        images = [StoredBlob(sha256=hashlib.sha256(data).hexdigest(), content_type=content_type, data=data)
-                  for data, content_type in blobs.values()]
-        await self.listener.job_succeeded(job, output, images, spoiler=spoiler)
+        await self.listener.job_succeeded(job, output, list(blobs.values()), spoiler=spoiler)
 
     async def _block_flagged_input(self, job_id: int, detail: str) -> None:
         job = await self.store.get_job(job_id)

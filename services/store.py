@@ -384,7 +384,7 @@ class JobStore:
         return [_job_from_row(r) for r in rows]
 
     async def transition(self, job_id: int, new_status: JobStatus, *, message: str | None = None,
-                         data: dict[str, Any] | None = None, blobs: dict[str, tuple[bytes, str]] | None = None,
+                         data: dict[str, Any] | None = None, blobs: dict[str, StoredBlob] | None = None,
                          **fields: Any) -> Job:
         """Move a job to `new_status`, refusing illegal transitions, and record the change as an event.
 
@@ -427,8 +427,8 @@ class JobStore:
             await db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*sets.values(), inc, job_id))
             await self._insert_event(db, job_id, "state", message or new_status.value,
                                      {"from": current.value, "to": new_status.value, **(data or {})}, now)
-            for role, (blob, content_type) in (blobs or {}).items():
-                sha = await self._put_blob(db, blob, content_type, now)
+            for role, blob in (blobs or {}).items():
+                sha = await self._put_blob(db, blob.data, blob.content_type, now, sha=blob.sha256)
                 await db.execute("INSERT OR REPLACE INTO job_blobs (job_id, role, sha256) VALUES (?, ?, ?)",
                                  (job_id, role, sha))
         return await self.get_job(job_id)
@@ -502,8 +502,10 @@ class JobStore:
     # --- blobs --------------------------------------------------------------------------------------
 
     @staticmethod
-    async def _put_blob(db: aiosqlite.Connection, data: bytes, content_type: str, now: float) -> str:
-        sha = hashlib.sha256(data).hexdigest()
+    async def _put_blob(db: aiosqlite.Connection, data: bytes, content_type: str, now: float, *,
+                        sha: str | None = None) -> str:
+        """Store bytes once by content (`sha`, when the caller already hashed them, is trusted)."""
+        sha = sha or hashlib.sha256(data).hexdigest()
         await db.execute(
             "INSERT OR IGNORE INTO blobs (sha256, content_type, size, data, created_at) VALUES (?, ?, ?, ?, ?)",
             (sha, content_type, len(data), data, now))
