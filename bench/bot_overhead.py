@@ -26,9 +26,9 @@ from typing import Any
 
 from bot import InpaintBot
 from services.settings import Settings
-from tests.discord_harness import Driver, FakeDiscord, Place, user
-from tests.fal_server import FalTestServer
-from tests.imagegen import box_mask, encode, photo
+from tests.helpers.discord_harness import Driver, FakeDiscord, Place, user
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import box_mask, encode, photo
 
 KEY = "bench-id:bench-secret"
 

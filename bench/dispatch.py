@@ -33,8 +33,8 @@ from services.moderation import GuildPolicy
 from services.progress import Progress
 from services.schema import InpaintOutput, QueueHandle
 from services.store import Job, JobStore, StoredBlob
-from tests.fal_server import FalTestServer
-from tests.imagegen import box_mask, encode, photo
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import box_mask, encode, photo
 
 
 class TimedBackend(FalQueueClient):

@@ -21,7 +21,7 @@ import httpx
 
 from services.images import IntakeLimits, prepare_inputs, prepare_inputs_async
 from services.store import JobStatus, JobStore
-from tests.imagegen import SHARED_EXAMPLES, box_mask, encode, photo
+from tests.helpers.imagegen import SHARED_EXAMPLES, box_mask, encode, photo
 
 LIMITS = IntakeLimits()
 

@@ -30,7 +30,7 @@ from services.worker.inputs import build_job
 from services.worker.pipelines.base import RunContext
 from services.worker.pipelines.sdxl import SDXLPipeline
 from services.worker.settings import WorkerSettings
-from tests.imagegen import box_mask, encode, photo
+from tests.helpers.imagegen import box_mask, encode, photo
 
 #: The real SDXL inpainting architecture (../shared/DESIGN.md); parameter counts are checked in
 #: tests/test_worker_fast_path.py (UNet 2567.5M, VAE 83.7M, CLIP-G 694.7M, CLIP-L 123.1M).
@@ -57,7 +57,7 @@ def build_full_sdxl(folder: Path) -> Path:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from tests.tiny_sdxl import _tiny_tokenizer
+    from tests.helpers.tiny_sdxl import _tiny_tokenizer
 
     torch.manual_seed(0)
     tokenizer = _tiny_tokenizer()
@@ -115,7 +115,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         if tiny:
-            from tests.tiny_sdxl import build_tiny_sdxl
+            from tests.helpers.tiny_sdxl import build_tiny_sdxl
 
             build_tiny_sdxl(folder, in_channels=9)
         else:

@@ -9,7 +9,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
 
-SHARED_EXAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "inpainting_examples"
+from services.images import to_data_uri
+
+SHARED_EXAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "inpainting_examples"
 
 
 def photo(width: int = 256, height: int = 192, *, seed: int = 1) -> Image.Image:
@@ -50,3 +52,10 @@ def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def image_pair_uris(size: tuple[int, int] = (64, 64), box: tuple[int, int, int, int] | None = None) -> tuple[str, str]:
+    """A photo and a box mask as PNG data URIs (what the bot sends)."""
+    w, h = size
+    box = box or (w // 4, h // 4, 3 * w // 4 - 1, 3 * h // 4 - 1)
+    return (to_data_uri(encode(photo(w, h)), "image/png"), to_data_uri(encode(box_mask(size, box)), "image/png"))

@@ -26,6 +26,8 @@ import discord
 from discord.http import HTTPClient, Route
 from discord.webhook.async_ import AsyncWebhookAdapter
 
+from tests.helpers.waits import wait_until
+
 #: (object, attribute) pairs this harness patches or calls that are not public discord.py API.
 PRIVATE_NAMES: tuple[tuple[object, str], ...] = (
     (HTTPClient, "request"),
@@ -514,11 +516,3 @@ def _is_thinking(record: InteractionRecord) -> bool:
 
 def _edited(record: InteractionRecord) -> bool:
     return record.original is not None and record.original.edits > 0
-
-
-async def wait_until(predicate: Callable[[], bool], *, what: str, within_s: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.005)

@@ -22,7 +22,7 @@ from services.backends.fal_queue import (
     RetryPolicy,
 )
 from services.schema import InpaintInput, QueueHandle
-from tests.fal_server import FalTestServer
+from tests.helpers.fal_server import FalTestServer
 
 FAST_RETRY = RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05)
 BODY = InpaintInput(image_url="data:image/png;base64,iVBORw0KGgo=", mask_url="data:image/png;base64,iVBORw0KGgo=",

@@ -26,8 +26,8 @@ from services.images import (
     prepare_inputs_async,
     to_data_uri,
 )
-from tests.fal_server import FalTestServer
-from tests.imagegen import SHARED_EXAMPLES, box_mask, encode, photo, png_bomb
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import SHARED_EXAMPLES, box_mask, encode, photo, png_bomb
 
 LIMITS = IntakeLimits()
 

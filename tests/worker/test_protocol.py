@@ -15,8 +15,8 @@ from services.backends.fal_queue import FalQueueClient, FalRequestFailed, FalVal
 from services.schema import InpaintOutput
 from services.worker.app import create_app
 from services.worker.settings import WorkerSettings
-from tests.conftest import image_pair_uris
-from tests.worker_harness import serve
+from tests.helpers.imagegen import image_pair_uris
+from tests.helpers.worker_harness import serve
 
 KEY = "worker-id:worker-secret"
 APP = "fal-ai/fast-sdxl/inpainting"

@@ -18,8 +18,8 @@ from services.moderation import GuildPolicy, PromptFilter, normalize, save_polic
 from services.progress import Progress
 from services.schema import InpaintOutput
 from services.store import Job, JobStatus, JobStore, ModerationStore, StoredBlob
-from tests.fal_server import FalTestServer
-from tests.imagegen import box_mask, encode, photo
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import box_mask, encode, photo
 
 
 @pytest.mark.parametrize(

@@ -4,27 +4,16 @@ copy as the mask, a refused mask shown back as a picture, and Confirm / Invert /
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from PIL import Image, ImageDraw
 
 from bot import InpaintBot
 from services.moderation import save_policy
 from services.store import JobStatus
-from tests.discord_harness import Driver, FakeDiscord, FakeMessage, InteractionRecord, user
-from tests.fal_server import FalTestServer
-from tests.imagegen import encode, photo
-from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, bot_env
-
-BOB = user(20, "bob")
-
-
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=1) as server, bot_env(tmp_path, server) as started:
-        yield started
+from tests.conftest import BotEnv
+from tests.helpers.bot_env import ALICE, BOB, PLACE, ephemeral_text, result_message
+from tests.helpers.discord_harness import FakeMessage, InteractionRecord
+from tests.helpers.imagegen import encode, photo
 
 
 def _painted(colour: tuple[int, int, int] = (255, 0, 255)) -> Image.Image:
@@ -37,30 +26,30 @@ async def _stored_mask(bot: InpaintBot, job_id: int) -> Image.Image:
     return Image.open(io.BytesIO((await bot.store.job_blobs(job_id))["mask"].data)).convert("L")
 
 
-async def test_colour_painted_on_the_image(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
-    bot, fake, driver = env
+async def test_colour_painted_on_the_image(discord_env: BotEnv) -> None:
+    bot, fake, driver = discord_env
     image = fake.upload(PLACE.channel_id, "painted.png", encode(_painted()), "image/png")
     await driver.slash(ALICE, "inpaint", image=image, prompt="a moon", mask_colour="magenta")
-    await _result(fake, 1, bot)
+    await result_message(fake, 1, bot)
     mask = await _stored_mask(bot, 1)
     assert mask.getpixel((140, 100)) == 255 and mask.getpixel((20, 20)) == 0
     bad = await driver.slash(ALICE, "inpaint", image=image, prompt="a moon", mask_colour="chartreuse-ish")
-    assert "isn't a colour" in _ephemeral_text(bad)
+    assert "isn't a colour" in ephemeral_text(bad)
 
 
-async def test_painted_copy_as_the_mask(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
-    bot, fake, driver = env
+async def test_painted_copy_as_the_mask(discord_env: BotEnv) -> None:
+    bot, fake, driver = discord_env
     original = fake.upload(PLACE.channel_id, "photo.png", encode(photo(256, 192)), "image/png")
     copy = fake.upload(PLACE.channel_id, "painted.jpg", encode(_painted((0, 255, 0)), "JPEG", quality=90),
                        "image/jpeg")
     await driver.slash(ALICE, "inpaint", image=original, mask=copy, prompt="a moon")
-    await _result(fake, 1, bot)
+    await result_message(fake, 1, bot)
     mask = await _stored_mask(bot, 1)
     assert mask.getpixel((140, 100)) == 255 and mask.getpixel((20, 20)) == 0
 
 
-async def test_empty_mask_is_refused_with_a_picture(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
-    bot, fake, driver = env
+async def test_empty_mask_is_refused_with_a_picture(discord_env: BotEnv) -> None:
+    bot, fake, driver = discord_env
     image = fake.upload(PLACE.channel_id, "photo.png", encode(photo(256, 192)), "image/png")
     black = fake.upload(PLACE.channel_id, "mask.png", encode(Image.new("L", (256, 192), 0)), "image/png")
     record = await driver.slash(ALICE, "inpaint", image=image, mask=black, prompt="x")
@@ -71,15 +60,15 @@ async def test_empty_mask_is_refused_with_a_picture(env: tuple[InpaintBot, FakeD
     assert await bot.store.jobs_for_user(10) == []
 
 
-def _followup_with(record: InteractionRecord, custom_id_prefix: str) -> FakeMessage:
+def _followupmessage_with(record: InteractionRecord, custom_id_prefix: str) -> FakeMessage:
     for message in record.followups:
         if any(c.startswith(custom_id_prefix) for c in message.custom_ids()):
             return message
     raise AssertionError(f"no follow-up with {custom_id_prefix}: {record.texts()}")
 
 
-async def test_confirm_masks_invert_confirm_cancel(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
-    bot, fake, driver = env
+async def test_confirm_masks_invert_confirm_cancel(discord_env: BotEnv) -> None:
+    bot, fake, driver = discord_env
     await save_policy(bot.store, PLACE.guild_id, {"confirm_masks": True})
     image = fake.upload(PLACE.channel_id, "photo.png", encode(photo(256, 192)), "image/png")
     small = Image.new("L", (256, 192), 0)
@@ -87,14 +76,14 @@ async def test_confirm_masks_invert_confirm_cancel(env: tuple[InpaintBot, FakeDi
     mask = fake.upload(PLACE.channel_id, "mask.png", encode(small), "image/png")
 
     record = await driver.slash(ALICE, "inpaint", image=image, mask=mask, prompt="a kite")
-    preview = _followup_with(record, "draft:confirm:")
+    preview = _followupmessage_with(record, "draft:confirm:")
     assert preview.ephemeral and list(preview.files) == ["mask-preview.jpg"]
     assert "(6% of the image)" in preview.embeds[0]["description"]
     assert await bot.store.jobs_for_user(10) == []  # nothing spent yet
     draft_id = preview.custom_ids()[0].rsplit(":", 1)[1]
 
     other = await driver.click(BOB, preview, f"draft:confirm:{draft_id}")
-    assert "Only the person who started this" in _ephemeral_text(other)
+    assert "Only the person who started this" in ephemeral_text(other)
 
     inverted = await driver.click(ALICE, preview, f"draft:invert:{draft_id}")
     update = inverted.responses[-1]
@@ -102,14 +91,14 @@ async def test_confirm_masks_invert_confirm_cancel(env: tuple[InpaintBot, FakeDi
 
     confirmed = await driver.click(ALICE, preview, f"draft:confirm:{draft_id}")
     assert confirmed.responses[-1]["data"]["content"] == "Queued as job #1: progress is in the channel."
-    await _result(fake, 1, bot)
+    await result_message(fake, 1, bot)
     stored = await _stored_mask(bot, 1)
     assert stored.getpixel((10, 10)) == 0 and stored.getpixel((200, 150)) == 255  # the inverted mask ran
     again = await driver.click(ALICE, preview, f"draft:confirm:{draft_id}")
-    assert "already been confirmed or cancelled" in _ephemeral_text(again)
+    assert "already been confirmed or cancelled" in ephemeral_text(again)
 
     record = await driver.slash(ALICE, "inpaint", image=image, mask=mask, prompt="another kite")
-    preview = _followup_with(record, "draft:cancel:")
+    preview = _followupmessage_with(record, "draft:cancel:")
     cancel_id = preview.custom_ids()[2]
     cancelled = await driver.click(ALICE, preview, cancel_id)
     assert cancelled.responses[-1]["data"]["content"] == "Cancelled: nothing was spent."

@@ -21,9 +21,8 @@ from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Cancelled, PipelineJob, RunContext
 from services.worker.pipelines.classic import ClassicPipeline
 from services.worker.settings import WorkerSettings
-from tests.conftest import image_pair_uris
-from tests.imagegen import box_mask, photo
-from tests.worker_harness import serve_sync
+from tests.helpers.imagegen import box_mask, image_pair_uris, photo
+from tests.helpers.worker_harness import serve_sync
 
 APP = "fal-ai/fast-sdxl/inpainting"
 

@@ -6,118 +6,43 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
-from bot import InpaintBot
 from services.settings import Settings
 from services.store import JobStatus
-from tests.discord_harness import (
-    ALL_PERMISSIONS,
-    Driver,
-    FakeDiscord,
-    FakeMessage,
-    InteractionRecord,
-    Place,
-    user,
-    wait_until,
+from tests.conftest import BotEnv
+from tests.helpers.bot_env import (
+    ALICE,
+    BOB,
+    KEY,
+    MOD,
+    PLACE,
+    bot_settings,
+    ephemeral_text,
+    message_with,
+    progress_message,
+    result_message,
+    running_bot,
+    uploads,
+    wait_for_final_message,
 )
-from tests.fal_server import FalTestServer
-from tests.imagegen import box_mask, encode, photo
-
-KEY = "bot-key-id:bot-key-secret"
-PLACE = Place(guild_id=111, channel_id=222)
-ALICE = user(10, "alice")
-BOB = user(20, "bob")
-MOD = user(30, "mod")
+from tests.helpers.discord_harness import ALL_PERMISSIONS, FakeDiscord
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import encode, photo
+from tests.helpers.waits import wait_until
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[FalTestServer]:
-    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=3) as srv:
-        yield srv
-
-
-def _settings(tmp_path: Path, server: FalTestServer, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"discord_token": "fake-token", "fal_key": KEY, "fal_queue_base": server.base_url,
-                              "database_path": tmp_path / "bot.sqlite3", "backend_poll_interval_s": 0.01,
-                              "progress_edit_interval_s": 0.05, "painter_port": 0, **overrides}
-    return Settings(_env_file=None, **values)
-
-
-@asynccontextmanager
-async def running_bot(settings: Settings, fake: FakeDiscord) -> AsyncIterator[tuple[InpaintBot, Driver]]:
-    bot = InpaintBot(settings)
-    await bot.login("fake-token")  # runs the real setup_hook: store, backend, dispatcher, cogs, recovery
-    try:
-        yield bot, Driver(fake, bot, PLACE)
-    finally:
-        await bot.close()
-
-
-@asynccontextmanager
-async def bot_env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    """A logged-in bot on an in-memory Discord, backed by `server` (shared by the Discord-layer test modules)."""
-    fake = FakeDiscord()
-    with fake.installed():
-        async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
-            yield bot, fake, driver
-
-
-@pytest.fixture
-async def discord_env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    async with bot_env(tmp_path, server) as env:
-        yield env
-
-
-def _uploads(fake: FakeDiscord, size: tuple[int, int] = (256, 192)) -> dict[str, Any]:
-    w, h = size
-    return {"image": fake.upload(PLACE.channel_id, "photo.png", encode(photo(w, h)), "image/png"),
-            "mask": fake.upload(PLACE.channel_id, "mask.png", encode(box_mask(size, (w // 4, h // 4, w // 2, h // 2))),
-                                "image/png")}
-
-
-def _with(fake: FakeDiscord, custom_id: str) -> FakeMessage:
-    found = [m for m in fake.channel_messages(PLACE.channel_id) if custom_id in m.custom_ids()]
-    assert len(found) == 1, f"{len(found)} messages carry {custom_id}"
-    return found[0]
-
-
-async def _result(fake: FakeDiscord, job_id: int, bot: InpaintBot | None = None) -> FakeMessage:
-    """The job's result message, once posted (and, given the bot, once the bot has recorded posting it)."""
-    await wait_until(lambda: any(f"inpaint:reroll:{job_id}" in m.custom_ids()
-                                 for m in fake.channel_messages(PLACE.channel_id)), what=f"job {job_id}'s result")
-    message = _with(fake, f"inpaint:reroll:{job_id}")
-    if bot is not None:
-        for _ in range(2000):
-            if (await bot.store.get_job(job_id)).result_message_id == message.id:
-                break
-            await asyncio.sleep(0.005)
-    return message
-
-
-def _progress_message(fake: FakeDiscord, bot: InpaintBot, message_id: int | None) -> FakeMessage:
-    assert message_id is not None
-    return fake.messages[message_id]
-
-
-def _ephemeral_text(record: InteractionRecord) -> str:
-    return " ".join(record.texts())
-
-
-async def test_inpaint_end_to_end(discord_env: tuple[InpaintBot, FakeDiscord, Driver], server: FalTestServer) -> None:
+async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) -> None:
     bot, fake, driver = discord_env
-    record = await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a red boat", seed=5, steps=20,
+    record = await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a red boat", seed=5, steps=20,
                                 negative_prompt="blurry", format="png")
     assert record.responses[0] == {"type": 5, "data": {"flags": 64}}  # deferred, ephemeral, within the 3 s
-    assert _ephemeral_text(record) == "Queued as job #1: progress is in the channel."
+    assert ephemeral_text(record) == "Queued as job #1: progress is in the channel."
 
-    result = await _result(fake, 1, bot)
+    result = await result_message(fake, 1, bot)
     job = await bot.store.get_job(1)
     assert job.status is JobStatus.SUCCEEDED and job.result_message_id == result.id
     # the result: the author mentioned, the image attached, every parameter in the embed, five buttons
@@ -130,7 +55,7 @@ async def test_inpaint_end_to_end(discord_env: tuple[InpaintBot, FakeDiscord, Dr
     assert result.custom_ids() == [f"inpaint:{a}:1" for a in ("reroll", "vary", "edit", "delete", "params")]
 
     # the progress message: posted with the preview, edited with progress, finally marked done without buttons
-    progress = _progress_message(fake, bot, job.status_message_id)
+    progress = progress_message(fake, job.status_message_id)
     await wait_until(lambda: progress.field("Status") == "✅ Done", what="the progress message's final edit")
     assert list(progress.files) == ["preview.jpg"] and progress.edits >= 2
     assert progress.components == []
@@ -148,14 +73,14 @@ async def test_inpaint_end_to_end(discord_env: tuple[InpaintBot, FakeDiscord, Dr
     assert any(e.kind == "posted" for e in events)
 
 
-async def test_buttons_reroll_params_delete(discord_env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_buttons_reroll_params_delete(discord_env: BotEnv) -> None:
     bot, fake, driver = discord_env
-    await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a lighthouse", seed=9)
-    first = await _result(fake, 1)
+    await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a lighthouse", seed=9)
+    first = await result_message(fake, 1)
 
     reroll = await driver.click(BOB, first, "inpaint:reroll:1")
-    assert "Rerolling job #1 as job #2." in _ephemeral_text(reroll)
-    await _result(fake, 2)
+    assert "Rerolling job #1 as job #2." in ephemeral_text(reroll)
+    await result_message(fake, 2)
     second = await bot.store.get_job(2)
     assert second.parent_job_id == 1 and second.user_id == 20 and "seed" not in second.input
     assert (await bot.store.job_blobs(2))["image"].sha256 == (await bot.store.job_blobs(1))["image"].sha256
@@ -165,60 +90,60 @@ async def test_buttons_reroll_params_delete(discord_env: tuple[InpaintBot, FakeD
     assert shown["flags"] & 64 and '"prompt": "a lighthouse"' in shown["content"]
 
     refused = await driver.click(BOB, first, "inpaint:delete:1")
-    assert "Only the person who started job #1 or a moderator can delete it." in _ephemeral_text(refused)
+    assert "Only the person who started job #1 or a moderator can delete it." in ephemeral_text(refused)
     assert not first.deleted
     deleted = await driver.click(ALICE, first, "inpaint:delete:1")
-    assert "Deleted the result of job #1." in _ephemeral_text(deleted) and first.deleted
+    assert "Deleted the result of job #1." in ephemeral_text(deleted) and first.deleted
     # a moderator may delete anyone's result
-    result_two = _with(fake, "inpaint:delete:2")
+    result_two = message_with(fake, "inpaint:delete:2")
     await driver.click(MOD, result_two, "inpaint:delete:2", permissions=ALL_PERMISSIONS)
     assert result_two.deleted
 
 
-async def test_variations_and_edit_modal(discord_env: tuple[InpaintBot, FakeDiscord, Driver],
+async def test_variations_and_edit_modal(discord_env: BotEnv,
                                          server: FalTestServer) -> None:
     bot, fake, driver = discord_env
-    await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a cat")
-    first = await _result(fake, 1)
+    await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a cat")
+    first = await result_message(fake, 1)
     await driver.click(ALICE, first, "inpaint:vary:1")
-    variations = await _result(fake, 2)
+    variations = await result_message(fake, 2)
     assert len(variations.files) == 4 and (await bot.store.get_job(2)).input["num_images"] == 4
 
     shown = await driver.click(ALICE, first, "inpaint:edit:1")
     assert shown.modal is not None and shown.modal["title"] == "Edit job #1"
     done = await driver.submit_modal(ALICE, shown, {"Prompt": "a dog", "Strength (0.01 to 1)": "0.6",
                                                     "Seed (empty = random)": "1234"})
-    assert "Re-running job #1 as job #3." in _ephemeral_text(done)
-    await _result(fake, 3)
+    assert "Re-running job #1 as job #3." in ephemeral_text(done)
+    await result_message(fake, 3)
     edited = await bot.store.get_job(3)
     assert (edited.input["prompt"], edited.input["strength"], edited.input["seed"]) == ("a dog", 0.6, 1234)
 
     again = await driver.click(ALICE, first, "inpaint:edit:1")  # a submitted modal is gone: open a new one
     bad = await driver.submit_modal(ALICE, again, {"Strength (0.01 to 1)": "lots"})
-    assert "Strength must be a number" in _ephemeral_text(bad)
+    assert "Strength must be a number" in ephemeral_text(bad)
 
 
 async def test_cancel_by_author_only(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=10_000) as slow:  # stays queued at the backend
         fake = FakeDiscord()
         with fake.installed():
-            async with running_bot(_settings(tmp_path, slow), fake) as (bot, driver):
-                await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="slow one")
+            async with running_bot(bot_settings(tmp_path, slow), fake) as (bot, driver):
+                await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="slow one")
                 await wait_until(lambda: bool(slow.requests), what="the submit")
                 job = await bot.store.get_job(1)
-                progress = _progress_message(fake, bot, job.status_message_id)
+                progress = progress_message(fake, job.status_message_id)
                 await wait_until(lambda: progress.field("Status", ) is not None and "queue" in (
                     progress.field("Status") or ""), what="the queue position on the progress message")
                 refused = await driver.click(BOB, progress, "inpaint:cancel:1")
-                assert "Only the person who started job #1" in _ephemeral_text(refused)
+                assert "Only the person who started job #1" in ephemeral_text(refused)
                 ok = await driver.click(ALICE, progress, "inpaint:cancel:1")
-                assert "Cancelling job #1" in _ephemeral_text(ok)
+                assert "Cancelling job #1" in ephemeral_text(ok)
                 await wait_until(lambda: progress.field("Status") == "🚫 Cancelled", what="the cancelled state")
                 assert (await bot.store.get_job(1)).status is JobStatus.CANCELLED
                 assert len(slow.hits("cancel")) == 1 and progress.components == []
 
 
-async def test_user_errors_are_friendly_and_ephemeral(discord_env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_user_errors_are_friendly_and_ephemeral(discord_env: BotEnv) -> None:
     bot, fake, driver = discord_env
     text = fake.upload(PLACE.channel_id, "notes.txt", b"hello", "text/plain")
     record = await driver.slash(ALICE, "inpaint", image=text, prompt="x")
@@ -230,71 +155,53 @@ async def test_user_errors_are_friendly_and_ephemeral(discord_env: tuple[Inpaint
     huge = fake.upload(PLACE.channel_id, "huge.png", b"x" * 100, "image/png")
     huge["size"] = 200 * 1024 * 1024
     record = await driver.slash(ALICE, "inpaint", image=huge, prompt="x")
-    assert "is 200.0 MiB; the limit is 25 MiB" in _ephemeral_text(record)
+    assert "is 200.0 MiB; the limit is 25 MiB" in ephemeral_text(record)
 
     empty_mask = fake.upload(PLACE.channel_id, "mask.png", encode(Image.new("L", (256, 192), 0)), "image/png")
-    record = await driver.slash(ALICE, "inpaint", image=_uploads(fake)["image"], mask=empty_mask, prompt="x")
-    assert "The mask is empty" in _ephemeral_text(record)
+    record = await driver.slash(ALICE, "inpaint", image=uploads(fake)["image"], mask=empty_mask, prompt="x")
+    assert "The mask is empty" in ephemeral_text(record)
 
-    no_mask = await driver.slash(ALICE, "inpaint", image=_uploads(fake)["image"], prompt="x")
-    assert "paint the area to change on this page" in _ephemeral_text(no_mask)  # the web painter's link
+    no_mask = await driver.slash(ALICE, "inpaint", image=uploads(fake)["image"], prompt="x")
+    assert "paint the area to change on this page" in ephemeral_text(no_mask)  # the web painter's link
     assert await bot.store.jobs_for_user(10) == []  # nothing was queued for any of these
 
 
-async def test_transparent_png_needs_no_mask(discord_env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_transparent_png_needs_no_mask(discord_env: BotEnv) -> None:
     bot, fake, driver = discord_env
     rgba = photo(256, 192).convert("RGBA")
     rgba.paste((0, 0, 0, 0), (60, 40, 160, 120))
     image = fake.upload(PLACE.channel_id, "cutout.png", encode(rgba), "image/png")
     record = await driver.slash(ALICE, "inpaint", image=image, prompt="a window")
-    assert "mask taken from the image's transparent area" in _ephemeral_text(record)
-    await _result(fake, 1)
+    assert "mask taken from the image's transparent area" in ephemeral_text(record)
+    await result_message(fake, 1)
     stored = Image.open(io.BytesIO((await bot.store.job_blobs(1))["mask"].data))
     assert stored.getpixel((100, 80)) == 255 and stored.getpixel((10, 10)) == 0  # the hole is what gets repainted
 
 
-async def test_backend_down_becomes_a_failed_job_with_retry(discord_env: tuple[InpaintBot, FakeDiscord, Driver],
+async def test_backend_down_becomes_a_failed_job_with_retry(discord_env: BotEnv,
                                                             server: FalTestServer) -> None:
     bot, fake, driver = discord_env
     fault = server.inject("submit", "status", code=503, times=-1, body={"detail": "no runners available"})
     bot.backend.retry = type(bot.backend.retry)(attempts=2, base_delay_s=0.01, max_delay_s=0.02)
-    await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="a tree")
-    job_msg = await wait_for_status(fake, bot, 1, JobStatus.FAILED)
+    await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a tree")
+    job_msg = await wait_for_final_message(fake, bot, 1, JobStatus.FAILED)
     assert "The backend is unavailable right now" in (job_msg.field("Why") or "")
     assert job_msg.custom_ids() == ["inpaint:retry:1", "inpaint:params:1"]
 
     fault.times = 0  # the backend is back
     retry = await driver.click(ALICE, job_msg, "inpaint:retry:1")
-    assert "Retrying job #1 as job #2." in _ephemeral_text(retry)
-    await _result(fake, 2)
-
-
-async def wait_for_status(fake: FakeDiscord, bot: InpaintBot, job_id: int, status: JobStatus) -> FakeMessage:
-    async def reached() -> bool:
-        return (await bot.store.get_job(job_id)).status is status
-
-    for _ in range(2000):
-        if await reached():
-            break
-        await asyncio.sleep(0.01)
-    job = await bot.store.get_job(job_id)
-    assert job.status is status, job
-    message = _progress_message(fake, bot, job.status_message_id)
-    await wait_until(lambda: message.field("Status") is not None and message.field("Status") != "",
-                     what="the final edit")
-    await wait_until(lambda: not any(c.startswith("inpaint:cancel") for c in message.custom_ids()),
-                     what="the cancel button to go")
-    return message
+    assert "Retrying job #1 as job #2." in ephemeral_text(retry)
+    await result_message(fake, 2)
 
 
 async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=10_000) as server:
         fake = FakeDiscord()
         with fake.installed():
-            settings = _settings(tmp_path, server)
+            settings = bot_settings(tmp_path, server)
             async with running_bot(settings, fake) as (bot, driver):
-                await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="resume me", seed=77)
-                await driver.slash(BOB, "inpaint", **_uploads(fake), prompt="lost by the backend", seed=78)
+                await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="resume me", seed=77)
+                await driver.slash(BOB, "inpaint", **uploads(fake), prompt="lost by the backend", seed=78)
                 await wait_until(lambda: len(server.requests) == 2, what="both submits")
                 await wait_until(lambda: len(server.hits("status")) >= 4, what="polling")
             # the bot is down; meanwhile the backend finishes the first request and forgets the second
@@ -303,8 +210,8 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
             del server.requests[second_rid]
             server.queue_polls = 1  # new submissions run promptly now
             async with running_bot(settings, fake) as (bot, driver):
-                one = await _result(fake, 1, bot)
-                two = await _result(fake, 2, bot)
+                one = await result_message(fake, 1, bot)
+                two = await result_message(fake, 2, bot)
                 assert (await bot.store.get_job(1)).backend_request_id == first_rid  # followed, not re-submitted
                 job_two = await bot.store.get_job(2)
                 assert job_two.attempts == 2 and job_two.backend_request_id != second_rid  # re-submitted from blobs
@@ -320,11 +227,11 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
 async def test_unposted_result_is_posted_after_restart(tmp_path: Path, server: FalTestServer) -> None:
     fake = FakeDiscord()
     with fake.installed():
-        settings = _settings(tmp_path, server)
+        settings = bot_settings(tmp_path, server)
         fake.fail_routes[r"POST /channels/\d+/messages"] = 503
         async with running_bot(settings, fake) as (bot, driver):
             fake.fail_routes.clear()
-            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="post me")
+            await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="post me")
             fake.fail_routes[r"POST /channels/\d+/messages"] = 503  # Discord refuses the result post
             await wait_until(lambda: True, what="nothing")
             for _ in range(500):
@@ -334,31 +241,31 @@ async def test_unposted_result_is_posted_after_restart(tmp_path: Path, server: F
             assert (await bot.store.get_job(1)).result_message_id is None
         fake.fail_routes.clear()
         async with running_bot(settings, fake) as (bot, _):
-            await _result(fake, 1, bot)
+            await result_message(fake, 1, bot)
             assert (await bot.store.get_job(1)).result_message_id is not None
 
 
-async def test_context_menu_with_modal_mask_upload(discord_env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_context_menu_with_modal_mask_upload(discord_env: BotEnv) -> None:
     bot, fake, driver = discord_env
-    uploads = _uploads(fake)
-    posted = fake.user_message(PLACE.channel_id, BOB, [uploads["image"]])
+    files = uploads(fake)
+    posted = fake.user_message(PLACE.channel_id, BOB, [files["image"]])
     shown = await driver.message_command(ALICE, "Inpaint this image", posted)
     assert shown.modal is not None and shown.modal["title"] == "Inpaint this image"
     done = await driver.submit_modal(ALICE, shown, {"Prompt": "a sailboat",
-                                                    "Mask (white = repaint)": [uploads["mask"]]})
-    assert "Queued as job #1" in _ephemeral_text(done)
-    await _result(fake, 1)
+                                                    "Mask (white = repaint)": [files["mask"]]})
+    assert "Queued as job #1" in ephemeral_text(done)
+    await result_message(fake, 1)
     assert (await bot.store.get_job(1)).input["prompt"] == "a sailboat"
 
     nothing = fake.user_message(PLACE.channel_id, BOB, [])
     refused = await driver.message_command(ALICE, "Inpaint this image", nothing)
-    assert "That message has no image attachment to inpaint." in _ephemeral_text(refused)
+    assert "That message has no image attachment to inpaint." in ephemeral_text(refused)
 
 
-async def test_jobs_and_job_commands(discord_env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_jobs_and_job_commands(discord_env: BotEnv) -> None:
     _, fake, driver = discord_env
-    await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="first")
-    await _result(fake, 1)
+    await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="first")
+    await result_message(fake, 1)
     listing = await driver.slash(ALICE, "jobs")
     embed = listing.responses[0]["data"]["embeds"][0]
     assert "`#1` succeeded" in embed["description"] and listing.responses[0]["data"]["flags"] & 64
@@ -366,13 +273,13 @@ async def test_jobs_and_job_commands(discord_env: tuple[InpaintBot, FakeDiscord,
     history = detail.responses[0]["data"]["embeds"][0]["fields"][0]["value"]
     assert "**state** succeeded" in history and "**log** step 3/3" in history
     other = await driver.slash(BOB, "job", job_id=1)
-    assert "isn't yours to look at" in _ephemeral_text(other)
-    assert "There is no job #99." in _ephemeral_text(await driver.slash(ALICE, "job", job_id=99))
+    assert "isn't yours to look at" in ephemeral_text(other)
+    assert "There is no job #99." in ephemeral_text(await driver.slash(ALICE, "job", job_id=99))
     empty = await driver.slash(BOB, "jobs")
-    assert "You have no jobs here yet" in _ephemeral_text(empty)
+    assert "You have no jobs here yet" in ephemeral_text(empty)
 
 
-async def test_command_definitions_snapshot(discord_env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_command_definitions_snapshot(discord_env: BotEnv) -> None:
     """Option changes must be deliberate: regenerate with UPDATE_SNAPSHOTS=1 and review the diff."""
     import os
 
@@ -387,7 +294,7 @@ async def test_command_definitions_snapshot(discord_env: tuple[InpaintBot, FakeD
 
 
 def test_private_discord_names_still_exist() -> None:
-    from tests.discord_harness import PRIVATE_NAMES
+    from tests.helpers.discord_harness import PRIVATE_NAMES
 
     for owner, name in PRIVATE_NAMES:
         assert hasattr(owner, name) or name in getattr(owner, "__annotations__", {}) or name == "_connection", \
@@ -408,9 +315,9 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
         async with running_bot(settings, fake) as (bot, driver):
             assert bot.embedded_worker is not None and bot.backend.base_url.startswith("http://127.0.0.1:")
             assert "NO BACKEND CONFIGURED" in caplog.text
-            await driver.slash(ALICE, "inpaint", **_uploads(fake, (128, 96)), prompt="ignored by the fill",
+            await driver.slash(ALICE, "inpaint", **uploads(fake, (128, 96)), prompt="ignored by the fill",
                                size="square", format="png")
-            result = await _result(fake, 1)
+            result = await result_message(fake, 1)
             job = await bot.store.get_job(1)
             assert job.backend == "embedded" and job.input["enable_safety_checker"] is False
             assert Image.open(io.BytesIO(result.files["result_0.png"])).size == (512, 512)
@@ -423,11 +330,11 @@ async def test_secrets_stay_out_of_logs_and_the_database(tmp_path: Path, server:
     caplog.set_level("DEBUG")
     fake = FakeDiscord()
     with fake.installed():
-        async with running_bot(_settings(tmp_path, server), fake) as (bot, driver):
-            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="quiet")
-            await _result(fake, 1)
+        async with running_bot(bot_settings(tmp_path, server), fake) as (bot, driver):
+            await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="quiet")
+            await result_message(fake, 1)
             server.inject("status", "echo_auth", times=1)  # a backend that echoes our key back in an error
-            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="loud backend")
+            await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="loud backend")
             for _ in range(500):
                 if (await bot.store.get_job(2)).terminal:
                     break
@@ -448,12 +355,12 @@ async def test_progress_edits_are_throttled(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=0, progress_logs=20) as busy:
         fake = FakeDiscord()
         with fake.installed():
-            settings = _settings(tmp_path, busy, progress_edit_interval_s=0.5)
+            settings = bot_settings(tmp_path, busy, progress_edit_interval_s=0.5)
             async with running_bot(settings, fake) as (bot, driver):
-                await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="chatty backend")
-                await _result(fake, 1, bot)
+                await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="chatty backend")
+                await result_message(fake, 1, bot)
                 job = await bot.store.get_job(1)
-                progress = _progress_message(fake, bot, job.status_message_id)
+                progress = progress_message(fake, job.status_message_id)
                 await wait_until(lambda: progress.field("Status") == "✅ Done", what="the final edit")
                 assert len(await bot.store.events(1, kind="log")) == 20  # every line stored…
                 elapsed = (job.finished_at or 0) - job.created_at
@@ -481,13 +388,13 @@ def test_results_are_reencoded_to_fit_the_upload_limit() -> None:
 async def test_buttons_on_old_messages_work_after_a_restart(tmp_path: Path, server: FalTestServer) -> None:
     fake = FakeDiscord()
     with fake.installed():
-        settings = _settings(tmp_path, server)
+        settings = bot_settings(tmp_path, server)
         async with running_bot(settings, fake) as (bot, driver):
-            await driver.slash(ALICE, "inpaint", **_uploads(fake), prompt="before the restart", seed=3)
-            old = await _result(fake, 1, bot)
+            await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="before the restart", seed=3)
+            old = await result_message(fake, 1, bot)
         async with running_bot(settings, fake) as (bot, driver):  # a new process: no views in memory
             params = await driver.click(BOB, old, "inpaint:params:1")
-            assert "before the restart" in _ephemeral_text(params)
+            assert "before the restart" in ephemeral_text(params)
             await driver.click(BOB, old, "inpaint:reroll:1")
-            await _result(fake, 2, bot)
+            await result_message(fake, 2, bot)
             assert (await bot.store.get_job(2)).parent_job_id == 1

@@ -20,9 +20,8 @@ from services.worker.app import create_app
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import LoraSpec, PipelineJob, RunContext
 from services.worker.settings import WorkerSettings
-from tests.conftest import image_pair_uris
-from tests.imagegen import box_mask, photo
-from tests.worker_harness import serve_sync
+from tests.helpers.imagegen import box_mask, image_pair_uris, photo
+from tests.helpers.worker_harness import serve_sync
 
 APP = "fal-ai/fast-sdxl/inpainting"
 #: mean absolute difference (0-255 scale) allowed between the fast path and stock diffusers on the tiny model in

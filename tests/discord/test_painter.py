@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import io
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from bot import InpaintBot
-from tests.discord_harness import Driver, FakeDiscord, InteractionRecord
-from tests.fal_server import FalTestServer
-from tests.imagegen import encode, photo
-from tests.test_bot_flow import ALICE, KEY, PLACE, _ephemeral_text, _result, bot_env
+from tests.conftest import BotEnv
+from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, result_message
+from tests.helpers.discord_harness import Driver, FakeDiscord, InteractionRecord
+from tests.helpers.imagegen import encode, photo
 
 CHROMIUM = "/usr/bin/chromium"
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
                  "--disable-background-networking", "--disable-component-update"]
 
@@ -36,12 +34,6 @@ def _browser_missing() -> str | None:
     except ImportError:
         return "the playwright package is not installed (it is in the [dev] extra)"
     return None
-
-
-@pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[InpaintBot, FakeDiscord, Driver]]:
-    async with FalTestServer(key=KEY, queue_polls=1, progress_logs=2) as server, bot_env(tmp_path, server) as started:
-        yield started
 
 
 def _link(record: InteractionRecord) -> str:
@@ -58,8 +50,8 @@ async def _ask_for_link(fake: FakeDiscord, driver: Driver, size: tuple[int, int]
     image = encode(photo(*size), "PNG")
     upload = fake.upload(PLACE.channel_id, "photo.png", image, "image/png")
     record = await driver.slash(ALICE, "inpaint", image=upload, prompt=prompt)
-    assert "paint the area to change on this page" in _ephemeral_text(record)
-    assert "works once, for 30 minutes" in _ephemeral_text(record)
+    assert "paint the area to change on this page" in ephemeral_text(record)
+    assert "works once, for 30 minutes" in ephemeral_text(record)
     return _link(record), image
 
 
@@ -72,10 +64,10 @@ def _painted_mask(width: int, height: int, box: tuple[int, int, int, int]) -> st
 
 
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
-async def test_chromium_paints_a_stroke_and_submits(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_chromium_paints_a_stroke_and_submits(discord_env: BotEnv) -> None:
     from playwright.async_api import async_playwright
 
-    bot, fake, driver = env
+    bot, fake, driver = discord_env
     url, _ = await _ask_for_link(fake, driver)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -111,7 +103,7 @@ async def test_chromium_paints_a_stroke_and_submits(env: tuple[InpaintBot, FakeD
         finally:
             await browser.close()
 
-    await _result(fake, 1, bot)
+    await result_message(fake, 1, bot)
     job = await bot.store.get_job(1)
     assert job.input["prompt"] == "a red balloon, sunset light"
     mask = Image.open(io.BytesIO((await bot.store.job_blobs(1))["mask"].data)).convert("L")
@@ -124,8 +116,8 @@ async def test_chromium_paints_a_stroke_and_submits(env: tuple[InpaintBot, FakeD
     assert "mask painted in the web painter" in events
 
 
-async def test_links_are_personal_single_use_and_expire(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
-    bot, fake, driver = env
+async def test_links_are_personal_single_use_and_expire(discord_env: BotEnv) -> None:
+    bot, fake, driver = discord_env
     url, _ = await _ask_for_link(fake, driver)
     async with httpx.AsyncClient() as owner, httpx.AsyncClient() as stranger:
         page = await owner.get(url)
@@ -156,7 +148,7 @@ async def test_links_are_personal_single_use_and_expire(env: tuple[InpaintBot, F
         assert again.status_code == 410 and "already used" in again.json()["error"]
         assert (await owner.get(url)).status_code == 410
 
-    await _result(fake, 1, bot)
+    await result_message(fake, 1, bot)
     url2, _ = await _ask_for_link(fake, driver)
     assert bot.painter is not None
     real = bot.painter.clock
@@ -166,8 +158,8 @@ async def test_links_are_personal_single_use_and_expire(env: tuple[InpaintBot, F
     assert expired.status_code == 410 and "expired" in expired.text
 
 
-async def test_painter_submit_goes_through_moderation(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
-    bot, fake, driver = env
+async def test_painter_submit_goes_through_moderation(discord_env: BotEnv) -> None:
+    bot, fake, driver = discord_env
     url, _ = await _ask_for_link(fake, driver)
     async with httpx.AsyncClient() as owner:
         await owner.get(url)
@@ -180,9 +172,9 @@ async def test_painter_submit_goes_through_moderation(env: tuple[InpaintBot, Fak
     assert stored.error == "Blocked: default word 'nude' in the prompt"
 
 
-async def test_painter_page_has_no_inline_code(env: tuple[InpaintBot, FakeDiscord, Driver]) -> None:
+async def test_painter_page_has_no_inline_code(discord_env: BotEnv) -> None:
     """The page is served with a strict Content-Security-Policy, so nothing inline would run."""
-    _, fake, driver = env
+    _, fake, driver = discord_env
     url, _ = await _ask_for_link(fake, driver)
     async with httpx.AsyncClient() as owner:
         page = await owner.get(url)

@@ -12,7 +12,7 @@ import pytest
 from services.backend_select import choose_backend
 from services.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_missing_token_prints_setup_and_exits_nonzero(tmp_path: Path) -> None:
