@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bot import InpaintBot
-from services.settings import Settings
+from services.config import BotConfig
+from services.container import build_services
 from tests.helpers.discord_harness import Driver, FakeDiscord, Place, user
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
@@ -42,24 +43,23 @@ def _pct(samples: list[float]) -> str:
 async def run(jobs: int, side: int, output: str) -> list[float]:
     async with FalTestServer(key=KEY, queue_polls=0, progress_logs=0) as server:
         with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(_env_file=None, discord_token="bench", fal_key=KEY, fal_queue_base=server.base_url,
-                                database_path=Path(tmp) / "bench.sqlite3", backend_poll_interval_s=0.01,
-                                painter_port=0)
+            config = BotConfig(_env_file=None, discord_token="bench", fal_key=KEY, fal_queue_base=server.base_url,
+                               database_path=Path(tmp) / "bench.sqlite3", backend_poll_interval_s=0.01,
+                               painter_port=0)
             fake = FakeDiscord()
             place = Place(guild_id=1, channel_id=2)
             image = encode(photo(side, side), "PNG")
             mask = encode(box_mask((side, side), (side // 4, side // 4, side // 2, side // 2)), "PNG")
             with fake.installed():
-                bot = InpaintBot(settings)
-                await bot.login("bench")
-                driver = Driver(fake, bot, place)
-                samples = []
-                posted = asyncio.Event()
-                fake.on_create = lambda m: posted.set() if any("reroll" in c for c in m.custom_ids()) else None
-                try:
+                async with build_services(config) as services, InpaintBot(config, services) as bot:
+                    await bot.login("bench")
+                    driver = Driver(fake, bot, place)
+                    samples = []
+                    posted = asyncio.Event()
+                    fake.on_create = lambda m: posted.set() if any("reroll" in c for c in m.custom_ids()) else None
                     for i in range(jobs + 3):
                         uploads: dict[str, Any] = {"image": fake.upload(2, "photo.png", image, "image/png"),
-                                   "mask": fake.upload(2, "mask.png", mask, "image/png")}
+                                                   "mask": fake.upload(2, "mask.png", mask, "image/png")}
                         posted.clear()
                         start = time.perf_counter()
                         # the driver waits for the ephemeral reply on its own; the clock stops at the result post
@@ -70,8 +70,6 @@ async def run(jobs: int, side: int, output: str) -> list[float]:
                         await reply
                         if i >= 3:  # warm-up
                             samples.append(elapsed)
-                finally:
-                    await bot.close()
     return samples
 
 

@@ -23,39 +23,43 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from services.backends.fal_queue import FalQueueClient, QueueUpdate
-from services.dispatch import Dispatcher
+from services.blob import Blob
+from services.config import BotConfig
+from services.container import build_services
+from services.dispatch import JobImages
 from services.fairqueue import FairQueue, QueuedJob
-from services.jobs import JobService
-from services.moderation import GuildPolicy
+from services.job_state import Job
 from services.progress import Progress
-from services.schema import InpaintOutput, QueueHandle
-from services.store import Job, JobStore, StoredBlob
+from services.schema import InpaintOutput
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
 
 
-class TimedBackend(FalQueueClient):
-    """The real client, with the time spent in its calls added up (to subtract from the dispatcher's)."""
+class TimedBackend:
+    """Wraps the real client's calls (`submit`, `follow`), adding up the time spent in them (to subtract from the
+    dispatcher's)."""
 
-    spent = 0.0
+    def __init__(self, client: FalQueueClient) -> None:
+        self.spent = 0.0
+        submit, follow = client.submit, client.follow
 
-    async def submit(self, body: Any) -> QueueHandle:
-        start = time.perf_counter()
-        try:
-            return await super().submit(body)
-        finally:
-            self.spent += time.perf_counter() - start
+        async def timed_submit(body: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return await submit(body)
+            finally:
+                self.spent += time.perf_counter() - start
 
-    async def follow(self, handle: QueueHandle,
-                     on_update: Callable[[QueueUpdate], Awaitable[None]] | None = None) -> InpaintOutput:
-        start = time.perf_counter()
-        try:
-            return await super().follow(handle, on_update)
-        finally:
-            self.spent += time.perf_counter() - start
+        async def timed_follow(handle: Any, on_update: Callable[[QueueUpdate], Awaitable[None]] | None = None) -> Any:
+            start = time.perf_counter()
+            try:
+                return await follow(handle, on_update)
+            finally:
+                self.spent += time.perf_counter() - start
+
+        client.submit = timed_submit  # type: ignore[method-assign]
+        client.follow = timed_follow  # type: ignore[method-assign]
 
 
 class Clock:
@@ -66,10 +70,13 @@ class Clock:
         self.overheads: list[float] = []
         self.done = asyncio.Event()
 
+    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
+        return None
+
     async def job_progress(self, job: Job, progress: Progress) -> None:
         return None
 
-    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob], *,
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None:
         now = time.perf_counter()
         self.overheads.append(now - self.last - self.backend.spent)
@@ -89,27 +96,23 @@ def _pct(samples: list[float], unit: float = 1000, name: str = "ms") -> str:
 
 
 async def dispatcher_overhead(jobs: int, users: int) -> list[float]:
-    async with FalTestServer(key=None, queue_polls=0, progress_logs=0) as server, httpx.AsyncClient() as http:
+    async with FalTestServer(key=None, queue_polls=0, progress_logs=0) as server:
         with tempfile.TemporaryDirectory() as tmp:
-            async with await JobStore.open(Path(tmp) / "bench.sqlite3") as store:
-                blobs = {"image": (encode(photo(64, 64)), "image/png"),
-                         "mask": (encode(box_mask((64, 64), (8, 8, 40, 40))), "image/png")}
+            config = BotConfig(_env_file=None, worker_url=server.base_url, database_path=Path(tmp) / "bench.sqlite3",
+                               backend_poll_interval_s=0.001, dispatch_concurrency=1, painter_enabled=False)
+            async with build_services(config) as services:
+                store = services.store
+                await store.server_settings.save(1, {"user_concurrent": 2, "server_concurrent": 4})
+                blobs = {"image": Blob(encode(photo(64, 64)), "image/png"),
+                         "mask": Blob(encode(box_mask((64, 64), (8, 8, 40, 40))), "image/png")}
                 for n in range(jobs):
-                    await store.create_job(user_id=n // (jobs // users), guild_id=1, channel_id=2, backend="fal",
-                                           blobs=blobs, input={"prompt": "x", "image_url": "blob:image",
-                                                               "mask_url": "blob:mask", "image_size": "square"})
-                backend = TimedBackend(base_url=server.base_url, http=http, poll_interval_s=0.001)
-                clock = Clock(backend, jobs)
-
-                async def policy(_guild: int | None) -> GuildPolicy:
-                    return GuildPolicy(user_concurrent=2, server_concurrent=4)
-
-                dispatcher = Dispatcher(store, JobService(store, backend="fal"), backend, http, clock, concurrency=1,
-                                        policies=policy)
+                    await store.jobs.create(user_id=n // (jobs // users), guild_id=1, channel_id=2, backend="worker",
+                                            blobs=blobs, input={"prompt": "x", "image_url": "blob:image",
+                                                                "mask_url": "blob:mask", "image_size": "square"})
+                clock = Clock(TimedBackend(services.backend), jobs)
                 clock.last = time.perf_counter()
-                await dispatcher.start()
+                await services.dispatcher.start(clock)  # recovery picks up the queued jobs
                 await asyncio.wait_for(clock.done.wait(), 300)
-                await dispatcher.close()
                 return clock.overheads[5:]  # the first few warm up connections and caches
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 
 from services.images import IntakeLimits, prepare_inputs, prepare_inputs_async
-from services.store import JobStatus, JobStore
+from services.job_state import JobStatus
+from services.store import Store
 from tests.helpers.imagegen import SHARED_EXAMPLES, box_mask, encode, photo
 
 LIMITS = IntakeLimits()
@@ -74,25 +75,25 @@ async def main(runs: int) -> None:
 
     prepared = prepare_inputs(image, mask, limits=LIMITS)
     with tempfile.TemporaryDirectory() as tmp:
-        async with await JobStore.open(Path(tmp) / "bench.sqlite3") as store:
-            blobs = {"image": (prepared.image_blob.data, prepared.image_blob.content_type),
-                     "mask": (prepared.mask_blob.data, prepared.mask_blob.content_type)}
+        async with await Store.open(Path(tmp) / "bench.sqlite3") as db:
+            store = db.jobs
+            blobs = {"image": prepared.image_blob, "mask": prepared.mask_blob}
 
             async def round_trip() -> object:
-                job = await store.create_job(user_id=1, guild_id=2, channel_id=3, backend="fal",
+                job = await store.create(user_id=1, guild_id=2, channel_id=3, backend="fal",
                                              input={"prompt": "p", "image_url": "blob:image"}, blobs=blobs)
                 await store.transition(job.id, JobStatus.SUBMITTED, backend_request_id="r", status_url="s",
                                        response_url="r", cancel_url="c")
                 await store.transition(job.id, JobStatus.RUNNING)
                 await store.add_events(job.id, [("log", f"step {i}/23", None) for i in range(1, 24)])
                 await store.transition(job.id, JobStatus.SUCCEEDED, result={"images": [], "seed": 1})
-                await store.get_job(job.id)
-                return await store.job_blobs(job.id)
+                await store.get(job.id)
+                return await store.blobs(job.id)
 
             print(f"store round trip (create+3 transitions+23 logs+reads): {_pct(await _time(round_trip, runs))}")
 
             n = 400
-            jobs = [await store.create_job(user_id=i, input={"i": i}, backend="fal") for i in range(n)]
+            jobs = [await store.create(user_id=i, input={"i": i}, backend="fal") for i in range(n)]
             start = time.perf_counter()
             for job in jobs[: n // 2]:
                 await store.transition(job.id, JobStatus.SUBMITTED)

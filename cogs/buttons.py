@@ -1,153 +1,132 @@
-"""Buttons on progress and result messages. Each is a `DynamicItem` whose custom_id carries the job id; state
-is read from SQLite when pressed, so every button keeps working after a restart."""
+"""Buttons on progress and result messages: Cancel, Reroll, Variations, Edit, Retry, Delete, Params. Each job
+button's custom id carries the job id; the job is read from SQLite when it is pressed. A button that starts a
+new job goes through the launcher like every other entry point."""
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import Any, ClassVar
 
 import discord
 
 from cogs import render
 from cogs.errors import report_error
-from cogs.flow import launch_stored_job, requester
+from cogs.interactions import is_moderator, requester_of, services_of
+from cogs.items import DynamicButton, PersistentButton, view_of
 from services.errors import UserError
-from services.store import Job, JobNotFound, JobStatus
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
-
-
-def bot_of(interaction: discord.Interaction) -> InpaintBot:
-    return cast("InpaintBot", interaction.client)
+from services.job_state import Job, JobNotFound, JobStatus
+from services.launch import FromJob, Launched
+from services.refusals import JobGone, Refused
 
 
-async def _job(interaction: discord.Interaction, job_id: int) -> Job:
-    try:
-        return await bot_of(interaction).store.get_job(job_id)
-    except JobNotFound as exc:
-        raise UserError(f"Job #{job_id} no longer exists.") from exc
+class JobButton(PersistentButton):
+    """`inpaint:<action>:<job id>`. With `owner_action` set, only the job's author or a moderator may press it."""
 
+    prefix = "inpaint"
+    fields = (("job_id", int),)
+    owner_action: ClassVar[str | None] = None  # e.g. "cancel": "Only the person who started job #1 … can cancel it"
 
-def _require_owner_or_mod(interaction: discord.Interaction, job: Job, action: str) -> None:
-    if interaction.user.id != job.user_id and not render.is_moderator(interaction):
-        raise UserError(f"Only the person who started job #{job.id} or a moderator can {action} it.")
+    @property
+    def job_id(self) -> int:
+        return int(self.ids[0])
 
-
-_DynamicButton = discord.ui.DynamicItem[discord.ui.Button[Any]]
-
-
-class _JobButton:
-    """What every job button shares: custom_id `inpaint:<action>:<job id>`, errors reported to the user.
-    Concrete buttons also subclass `DynamicItem` with their own template (discord.py needs one per class)."""
-
-    action = ""
-    label = ""
-    emoji = ""
-    style = discord.ButtonStyle.secondary
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label=self.label, emoji=self.emoji or None,  # type: ignore[call-arg]
-                                           style=self.style, custom_id=f"inpaint:{self.action}:{job_id}"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
-        return cls(int(match["job_id"]))
-
-    async def callback(self, interaction: discord.Interaction) -> None:
+    async def job(self, interaction: discord.Interaction) -> Job:
         try:
-            await self.run(interaction)
-        except Exception as exc:
-            await report_error(interaction, exc)
+            return await services_of(interaction.client).store.jobs.get(self.job_id)
+        except JobNotFound as exc:
+            raise Refused(JobGone(self.job_id)) from exc
+
+    async def authorize(self, interaction: discord.Interaction) -> None:
+        if self.owner_action is None:
+            return
+        job = await self.job(interaction)
+        if interaction.user.id != job.user_id and not is_moderator(interaction):
+            raise UserError(f"Only the person who started job #{job.id} or a moderator can {self.owner_action} it.")
+
+
+async def derive(interaction: discord.Interaction, job_id: int, changes: dict[str, Any], verb: str) -> None:
+    """Start a job from job `job_id` with `changes`, for whoever pressed the button."""
+    services = services_of(interaction.client)
+    who = requester_of(interaction)
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    outcome = await services.launcher.launch(who, changes, FromJob(job_id))
+    assert isinstance(outcome, Launched)
+    await interaction.followup.send(f"{verb} job #{job_id} as job #{outcome.job.id}.", ephemeral=True)
+
+
+class CancelButton(JobButton, DynamicButton, action="cancel"):
+    label, emoji, style, owner_action = "Cancel", "🛑", discord.ButtonStyle.danger, "cancel"
 
     async def run(self, interaction: discord.Interaction) -> None:
-        raise NotImplementedError
-
-
-class CancelButton(_JobButton, _DynamicButton, template=r"inpaint:cancel:(?P<job_id>\d+)"):
-    action, label, emoji, style = "cancel", "Cancel", "🛑", discord.ButtonStyle.danger
-
-    async def run(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
-        _require_owner_or_mod(interaction, job, "cancel")
+        job = await self.job(interaction)
         if job.terminal:
             raise UserError(f"Job #{job.id} has already finished ({job.status.value}).")
         await interaction.response.send_message(f"Cancelling job #{job.id}…", ephemeral=True)
-        await bot_of(interaction).dispatcher.cancel(job.id)
+        await services_of(interaction.client).dispatcher.cancel(job.id)
 
 
-class RerollButton(_JobButton, _DynamicButton, template=r"inpaint:reroll:(?P<job_id>\d+)"):
-    action, label, emoji, style = "reroll", "Reroll", "🎲", discord.ButtonStyle.primary
-
-    async def run(self, interaction: discord.Interaction) -> None:
-        await _derive(interaction, self.job_id, {"seed": None}, "Rerolling")
-
-
-class VariationsButton(_JobButton, _DynamicButton, template=r"inpaint:vary:(?P<job_id>\d+)"):
-    action, label, emoji = "vary", "Variations", "🖼️"
+class RerollButton(JobButton, DynamicButton, action="reroll"):
+    label, emoji, style = "Reroll", "🎲", discord.ButtonStyle.primary
 
     async def run(self, interaction: discord.Interaction) -> None:
-        await _derive(interaction, self.job_id, {"seed": None, "num_images": 4}, "Making 4 variations of")
+        await derive(interaction, self.job_id, {"seed": None}, "Rerolling")
 
 
-class RetryButton(_JobButton, _DynamicButton, template=r"inpaint:retry:(?P<job_id>\d+)"):
-    action, label, emoji, style = "retry", "Retry", "🔁", discord.ButtonStyle.primary
-
-    async def run(self, interaction: discord.Interaction) -> None:
-        await _derive(interaction, self.job_id, {}, "Retrying")
-
-
-class EditButton(_JobButton, _DynamicButton, template=r"inpaint:edit:(?P<job_id>\d+)"):
-    action, label, emoji = "edit", "Edit", "✏️"
+class VariationsButton(JobButton, DynamicButton, action="vary"):
+    label, emoji = "Variations", "🖼️"
 
     async def run(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
-        await interaction.response.send_modal(EditModal(job))
+        await derive(interaction, self.job_id, {"seed": None, "num_images": 4}, "Making 4 variations of")
 
 
-class DeleteButton(_JobButton, _DynamicButton, template=r"inpaint:delete:(?P<job_id>\d+)"):
-    action, label, emoji = "delete", "Delete", "🗑️"
+class RetryButton(JobButton, DynamicButton, action="retry"):
+    label, emoji, style = "Retry", "🔁", discord.ButtonStyle.primary
 
     async def run(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
-        _require_owner_or_mod(interaction, job, "delete")
+        await derive(interaction, self.job_id, {}, "Retrying")
+
+
+class EditButton(JobButton, DynamicButton, action="edit"):
+    label, emoji = "Edit", "✏️"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_modal(EditModal(await self.job(interaction)))
+
+
+class DeleteButton(JobButton, DynamicButton, action="delete"):
+    label, emoji, owner_action = "Delete", "🗑️", "delete"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        job = await self.job(interaction)
         await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
         if interaction.message is not None:
             await interaction.message.delete()
-        bot = bot_of(interaction)
+        services = services_of(interaction.client)
         if interaction.user.id == job.user_id:
-            await bot.store.add_event(job.id, "note", "result deleted by its author", {"by": interaction.user.id})
+            await services.store.jobs.add_event(job.id, "note", "result deleted by its author",
+                                                {"by": interaction.user.id})
         else:
-            from cogs.modlog import record_deletion
-
-            await record_deletion(bot, job, interaction.user.id)
+            await record_deletion(interaction.client, job, interaction.user.id)
 
 
-class ParamsButton(_JobButton, _DynamicButton, template=r"inpaint:params:(?P<job_id>\d+)"):
-    action, label, emoji = "params", "Params", "🧾"
+class ParamsButton(JobButton, DynamicButton, action="params"):
+    label, emoji = "Params", "🧾"
 
     async def run(self, interaction: discord.Interaction) -> None:
-        job = await _job(interaction, self.job_id)
+        job = await self.job(interaction)
         await interaction.response.send_message(f"```json\n{render.params_json(job)}\n```", ephemeral=True)
 
 
-BUTTONS: tuple[type[_DynamicButton], ...] = (CancelButton, RerollButton, VariationsButton, RetryButton, EditButton,
-                                         DeleteButton, ParamsButton)
+JOB_BUTTONS: tuple[type[DynamicButton], ...] = (CancelButton, RerollButton, VariationsButton, RetryButton,
+                                                EditButton, DeleteButton, ParamsButton)
 
 
-async def _derive(interaction: discord.Interaction, job_id: int, changes: dict[str, Any], verb: str) -> None:
-    bot = bot_of(interaction)
-    parent = await _job(interaction, job_id)
-    who = requester(interaction)
-    admission = await bot.admissions.admit(who, bot.jobs.merged_params(parent, changes), parent=parent)
-    await interaction.response.defer(ephemeral=True, thinking=True)
-    job = await bot.jobs.derive(parent, admission.params, user_id=interaction.user.id,
-                                channel_id=interaction.channel_id or parent.channel_id,
-                                age_restricted=who.age_restricted)
-    await launch_stored_job(bot, job)
-    await interaction.followup.send(f"{verb} job #{parent.id} as job #{job.id}.", ephemeral=True)
+async def record_deletion(client: discord.Client, job: Job, actor_id: int) -> None:
+    """A moderator deleted someone's result: keep it in the job's history and the moderation log."""
+    services = services_of(client)
+    await services.store.jobs.add_event(job.id, "moderation", f"result deleted by {actor_id}", {"by": actor_id})
+    if job.guild_id is not None:
+        await services.modlog.record(job.guild_id, "result_deleted", job=job, user_id=job.user_id,
+                                     actor_id=actor_id)
 
 
 class EditModal(discord.ui.Modal):
@@ -162,7 +141,7 @@ class EditModal(discord.ui.Modal):
             label="Negative prompt", style=discord.TextStyle.paragraph, required=False,
             default=job.input.get("negative_prompt", ""), max_length=1000)
         self.strength: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
-            label="Strength (0.01 to 1)", default=f"{job.input.get('strength', 0.95):g}", max_length=5)
+            label="Strength (0.01 to 1)", default=f"{render.option(job, 'strength'):g}", max_length=5)
         seed = job.result.get("seed") if job.result else job.input.get("seed")
         self.seed: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
             label="Seed (empty = random)", required=False, default=str(seed) if seed is not None else "",
@@ -180,29 +159,22 @@ class EditModal(discord.ui.Modal):
             raise UserError("The seed must be a whole number (or empty for a random one).")
         changes = {"prompt": self.prompt.value, "negative_prompt": self.negative.value, "strength": strength,
                    "seed": int(seed_text) if seed_text else None}
-        await _derive(interaction, self.job_id, changes, "Re-running")
+        await derive(interaction, self.job_id, changes, "Re-running")
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
         await report_error(interaction, error)
 
 
 def progress_view(job_id: int) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    view.add_item(CancelButton(job_id))
-    return view
+    return view_of(CancelButton(job_id))
 
 
 def result_view(job_id: int) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    for button in (RerollButton, VariationsButton, EditButton, DeleteButton, ParamsButton):
-        view.add_item(button(job_id))
-    return view
+    return view_of(*(button(job_id) for button in (RerollButton, VariationsButton, EditButton, DeleteButton,
+                                                   ParamsButton)))
 
 
 def ended_view(job: Job) -> discord.ui.View | None:
     if job.status is not JobStatus.FAILED:
         return None
-    view = discord.ui.View(timeout=None)
-    view.add_item(RetryButton(job.id))
-    view.add_item(ParamsButton(job.id))
-    return view
+    return view_of(RetryButton(job.id), ParamsButton(job.id))

@@ -3,154 +3,84 @@ and waits for Confirm, Invert or Cancel (ephemeral, author only) before anything
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import io
-import re
-import secrets
-from typing import TYPE_CHECKING, Any, Self, cast
+from dataclasses import dataclass
 
 import discord
-from PIL import ImageOps
 
 from cogs import render
-from cogs.errors import report_error
-from cogs.flow import launch_job
-from services.admission import Requester
+from cogs.interactions import services_of
+from cogs.items import DynamicButton, PersistentButton, view_of
 from services.errors import UserError
-from services.images import IntakeLimits, PreparedInputs, check_coverage, encode_image, mask_coverage, prepare_inputs
-from services.preview import mask_overlay_jpeg
-from services.store import Draft, Drafts
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
+from services.launch import DraftOffered, Launched
 
 PREVIEW = "mask-preview.jpg"
 
 
-def _bot(interaction: discord.Interaction) -> InpaintBot:
-    return cast("InpaintBot", interaction.client)
+@dataclass(frozen=True)
+class DraftMessage:
+    """The ephemeral message showing a draft: the question, the preview and Confirm / Invert / Cancel."""
+
+    embed: discord.Embed
+    view: discord.ui.View
+    file: discord.File
 
 
-def _embed(coverage: float, note: str = "") -> discord.Embed:
+def draft_message(offer: DraftOffered, note: str = "") -> DraftMessage:
     embed = discord.Embed(title="Is this the area to repaint?", colour=render.COLOUR_RUNNING,
-                          description=f"The red area ({coverage:.0%} of the image) will be repainted. Nothing has "
-                                      f"been spent yet.{(' ' + note) if note else ''}")
+                          description=f"The red area ({offer.coverage:.0%} of the image) will be repainted. Nothing "
+                                      f"has been spent yet.{(' ' + note) if note else ''}")
     embed.set_image(url=f"attachment://{PREVIEW}")
-    return embed
+    draft_id = offer.draft.id
+    view = view_of(ConfirmButton(draft_id), InvertButton(draft_id), CancelDraftButton(draft_id))
+    return DraftMessage(embed, view, discord.File(io.BytesIO(offer.preview_jpeg), filename=PREVIEW))
 
 
-def _view(draft_id: str) -> discord.ui.View:
-    view = discord.ui.View(timeout=None)
-    for button in (ConfirmButton, InvertButton, CancelDraftButton):
-        view.add_item(button(draft_id))
-    return view
+class DraftButton(PersistentButton):
+    """`draft:<action>:<draft id>`; only the draft's author may press it."""
+
+    prefix = "draft"
+    fields = (("draft_id", str),)
+
+    @property
+    def draft_id(self) -> str:
+        return str(self.ids[0])
+
+    async def authorize(self, interaction: discord.Interaction) -> None:
+        draft = await services_of(interaction.client).drafts.get(self.draft_id)
+        if draft.user_id != interaction.user.id:
+            raise UserError("Only the person who started this can answer it.")
 
 
-async def offer_draft(interaction: discord.Interaction, prepared: PreparedInputs, params: dict[str, Any],
-                      who: Requester) -> None:
-    """Answer /inpaint (already deferred) with the mask preview and the three buttons."""
-    bot = _bot(interaction)
-    draft = await Drafts(bot.store).create(
-        secrets.token_urlsafe(12), user_id=who.user_id,
-        image=(prepared.image_blob.data, prepared.image_blob.content_type),
-        mask=(prepared.mask_blob.data, prepared.mask_blob.content_type),
-        requester=dataclasses.asdict(who), params=params)
-    preview = await asyncio.to_thread(mask_overlay_jpeg, prepared.image, prepared.mask)
-    await interaction.followup.send(embed=_embed(prepared.coverage), view=_view(draft.id), ephemeral=True,
-                                    file=discord.File(io.BytesIO(preview), filename=PREVIEW))
+class ConfirmButton(DraftButton, DynamicButton, action="confirm"):
+    label, style = "Confirm", discord.ButtonStyle.success
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        services = services_of(interaction.client)
+        draft = await services.drafts.get(self.draft_id)
+        outcome = await services.launcher.launch(draft.requester, draft.params,
+                                                 services.drafts.confirmed(self.draft_id))
+        assert isinstance(outcome, Launched)
+        await interaction.response.edit_message(content=f"Queued as job #{outcome.job.id}: progress is in the "
+                                                        "channel.", embed=None, attachments=[], view=None)
 
 
-async def _draft(interaction: discord.Interaction, draft_id: str) -> Draft:
-    draft = await Drafts(_bot(interaction).store).get(draft_id)
-    if draft is None:
-        raise UserError("This preview has already been confirmed or cancelled.")
-    if draft.user_id != interaction.user.id:
-        raise UserError("Only the person who started this can answer it.")
-    return draft
+class InvertButton(DraftButton, DynamicButton, action="invert"):
+    label = "Invert"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        offer = await services_of(interaction.client).drafts.invert(self.draft_id)
+        shown = draft_message(offer, "(Inverted.)")
+        await interaction.response.edit_message(embed=shown.embed, view=shown.view, attachments=[shown.file])
 
 
-async def _prepared(bot: InpaintBot, draft: Draft) -> PreparedInputs:
-    image = await bot.store.get_blob(draft.image_sha256)
-    mask = await bot.store.get_blob(draft.mask_sha256)
-    if image is None or mask is None:
-        raise UserError("This preview's images are gone: run /inpaint again.")
-    limits = IntakeLimits(max_bytes=bot.settings.max_image_bytes, max_pixels=bot.settings.max_image_pixels)
-    return await asyncio.to_thread(prepare_inputs, image.data, mask.data, limits=limits)
+class CancelDraftButton(DraftButton, DynamicButton, action="cancel"):
+    label, style = "Cancel", discord.ButtonStyle.danger
 
-
-class _DraftButton:
-    verb = ""
-    label = ""
-    style = discord.ButtonStyle.secondary
-
-    def __init__(self, draft_id: str) -> None:
-        super().__init__(discord.ui.Button(label=self.label, style=self.style,  # type: ignore[call-arg]
-                                           custom_id=f"draft:{self.verb}:{draft_id}"))
-        self.draft_id = draft_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
-        return cls(match["draft"])
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        try:
-            await self.run(interaction, await _draft(interaction, self.draft_id))
-        except Exception as exc:
-            await report_error(interaction, exc)
-
-    async def run(self, interaction: discord.Interaction, draft: Draft) -> None:
-        raise NotImplementedError
-
-
-_Dynamic = discord.ui.DynamicItem[discord.ui.Button[Any]]
-
-
-class ConfirmButton(_DraftButton, _Dynamic, template=r"draft:confirm:(?P<draft>[\w-]+)"):
-    verb, label, style = "confirm", "Confirm", discord.ButtonStyle.success
-
-    async def run(self, interaction: discord.Interaction, draft: Draft) -> None:
-        bot = _bot(interaction)
-        who = Requester(**{**draft.requester, "role_ids": tuple(draft.requester.get("role_ids", ()))})
-        admission = await bot.admissions.admit(who, dict(draft.params))  # quotas may have moved since
-        if await Drafts(bot.store).take(draft.id) is None:
-            raise UserError("This preview has already been confirmed or cancelled.")
-        prepared = await _prepared(bot, draft)
-        job = await bot.jobs.create(prepared, admission.params, user_id=who.user_id, guild_id=who.guild_id,
-                                    channel_id=who.channel_id, age_restricted=who.age_restricted)
-        await interaction.response.edit_message(content=f"Queued as job #{job.id}: progress is in the channel.",
-                                                embed=None, attachments=[], view=None)
-        await launch_job(bot, job, prepared)
-
-
-class InvertButton(_DraftButton, _Dynamic, template=r"draft:invert:(?P<draft>[\w-]+)"):
-    verb, label = "invert", "Invert"
-
-    async def run(self, interaction: discord.Interaction, draft: Draft) -> None:
-        bot = _bot(interaction)
-        prepared = await _prepared(bot, draft)
-
-        def invert() -> tuple[bytes, bytes, float]:
-            mask = ImageOps.invert(prepared.mask.convert("L"))
-            coverage = mask_coverage(mask)
-            check_coverage(coverage)
-            return encode_image(mask, "png"), mask_overlay_jpeg(prepared.image, mask), coverage
-
-        png, preview, coverage = await asyncio.to_thread(invert)
-        await Drafts(bot.store).replace_mask(draft.id, (png, "image/png"))
-        await interaction.response.edit_message(embed=_embed(coverage, "(Inverted.)"), view=_view(draft.id),
-                                                attachments=[discord.File(io.BytesIO(preview), filename=PREVIEW)])
-
-
-class CancelDraftButton(_DraftButton, _Dynamic, template=r"draft:cancel:(?P<draft>[\w-]+)"):
-    verb, label, style = "cancel", "Cancel", discord.ButtonStyle.danger
-
-    async def run(self, interaction: discord.Interaction, draft: Draft) -> None:
-        await Drafts(_bot(interaction).store).take(draft.id)
+    async def run(self, interaction: discord.Interaction) -> None:
+        await services_of(interaction.client).drafts.cancel(self.draft_id)
         await interaction.response.edit_message(content="Cancelled: nothing was spent.", embed=None, attachments=[],
                                                 view=None)
 
 
-DRAFT_BUTTONS: tuple[type[_Dynamic], ...] = (ConfirmButton, InvertButton, CancelDraftButton)
-
+DRAFT_BUTTONS: tuple[type[DynamicButton], ...] = (ConfirmButton, InvertButton, CancelDraftButton)

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.wording import refusal_text
 from services.errors import UserError
 from services.images import ImageInputError
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
+from services.refusals import Refused
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +23,8 @@ def user_message(error: BaseException) -> str | None:
     original = getattr(error, "original", None) or error
     if isinstance(original, (UserError, ImageInputError)):
         return original.message
+    if isinstance(original, Refused):
+        return refusal_text(original.reason)
     if isinstance(error, app_commands.CommandOnCooldown):
         return f"Slow down: you can use this again in {error.retry_after:.0f} s."
     if isinstance(error, app_commands.NoPrivateMessage):
@@ -56,7 +56,7 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
 
 
 class Errors(commands.Cog):
-    def __init__(self, bot: InpaintBot) -> None:
+    def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
         self._previous = bot.tree.on_error
 
@@ -70,5 +70,5 @@ class Errors(commands.Cog):
         await report_error(interaction, error)
 
 
-async def setup(bot: InpaintBot) -> None:
+async def setup(bot: commands.Bot) -> None:
     await bot.add_cog(Errors(bot))

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs.drafts import offer_draft
+from cogs.drafts import draft_message
 from cogs.errors import report_error
-from cogs.flow import launch_job, requester
+from cogs.interactions import requester_of, services_of
+from cogs.items import view_of
 from services.errors import UserError
-from services.images import ImageInputError, IntakeLimits, MaskOptions, prepare_inputs_async
+from services.images import ImageInputError, MaskOptions, PreparedInputs, prepare_inputs_async
+from services.launch import DraftOffered, NewImages
+from services.painter.links import PainterLink
 from services.preview import parse_colour, understood_jpeg
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
 
 SIZE_CHOICES = [
     app_commands.Choice(name="Match the image (about 1 megapixel)", value="auto"),
@@ -55,7 +55,7 @@ def first_image(message: discord.Message) -> discord.Attachment:
 
 
 class Inpaint(commands.Cog):
-    def __init__(self, bot: InpaintBot) -> None:
+    def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
         self.context_menu = app_commands.ContextMenu(name="Inpaint this image", callback=self.inpaint_message)
         self.context_menu.guild_only = True
@@ -104,55 +104,82 @@ class Inpaint(commands.Cog):
         mask_colour: app_commands.Range[str, 1, 20] | None = None,
     ) -> None:
         # options left empty fall back to the server's defaults, then fal's
-        params: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None, "image_size": size,
+        options: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None, "image_size": size,
                                   "num_inference_steps": steps, "guidance_scale": guidance, "strength": strength,
                                   "seed": seed, "num_images": num_images, "format": format}
         colour = parse_colour(mask_colour) if mask_colour else None
-        await self.start(interaction, image, mask, params,
+        await self.start(interaction, image, mask, options,
                          MaskOptions(invert=invert_mask, feather=feather, paint_colour=colour))
 
     async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         image = first_image(message)
-        check_attachment(image, "image", self.bot.settings.max_image_bytes)
+        check_attachment(image, "image", services_of(self.bot).intake_limits.max_bytes)
         await interaction.response.send_modal(InpaintModal(self, image))
 
     async def start(self, interaction: discord.Interaction, image: discord.Attachment,
-                    mask: discord.Attachment | None, params: dict[str, Any], options: MaskOptions) -> None:
-        """The shared job flow: check, defer, take in, create, post progress, queue."""
-        limit = self.bot.settings.max_image_bytes
-        check_attachment(image, "image", limit)
+                    mask: discord.Attachment | None, options: dict[str, Any], mask_options: MaskOptions) -> None:
+        """Check the attachments, then launch: admission first, and only then the download and intake."""
+        services = services_of(self.bot)
+        limits = services.intake_limits
+        check_attachment(image, "image", limits.max_bytes)
         if mask is not None:
-            check_attachment(mask, "mask", limit)
-        who = requester(interaction)
-        admission = await self.bot.admissions.admit(who, params)  # bans, access, filters, quotas, defaults
-        params = admission.params
-        self.bot.jobs.validate({k: v for k, v in params.items() if k != "image_size" or v != "auto"})
-        await interaction.response.defer(ephemeral=True, thinking=True)
-        image_bytes, mask_bytes = await asyncio.gather(image.read(), mask.read() if mask else _none())
-        limits = IntakeLimits(max_bytes=limit, max_pixels=self.bot.settings.max_image_pixels)
+            check_attachment(mask, "mask", limits.max_bytes)
+        who = requester_of(interaction)
+        upload = _Upload(interaction, image, mask)
+
+        async def prepare() -> PreparedInputs:
+            image_bytes, mask_bytes = await upload.read()
+            return await prepare_inputs_async(image_bytes, mask_bytes, http=services.http, limits=limits,
+                                              options=mask_options)
+
         try:
-            prepared = await prepare_inputs_async(image_bytes, mask_bytes, http=self.bot.http_client,
-                                                  limits=limits, options=options)
+            outcome = await services.launcher.launch(who, options, NewImages(prepare))
         except ImageInputError as exc:
-            if exc.code == "no_mask" and self.bot.painter is not None:
-                await self.bot.painter.offer(interaction, image_bytes, params, who)
+            if exc.code == "no_mask" and services.painter is not None:
+                link = await services.painter.offer(who, upload.image_bytes, options)
+                await offer_painter(interaction, link)
                 return
             if exc.code in ("empty_mask", "full_mask"):  # show what was understood, so the mistake is visible
-                picture = await asyncio.to_thread(understood_jpeg, image_bytes, mask_bytes, limits, options)
+                picture = await asyncio.to_thread(understood_jpeg, upload.image_bytes, upload.mask_bytes, limits,
+                                                  mask_options)
                 await interaction.followup.send(f"{exc.message}\nLeft: your image with the mask as read (red = "
                                                 "repaint). Right: the mask (white = repaint).", ephemeral=True,
                                                 file=discord.File(io.BytesIO(picture), filename="understood.jpg"))
                 return
             raise
-        if admission.policy.confirm_masks:
-            await offer_draft(interaction, prepared, params, who)
+        if isinstance(outcome, DraftOffered):
+            shown = draft_message(outcome)
+            await interaction.followup.send(embed=shown.embed, view=shown.view, file=shown.file, ephemeral=True)
             return
-        job = await self.bot.jobs.create(prepared, params, user_id=interaction.user.id,
-                                         guild_id=interaction.guild_id, channel_id=interaction.channel_id,
-                                         age_restricted=who.age_restricted)
-        await launch_job(self.bot, job, prepared)
-        note = " (mask taken from the image's transparent area)" if prepared.mask_source == "alpha" else ""
-        await interaction.followup.send(f"Queued as job #{job.id}{note}: progress is in the channel.", ephemeral=True)
+        note = " (mask taken from the image's transparent area)" if outcome.mask_source == "alpha" else ""
+        await interaction.followup.send(f"Queued as job #{outcome.job.id}{note}: progress is in the channel.",
+                                        ephemeral=True)
+
+
+class _Upload:
+    """The attachments of one interaction, downloaded once (after deferring the answer: downloads take time)."""
+
+    def __init__(self, interaction: discord.Interaction, image: discord.Attachment,
+                 mask: discord.Attachment | None) -> None:
+        self.interaction, self.image, self.mask = interaction, image, mask
+        self.image_bytes = b""
+        self.mask_bytes: bytes | None = None
+
+    async def read(self) -> tuple[bytes, bytes | None]:
+        await self.interaction.response.defer(ephemeral=True, thinking=True)
+        self.image_bytes, self.mask_bytes = await asyncio.gather(
+            self.image.read(), self.mask.read() if self.mask else _none())
+        return self.image_bytes, self.mask_bytes
+
+
+async def offer_painter(interaction: discord.Interaction, link: PainterLink) -> None:
+    """Answer /inpaint (already deferred) with a personal link to paint the mask."""
+    button = discord.ui.Button[discord.ui.View](style=discord.ButtonStyle.link, label="Paint the mask", emoji="🖌️",
+                                                url=link.url)
+    await interaction.followup.send(
+        "No mask was attached and the image has no transparent area, so paint the area to change on this page. "
+        f"The link is yours only and works once, for {link.ttl_s // 60} minutes.", view=view_of(button),
+        ephemeral=True)
 
 
 async def _none() -> None:
@@ -180,12 +207,12 @@ class InpaintModal(discord.ui.Modal):
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
         uploads = list(self.mask_upload.values)
-        params: dict[str, Any] = {"prompt": self.prompt.value, "negative_prompt": self.negative.value or None}
-        await self.cog.start(interaction, self.image, uploads[0] if uploads else None, params, MaskOptions())
+        options: dict[str, Any] = {"prompt": self.prompt.value, "negative_prompt": self.negative.value or None}
+        await self.cog.start(interaction, self.image, uploads[0] if uploads else None, options, MaskOptions())
 
     async def on_error(self, interaction: discord.Interaction, error: Exception, /) -> None:  # type: ignore[override]
         await report_error(interaction, error)
 
 
-async def setup(bot: InpaintBot) -> None:
+async def setup(bot: commands.Bot) -> None:
     await bot.add_cog(Inpaint(bot))

@@ -7,21 +7,22 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Self, cast
+from typing import Any
 
 import discord
+from discord.ext import commands
 from PIL import Image
 
 from cogs import render
-from cogs.errors import report_error
+from cogs.buttons import record_deletion
+from cogs.interactions import is_moderator, services_of
+from cogs.items import DynamicButton, PersistentButton, view_of
 from services.errors import UserError
-from services.moderation import load_policy
-from services.store import Job, JobNotFound, ModerationEntry
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
+from services.job_state import Job, JobNotFound
+from services.refusals import JobGone, Refused
+from services.store.moderation import ModerationEntry
+from services.store.server_settings import ServerSettingsStore
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ _TITLES = {
 }
 
 
-def _bot(interaction: discord.Interaction) -> InpaintBot:
-    return cast("InpaintBot", interaction.client)
-
-
 def _thumbnail(data: bytes) -> bytes:
     image = Image.open(io.BytesIO(data)).convert("RGB")
     image.thumbnail((256, 256))
@@ -50,15 +47,16 @@ def _thumbnail(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-class ModLog:
-    """The `ModLogSink` the services report to."""
+class ModLogPoster:
+    """A `ModLogSink`: posts each moderation entry to its server's mod-log channel, when one is set."""
 
-    def __init__(self, bot: InpaintBot) -> None:
-        self.bot = bot
+    def __init__(self, client: discord.Client, settings: ServerSettingsStore) -> None:
+        self.client = client
+        self.settings = settings
 
-    async def record(self, entry: ModerationEntry, *, job: Job | None = None, images: Sequence[bytes] = ()) -> None:
-        policy = await load_policy(self.bot.store, entry.guild_id)
-        if policy.modlog_channel_id is None:
+    async def show(self, entry: ModerationEntry, *, job: Job | None = None, images: Sequence[bytes] = ()) -> None:
+        settings = await self.settings.load(entry.guild_id)
+        if settings.modlog_channel_id is None:
             return
         embed = discord.Embed(title=_TITLES.get(entry.action, entry.action), colour=discord.Colour.orange(),
                               description=render.short(entry.detail, 1500) or None)
@@ -71,123 +69,106 @@ class ModLog:
         embed.set_footer(text=f"moderation log #{entry.id}")
         thumbs = await asyncio.to_thread(lambda: [_thumbnail(d) for d in images[:4]])
         files = [discord.File(io.BytesIO(t), filename=f"flagged_{i}.jpg", spoiler=True) for i, t in enumerate(thumbs)]
-        view = discord.ui.View(timeout=None)
+        buttons: list[discord.ui.Item[Any]] = []
         if job is not None and job.result_message_id is not None and entry.action != "result_deleted":
-            view.add_item(DeleteResultButton(job.id))
+            buttons.append(DeleteResultButton(job.id))
         if entry.user_id is not None and entry.action not in ("user_banned", "user_unbanned", "settings_changed"):
-            view.add_item(BanButton(entry.guild_id, entry.user_id))
-            view.add_item(UnbanButton(entry.guild_id, entry.user_id))
-        channel = self.bot.get_partial_messageable(policy.modlog_channel_id, guild_id=entry.guild_id)
+            buttons += [BanButton(entry.guild_id, entry.user_id), UnbanButton(entry.guild_id, entry.user_id)]
+        channel = self.client.get_partial_messageable(settings.modlog_channel_id, guild_id=entry.guild_id)
         try:
-            await channel.send(embed=embed, files=files, view=view if view.children else discord.utils.MISSING,
+            await channel.send(embed=embed, files=files, view=view_of(*buttons) if buttons else discord.utils.MISSING,
                                allowed_mentions=discord.AllowedMentions.none())
         except discord.HTTPException:
             log.exception("could not post moderation log entry %s", entry.id)
 
 
-def _require_moderator(interaction: discord.Interaction) -> None:
-    if not render.is_moderator(interaction):
-        raise UserError("Only moderators (Manage Messages) can do that.")
+class ModButton(PersistentButton):
+    """`modlog:<action>:…`: only moderators (Manage Messages) may press these."""
+
+    prefix = "modlog"
+
+    async def authorize(self, interaction: discord.Interaction) -> None:
+        if not is_moderator(interaction):
+            raise UserError("Only moderators (Manage Messages) can do that.")
 
 
-class _ModButton:
-    label = ""
-    emoji = ""
-    style = discord.ButtonStyle.secondary
+class UserModButton(ModButton):
+    """A moderator button about one user of one server: `modlog:<action>:<guild id>:<user id>`."""
 
-    def _button(self, custom_id: str) -> discord.ui.Button[Any]:
-        return discord.ui.Button(label=self.label, emoji=self.emoji or None, style=self.style, custom_id=custom_id)
+    fields = (("guild_id", int), ("user_id", int))
 
-    async def callback(self, interaction: discord.Interaction) -> None:
-        try:
-            _require_moderator(interaction)
-            await self.run(interaction)
-        except Exception as exc:
-            await report_error(interaction, exc)
+    @property
+    def guild_id(self) -> int:
+        return int(self.ids[0])
 
-    async def run(self, interaction: discord.Interaction) -> None:
-        raise NotImplementedError
-
-
-_Dynamic = discord.ui.DynamicItem[discord.ui.Button[Any]]
-
-
-class _UserButton(_ModButton):
-    """A moderator button about one user of one server: `modlog:<verb>:<guild id>:<user id>`."""
-
-    verb = ""
-
-    def __init__(self, guild_id: int, user_id: int) -> None:
-        super().__init__(self._button(f"modlog:{self.verb}:{guild_id}:{user_id}"))  # type: ignore[call-arg]
-        self.guild_id, self.user_id = guild_id, user_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
-        return cls(int(match["guild"]), int(match["user"]))
+    @property
+    def user_id(self) -> int:
+        return int(self.ids[1])
 
     async def _done(self, interaction: discord.Interaction, text: str, action: str) -> None:
         """Tell the moderator, then record the action in the moderation log (and its channel)."""
         await interaction.response.send_message(text, ephemeral=True, allowed_mentions=discord.AllowedMentions.none())
-        bot = _bot(interaction)
-        entry = await bot.moderation.log(self.guild_id, action, user_id=self.user_id, actor_id=interaction.user.id)
-        await bot.modlog.record(entry)
+        await services_of(interaction.client).modlog.record(self.guild_id, action, user_id=self.user_id,
+                                                            actor_id=interaction.user.id)
 
 
-class BanButton(_UserButton, _Dynamic, template=r"modlog:ban:(?P<guild>\d+):(?P<user>\d+)"):
-    verb, label, emoji, style = "ban", "Ban from bot", "🔨", discord.ButtonStyle.danger
+class BanButton(UserModButton, DynamicButton, action="ban"):
+    label, emoji, style = "Ban from bot", "🔨", discord.ButtonStyle.danger
 
     async def run(self, interaction: discord.Interaction) -> None:
-        if not await _bot(interaction).moderation.ban(self.guild_id, self.user_id, by=interaction.user.id):
+        if not await services_of(interaction.client).store.bans.ban(self.guild_id, self.user_id,
+                                                                     by=interaction.user.id):
             raise UserError(f"<@{self.user_id}> is already banned from the bot.")
         await self._done(interaction, f"Banned <@{self.user_id}> from the bot.", "user_banned")
 
 
-class UnbanButton(_UserButton, _Dynamic, template=r"modlog:unban:(?P<guild>\d+):(?P<user>\d+)"):
-    verb, label, emoji = "unban", "Unban", "♻️"
+class UnbanButton(UserModButton, DynamicButton, action="unban"):
+    label, emoji = "Unban", "♻️"
 
     async def run(self, interaction: discord.Interaction) -> None:
-        if not await _bot(interaction).moderation.unban(self.guild_id, self.user_id):
+        if not await services_of(interaction.client).store.bans.unban(self.guild_id, self.user_id):
             raise UserError(f"<@{self.user_id}> isn't banned from the bot.")
         await self._done(interaction, f"Unbanned <@{self.user_id}>.", "user_unbanned")
 
 
-class DeleteResultButton(_ModButton, _Dynamic, template=r"modlog:delete:(?P<job_id>\d+)"):
+class DeleteResultButton(ModButton, DynamicButton, action="delete"):
     label, emoji = "Delete result", "🗑️"
-
-    def __init__(self, job_id: int) -> None:
-        super().__init__(self._button(f"modlog:delete:{job_id}"))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],
-                             match: re.Match[str], /) -> Self:
-        return cls(int(match["job_id"]))
+    fields = (("job_id", int),)
 
     async def run(self, interaction: discord.Interaction) -> None:
-        bot = _bot(interaction)
+        services = services_of(interaction.client)
+        job_id = int(self.ids[0])
         try:
-            job = await bot.store.get_job(self.job_id)
+            job = await services.store.jobs.get(job_id)
         except JobNotFound as exc:
-            raise UserError(f"Job #{self.job_id} no longer exists.") from exc
+            raise Refused(JobGone(job_id)) from exc
         if job.result_message_id is None or job.channel_id is None:
             raise UserError(f"Job #{job.id} has no posted result.")
-        message = bot.get_partial_messageable(job.channel_id).get_partial_message(job.result_message_id)
+        message = interaction.client.get_partial_messageable(job.channel_id).get_partial_message(job.result_message_id)
         try:
             await message.delete()
         except discord.NotFound as exc:
             raise UserError(f"Job #{job.id}'s result was already deleted.") from exc
         await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
-        await record_deletion(bot, job, interaction.user.id)
+        await record_deletion(interaction.client, job, interaction.user.id)
 
 
-async def record_deletion(bot: InpaintBot, job: Job, actor_id: int) -> None:
-    """A moderator deleted someone's result: keep it in the job's history and the moderation log."""
-    await bot.store.add_event(job.id, "moderation", f"result deleted by {actor_id}", {"by": actor_id})
-    if job.guild_id is not None:
-        entry = await bot.moderation.log(job.guild_id, "result_deleted", job_id=job.id, user_id=job.user_id,
-                                         actor_id=actor_id)
-        await bot.modlog.record(entry)
+MODLOG_BUTTONS: tuple[type[DynamicButton], ...] = (BanButton, UnbanButton, DeleteResultButton)
 
 
-MODLOG_BUTTONS: tuple[type[_Dynamic], ...] = (BanButton, UnbanButton, DeleteResultButton)
+class ModLog(commands.Cog):
+    """Shows the moderation log in each server's mod-log channel while loaded."""
+
+    def __init__(self, bot: commands.Bot) -> None:
+        self.services = services_of(bot)
+        self.poster = ModLogPoster(bot, self.services.store.server_settings)
+
+    async def cog_load(self) -> None:
+        self.services.modlog.subscribe(self.poster)
+
+    async def cog_unload(self) -> None:
+        self.services.modlog.unsubscribe(self.poster)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(ModLog(bot))

@@ -1,6 +1,10 @@
-"""The dispatcher's listener in Discord: one progress message per job (edited at most every ~2 s), the result
-posted as a channel message with buttons, failures shown with a Retry button. Discord errors are logged,
-never raised back into the dispatcher."""
+"""The dispatcher's listener in Discord: one progress message per job (posted when the job is queued, edited at
+most every ~2 s), the result posted as a channel message with buttons, failures shown with a Retry button.
+Discord errors are logged, never raised back into the dispatcher (except when the progress message itself can't be
+posted: the dispatcher then cancels the job).
+
+As an extension, it starts the dispatcher with itself as the listener (recovering what a previous process left
+unfinished) and stops it when unloaded."""
 
 from __future__ import annotations
 
@@ -10,18 +14,20 @@ import io
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import discord
+from discord.ext import commands
 
 from cogs import render
 from cogs.buttons import ended_view, progress_view, result_view
+from cogs.interactions import services_of
+from services.blob import Blob
+from services.dispatch import JobImages
+from services.job_state import Job
+from services.preview import mask_overlay_jpeg
 from services.progress import Progress
 from services.schema import InpaintOutput
-from services.store import Job, StoredBlob
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
+from services.store.jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +41,30 @@ class _EditState:
 
 
 class DiscordPresenter:
-    def __init__(self, bot: InpaintBot, *, min_edit_interval: float = 2.0) -> None:
-        self.bot = bot
+    """Shows jobs in their channels: a `JobListener` for the dispatcher."""
+
+    def __init__(self, client: discord.Client, jobs: Jobs, *, min_edit_interval: float = 2.0) -> None:
+        self.client = client
+        self.jobs = jobs
         self.min_edit_interval = min_edit_interval
         self._edits: dict[int, _EditState] = {}
 
     def _channel(self, job: Job) -> discord.PartialMessageable:
         assert job.channel_id is not None
-        return self.bot.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
+        return self.client.get_partial_messageable(job.channel_id, guild_id=job.guild_id)
 
-    async def post_progress(self, job: Job, preview_jpeg: bytes) -> None:
+    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
         """Post the job's progress message (image with the mask overlaid, status, Cancel) and remember it.
 
         The job is already queued, so it may have finished (or failed) while this message was on its way: then
         the message is brought to the final state at once.
         """
-        position = self.bot.dispatcher.local_position(job.id)
+        preview = await asyncio.to_thread(mask_overlay_jpeg, images.image, images.mask)
         message = await self._channel(job).send(
             embed=render.progress_embed(job, None, local_position=position), view=progress_view(job.id),
-            file=discord.File(io.BytesIO(preview_jpeg), filename=render.PREVIEW_NAME))
-        await self.bot.store.set_status_message(job.id, message.id)
-        current = await self.bot.store.get_job(job.id)
+            file=discord.File(io.BytesIO(preview), filename=render.PREVIEW_NAME))
+        await self.jobs.set_status_message(job.id, message.id)
+        current = await self.jobs.get(job.id)
         if current.terminal:
             view = ended_view(current) if current.result_message_id is None else None
             await self._edit_status(current, embed=render.ended_embed(current), view=view)
@@ -78,19 +87,19 @@ class DiscordPresenter:
         async with state.lock:
             job, progress = state.latest
             state.latest = None
-            current = await self.bot.store.get_job(job_id)
+            current = await self.jobs.get(job_id)
             if current.terminal:
                 return
             await self._edit_status(job, embed=render.progress_embed(job, progress), view=progress_view(job.id))
             state.last_edit = time.monotonic()
 
-    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob], *,
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None:
         await self._settle_edits(job.id)
         if job.channel_id is None or job.result_message_id is not None:
             return
         limit = render.DEFAULT_UPLOAD_LIMIT
-        guild = self.bot.get_guild(job.guild_id) if job.guild_id else None
+        guild = self.client.get_guild(job.guild_id) if job.guild_id else None
         if guild is not None:
             limit = render.upload_limit(guild)
         files = await asyncio.to_thread(render.result_files, images, limit, spoiler=spoiler)
@@ -102,8 +111,8 @@ class DiscordPresenter:
         except discord.HTTPException:
             log.exception("job %s: could not post the result", job.id)
             return
-        await self.bot.store.set_result_message(job.id, message.id)
-        await self._edit_status(job, embed=render.ended_embed(await self.bot.store.get_job(job.id)), view=None)
+        await self.jobs.set_result_message(job.id, message.id)
+        await self._edit_status(job, embed=render.ended_embed(await self.jobs.get(job.id)), view=None)
 
     async def job_ended(self, job: Job) -> None:
         await self._settle_edits(job.id)
@@ -129,7 +138,7 @@ class DiscordPresenter:
 
     async def _edit_status(self, job: Job, *, embed: discord.Embed, view: discord.ui.View | None) -> None:
         if job.status_message_id is None or job.channel_id is None:
-            job = await self.bot.store.get_job(job.id)
+            job = await self.jobs.get(job.id)
             if job.status_message_id is None or job.channel_id is None:
                 return
         message = self._channel(job).get_partial_message(job.status_message_id)
@@ -140,3 +149,22 @@ class DiscordPresenter:
         except discord.HTTPException:
             log.exception("job %s: could not edit its progress message", job.id)
 
+
+class Presenter(commands.Cog):
+    """Starts the dispatcher with a `DiscordPresenter` as its listener; stops both when unloaded."""
+
+    def __init__(self, bot: commands.Bot) -> None:
+        self.services = services_of(bot)
+        self.presenter = DiscordPresenter(bot, self.services.store.jobs,
+                                          min_edit_interval=self.services.config.progress_edit_interval_s)
+
+    async def cog_load(self) -> None:
+        await self.services.dispatcher.start(self.presenter)
+
+    async def cog_unload(self) -> None:
+        await self.services.dispatcher.close()
+        await self.presenter.close()
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Presenter(bot))

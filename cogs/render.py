@@ -9,9 +9,10 @@ from typing import Any
 import discord
 from PIL import Image
 
+from services.blob import Blob
+from services.job_state import Job, JobStatus
 from services.progress import Progress
-from services.schema import InpaintOutput
-from services.store import Job, JobStatus, StoredBlob
+from services.schema import InpaintInput, InpaintOutput
 
 COLOUR_RUNNING = discord.Colour.blurple()
 COLOUR_DONE = discord.Colour.green()
@@ -31,8 +32,13 @@ _STATUS_TEXT = {
 }
 
 
+def option(job: Job, name: str) -> Any:
+    """One of the job's request options, or fal's default for it when the request left it out."""
+    return job.input.get(name, InpaintInput.model_fields[name].default)
+
+
 def _size_text(job: Job) -> str:
-    size = job.input.get("image_size", "square_hd")
+    size = option(job, "image_size")
     return f"{size['width']}×{size['height']}" if isinstance(size, dict) else str(size)
 
 
@@ -58,7 +64,7 @@ def progress_embed(job: Job, progress: Progress | None, *, local_position: int |
         lines = "\n".join(short(line, 90) for line in progress.logs)
         embed.add_field(name="Log", value=f"```\n{short(lines, 900)}\n```", inline=False)
     embed.set_image(url=f"attachment://{PREVIEW_NAME}")
-    embed.set_footer(text=f"{_size_text(job)} · {job.input.get('num_inference_steps', 25)} steps · "
+    embed.set_footer(text=f"{_size_text(job)} · {option(job, 'num_inference_steps')} steps · "
                           f"backend: {job.backend}")
     return embed
 
@@ -85,9 +91,9 @@ def result_embed(job: Job, output: InpaintOutput, *, spoiler: bool = False) -> d
         embed.add_field(name="Negative prompt", value=short(negative, 300), inline=False)
     embed.add_field(name="Seed", value=f"`{output.seed}`", inline=True)
     embed.add_field(name="Size", value=_size_text(job), inline=True)
-    embed.add_field(name="Steps", value=str(inp.get("num_inference_steps", 25)), inline=True)
-    embed.add_field(name="Guidance", value=f"{inp.get('guidance_scale', 7.5):g}", inline=True)
-    embed.add_field(name="Strength", value=f"{inp.get('strength', 0.95):g}", inline=True)
+    embed.add_field(name="Steps", value=str(option(job, "num_inference_steps")), inline=True)
+    embed.add_field(name="Guidance", value=f"{option(job, 'guidance_scale'):g}", inline=True)
+    embed.add_field(name="Strength", value=f"{option(job, 'strength'):g}", inline=True)
     embed.add_field(name="Backend", value=job.backend, inline=True)
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in output.timings.items())
     if timings:
@@ -116,7 +122,7 @@ def _extension(content_type: str) -> str:
     return {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}.get(content_type, "png")
 
 
-def result_files(images: list[StoredBlob], limit: int, *, spoiler: bool = False) -> list[discord.File]:
+def result_files(images: list[Blob], limit: int, *, spoiler: bool = False) -> list[discord.File]:
     """The result images as attachments that fit the upload limit (re-encoded as JPEG, then smaller, if needed);
     as spoilers (blurred until clicked) when the server's policy says so."""
     budget = int(limit * 0.95)
@@ -142,7 +148,3 @@ def _reencode(data: bytes, quality: int, scale: float) -> tuple[bytes, str]:
 def upload_limit(guild: discord.Guild | None) -> int:
     return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
-
-def is_moderator(interaction: discord.Interaction) -> bool:
-    perms = interaction.permissions
-    return bool(perms.manage_messages or perms.administrator)

@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs import render
+from cogs import render, wording
 from cogs.inpaint import SIZE_CHOICES
+from cogs.interactions import services_of
+from services.container import Services
 from services.errors import UserError
-from services.moderation import DEFAULT_WORDS, MAX_RULES, GuildPolicy, load_policy, save_policy, validate_regex
+from services.prompt_filter import DEFAULT_WORDS, MAX_RULES, validate_regex
+from services.quotas import Quota
+from services.schema import InpaintInput
+from services.server_settings import ServerSettings
 
-if TYPE_CHECKING:
-    from bot import InpaintBot
+DEFAULT_STEPS = InpaintInput.model_fields["num_inference_steps"].default
 
 
 def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
 
-def settings_embed(policy: GuildPolicy) -> discord.Embed:
+def settings_embed(policy: ServerSettings) -> discord.Embed:
     embed = discord.Embed(title="Inpaint bot settings", colour=render.COLOUR_RUNNING)
     checker = "off in age-restricted channels" if policy.checker_off_in_age_restricted else "always on"
     embed.add_field(name="Safety", value=f"checker: {checker}\nflagged images in age-restricted channels: "
@@ -33,8 +37,8 @@ def settings_embed(policy: GuildPolicy) -> discord.Embed:
                     inline=False)
     embed.add_field(name="Masks", value="shown for Confirm first" if policy.confirm_masks else "run at once")
     embed.add_field(name="Mod log", value=f"<#{policy.modlog_channel_id}>" if policy.modlog_channel_id else "off")
-    channels = ", ".join(f"<#{c}>" for c in policy.allowed_channel_ids) or "all"
-    roles = ", ".join(f"<@&{r}>" for r in policy.allowed_role_ids) or "everyone"
+    channels = wording.channels(policy.allowed_channel_ids) or "all"
+    roles = wording.roles(policy.allowed_role_ids) or "everyone"
     embed.add_field(name="Access", value=f"channels: {channels}\nroles: {roles}")
     embed.add_field(name="Limits", value=(
         f"per user at once: {policy.user_concurrent}\nper server at once: {policy.server_concurrent}\n"
@@ -42,16 +46,16 @@ def settings_embed(policy: GuildPolicy) -> discord.Embed:
         f"per server per day: {_limit(policy.server_daily_jobs)}\n"
         f"steps × images per day: {_limit(policy.server_daily_steps)}"), inline=False)
     embed.add_field(name="Defaults", value=(
-        f"steps: {policy.default_steps or 25}\nsize: {policy.default_size or 'match the image'}\n"
+        f"steps: {policy.default_steps or DEFAULT_STEPS}\nsize: {policy.default_size or 'match the image'}\n"
         f"negative prompt: {render.short(policy.default_negative_prompt or 'none', 200)}"), inline=False)
     return embed
 
 
 class SettingsGroup(app_commands.Group):
-    def __init__(self, bot: InpaintBot) -> None:
+    def __init__(self, services: Services) -> None:
         super().__init__(name="settings", description="The bot's settings for this server (Manage Server)",
                          guild_only=True, default_permissions=discord.Permissions(manage_guild=True))
-        self.bot = bot
+        self.services = services
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
         # default_permissions only hides the command; a server can override that, so check when it runs too
@@ -61,15 +65,13 @@ class SettingsGroup(app_commands.Group):
 
     async def _apply(self, interaction: discord.Interaction, changes: dict[str, Any], summary: str) -> None:
         assert interaction.guild_id is not None
-        policy = await save_policy(self.bot.store, interaction.guild_id, changes)
-        self.bot.dispatcher.forget_caps(interaction.guild_id)
+        policy = await self.services.store.server_settings.save(interaction.guild_id, changes)
         await interaction.response.send_message(f"Saved: {summary}", embed=settings_embed(policy), ephemeral=True)
-        entry = await self.bot.moderation.log(interaction.guild_id, "settings_changed", actor_id=interaction.user.id,
-                                              detail=summary)
-        await self.bot.modlog.record(entry)
+        await self.services.modlog.record(interaction.guild_id, "settings_changed", actor_id=interaction.user.id,
+                                          detail=summary)
 
-    async def _policy(self, interaction: discord.Interaction) -> GuildPolicy:
-        return await load_policy(self.bot.store, interaction.guild_id)
+    async def _policy(self, interaction: discord.Interaction) -> ServerSettings:
+        return await self.services.store.server_settings.load(interaction.guild_id)
 
     @app_commands.command(name="show", description="Show this server's settings")
     async def show(self, interaction: discord.Interaction) -> None:
@@ -187,9 +189,10 @@ class SettingsGroup(app_commands.Group):
 
 
 class Settings(commands.Cog):
-    def __init__(self, bot: InpaintBot) -> None:
+    def __init__(self, bot: commands.Bot) -> None:
         self.bot = bot
-        self.group = SettingsGroup(bot)
+        self.services = services_of(bot)
+        self.group = SettingsGroup(self.services)
 
     async def cog_load(self) -> None:
         self.bot.tree.add_command(self.group)
@@ -201,22 +204,22 @@ class Settings(commands.Cog):
     @app_commands.guild_only()
     async def quota(self, interaction: discord.Interaction) -> None:
         assert interaction.guild_id is not None
-        policy = await load_policy(self.bot.store, interaction.guild_id)
-        q = await self.bot.limits.quota(policy, interaction.guild_id, interaction.user.id)
+        settings = await self.services.store.server_settings.load(interaction.guild_id)
+        q = await self.services.quotas.quota(settings, interaction.guild_id, interaction.user.id)
 
         def left(used: int, limit: int | None) -> str:
-            return "unlimited" if limit is None else f"{max(0, limit - used)} of {limit} left"
+            return "unlimited" if limit is None else f"{Quota.remaining(used, limit)} of {limit} left"
 
         embed = discord.Embed(title="Your quota today", colour=render.COLOUR_RUNNING)
         embed.add_field(name="Your jobs", value=left(q.user_jobs, q.user_limit))
         embed.add_field(name="Server jobs", value=left(q.server_jobs, q.server_limit))
         embed.add_field(name="Server steps × images", value=left(q.server_steps, q.steps_limit))
         embed.add_field(name="Cooldown", value=f"{q.cooldown_left_s:.0f} s" if q.cooldown_left_s else "ready")
-        embed.add_field(name="Resets", value=f"<t:{int(q.resets_at)}:R>")
-        if await self.bot.moderation.is_banned(interaction.guild_id, interaction.user.id):
+        embed.add_field(name="Resets", value=wording.relative_time(q.resets_at))
+        if await self.services.store.bans.is_banned(interaction.guild_id, interaction.user.id):
             embed.description = "You are banned from using the bot in this server."
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
-async def setup(bot: InpaintBot) -> None:
+async def setup(bot: commands.Bot) -> None:
     await bot.add_cog(Settings(bot))

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
+from services.config import BotConfig
 from services.http_server import LoopServer
-from services.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +22,16 @@ class BackendChoice:
     safety_checker: bool = True
 
 
-def choose_backend(settings: Settings) -> BackendChoice:
-    if settings.fal_key is not None:
-        return BackendChoice("fal", settings.fal_queue_base, settings.fal_key)
-    if settings.worker_url:
-        return BackendChoice("worker", settings.worker_url, settings.worker_key)
+def choose_backend(config: BotConfig) -> BackendChoice:
+    if config.fal_key is not None:
+        return BackendChoice("fal", config.fal_queue_base, config.fal_key)
+    if config.worker_url:
+        return BackendChoice("worker", config.worker_url, config.worker_key)
     return BackendChoice("embedded", None, None, safety_checker=False)
 
 
 class EmbeddedWorker:
-    """The worker app served on the bot's own event loop, bound to 127.0.0.1."""
+    """The worker app served on the bot's own event loop, bound to 127.0.0.1 (`async with`, or start/stop)."""
 
     def __init__(self) -> None:
         self._server: LoopServer | None = None
@@ -57,3 +57,9 @@ class EmbeddedWorker:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop()
+
+    async def __aenter__(self) -> str:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

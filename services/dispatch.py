@@ -9,15 +9,15 @@ was never posted are posted. Nothing is posted twice: a posted result records it
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import httpx
+from PIL import Image
 
-from services.admission import ModLogSink
 from services.backends.fal_queue import (
     FalAuthError,
     FalError,
@@ -29,55 +29,58 @@ from services.backends.fal_queue import (
     FalValidationError,
     QueueUpdate,
 )
+from services.blob import Blob
 from services.errors import UserError
 from services.fairqueue import FairQueue, QueuedJob, UserKey
-from services.images import ImageInputError, IntakeLimits, fetch_source
-from services.jobs import JobService
-from services.moderation import GuildPolicy
+from services.images import ImageInputError, IntakeLimits, fetch_source, to_data_uri
+from services.job_state import BLOB_REFS, IllegalTransition, Job, JobStatus
+from services.modlog import ModerationLog
 from services.progress import Progress
 from services.schema import InpaintOutput, QueueHandle
-from services.store import IllegalTransition, Job, JobStatus, JobStore, ModerationStore, StoredBlob
+from services.store import Store
 
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMITS = IntakeLimits(max_bytes=64 * 1024 * 1024, max_pixels=200_000_000, min_side=1)
 
 
+@dataclass(frozen=True)
+class JobImages:
+    """A new job's image and mask, decoded (the presentation layer shows the mask over the image)."""
+
+    image: Image.Image
+    mask: Image.Image
+
+
 class JobListener(Protocol):
-    """What the dispatcher tells the presentation layer. Implementations must not raise for Discord errors."""
+    """What the dispatcher tells the presentation layer. Only `job_queued` may raise (the job is then cancelled);
+    the others must not raise for presentation errors."""
+
+    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
+        """A new job is queued (`position`: jobs ahead of it in the bot's queue); show it."""
 
     async def job_progress(self, job: Job, progress: Progress) -> None: ...
 
-    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[StoredBlob], *,
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None: ...
 
     async def job_ended(self, job: Job) -> None:
         """A job ended without a result: failed, cancelled or blocked (`job.error` says why)."""
 
 
-PolicyLoader = Callable[[int | None], Awaitable[GuildPolicy]]
-
-
-async def _default_policy(_guild_id: int | None) -> GuildPolicy:
-    return GuildPolicy()
-
-
 class Dispatcher:
     """Runs jobs fairly: users take turns, each user and each server under its concurrency cap, and at most
     `concurrency` jobs at the backend in all."""
 
-    def __init__(self, store: JobStore, jobs: JobService, backend: FalQueueClient, http: httpx.AsyncClient,
-                 listener: JobListener, *, concurrency: int = 4, max_attempts: int = 3,
-                 policies: PolicyLoader = _default_policy, sink: ModLogSink | None = None) -> None:
+    def __init__(self, store: Store, backend: FalQueueClient, http: httpx.AsyncClient, modlog: ModerationLog, *,
+                 concurrency: int = 4, max_attempts: int = 3) -> None:
         self.store = store
-        self.jobs = jobs
+        self.jobs = store.jobs
         self.backend = backend
         self.http = http
-        self.listener = listener
+        self.modlog = modlog
         self.max_attempts = max_attempts
-        self.policies = policies
-        self.sink = sink
-        self.moderation = ModerationStore(store)
+        self._listener: JobListener | None = None
         self._queue = FairQueue()
         self._wakeup = asyncio.Event()
         self._running: dict[int, tuple[QueuedJob, asyncio.Task[None]]] = {}
@@ -90,14 +93,22 @@ class Dispatcher:
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Start the runners and recover everything a previous process left unfinished."""
-        for job in await self.store.unposted_results():
+    @property
+    def listener(self) -> JobListener:
+        assert self._listener is not None, "the dispatcher has not been started"
+        return self._listener
+
+    async def start(self, listener: JobListener) -> None:
+        """Start running jobs, telling `listener`, and recover everything a previous process left unfinished."""
+        if self._scheduler is not None:
+            raise RuntimeError("the dispatcher is already running")
+        self._listener = listener
+        for job in await self.jobs.unposted_results():
             await self._post_result(job)
-        pending = await self.store.jobs_with_status([JobStatus.SUBMITTED, JobStatus.RUNNING, JobStatus.QUEUED])
+        pending = await self.jobs.with_status([JobStatus.SUBMITTED, JobStatus.RUNNING, JobStatus.QUEUED])
         # jobs already at the backend first (they hold their place there), then the local queue in order
         for job in sorted(pending, key=lambda j: (j.status is JobStatus.QUEUED, j.id)):
-            self.enqueue(job)
+            self._push(job)
         if pending:
             log.info("recovering %d unfinished job(s): %s", len(pending), [j.id for j in pending])
         self._scheduler = asyncio.create_task(self._schedule(), name="dispatch-scheduler")
@@ -111,15 +122,27 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._scheduler = None
+        self._running.clear()
+        self._queue = FairQueue()
 
     # --- operations ---------------------------------------------------------------------------------
 
-    def enqueue(self, job: Job) -> None:
+    async def enqueue(self, job: Job, images: JobImages) -> None:
+        """Queue a new job, then tell the listener. If the listener can't show it (e.g. the channel refused the
+        progress message), the job is cancelled before it costs anything and the error is raised."""
+        self._push(job)
+        try:
+            await self.listener.job_queued(job, images, self._queue.position(job.id))
+        except BaseException:
+            await self.cancel(job.id)
+            raise
+
+    def _push(self, job: Job) -> None:
         self._queue.push(QueuedJob(job.id, job.user_id, job.guild_id))
         self._wakeup.set()
 
-    def forget_caps(self, guild_id: int | None) -> None:
-        """A server's limits changed: read them again before starting its next job."""
+    async def settings_changed(self, guild_id: int) -> None:
+        """A server's settings changed: read its concurrency caps again before starting its next job."""
         self._caps.pop(guild_id, None)
         self._wakeup.set()
 
@@ -127,19 +150,15 @@ class Dispatcher:
         """Jobs that would start before this one in the bot's own queue (None when it isn't waiting here)."""
         return self._queue.position(job_id)
 
-    @property
-    def waiting(self) -> int:
-        return len(self._queue)
-
     async def cancel(self, job_id: int) -> bool:
         """Cancel a job: at once while it waits here, or by asking the backend once submitted."""
-        job = await self.store.get_job(job_id)
+        job = await self.jobs.get(job_id)
         if job.terminal:
             return False
         if job_id in self._queue and job.status is JobStatus.QUEUED:
             self._queue.remove(job_id)
             try:
-                job = await self.store.transition(job_id, JobStatus.CANCELLED, message="cancelled before submission")
+                job = await self.jobs.transition(job_id, JobStatus.CANCELLED, message="cancelled before submission")
             except IllegalTransition:
                 return False
             await self.listener.job_ended(job)
@@ -149,9 +168,9 @@ class Dispatcher:
         if handle is not None:
             try:
                 outcome = await self.backend.cancel(handle)
-                await self.store.add_event(job_id, "note", f"cancel requested at the backend: {outcome}")
+                await self.jobs.add_event(job_id, "note", f"cancel requested at the backend: {outcome}")
             except FalError as exc:
-                await self.store.add_event(job_id, "note", f"cancel request failed: {exc}")
+                await self.jobs.add_event(job_id, "note", f"cancel request failed: {exc}")
         return True
 
     # --- running ------------------------------------------------------------------------------------
@@ -161,8 +180,8 @@ class Dispatcher:
         while True:
             self._wakeup.clear()
             for guild_id in {q.guild_id for q in self._queue} - self._caps.keys():
-                policy = await self.policies(guild_id)
-                self._caps[guild_id] = (policy.user_concurrent, policy.server_concurrent)
+                settings = await self.store.server_settings.load(guild_id)
+                self._caps[guild_id] = (settings.user_concurrent, settings.server_concurrent)
             while len(self._running) < self._concurrency:
                 users: Counter[UserKey] = Counter(q.user_key for q, _ in self._running.values())
                 guilds: Counter[int | None] = Counter(q.guild_id for q, _ in self._running.values())
@@ -193,7 +212,7 @@ class Dispatcher:
             self._wakeup.set()
 
     async def _run(self, job_id: int) -> None:
-        job = await self.store.get_job(job_id)
+        job = await self.jobs.get(job_id)
         if job.terminal:
             return
         progress = Progress(status=job.status, started_at=job.created_at)
@@ -204,9 +223,9 @@ class Dispatcher:
                     if job_id in self._cancel_requested:
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
                         return
-                    body = await self.jobs.backend_input(job)
+                    body = await self._request_body(job)
                     handle = await self.backend.submit(body)
-                    job = await self.store.transition(
+                    job = await self.jobs.transition(
                         job_id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
                         backend_request_id=handle.request_id, status_url=handle.status_url,
                         response_url=handle.response_url, cancel_url=handle.cancel_url)
@@ -216,14 +235,14 @@ class Dispatcher:
                 await self._succeed(job_id, output)
                 return
             except FalNotFoundError as exc:
-                job = await self.store.get_job(job_id)
+                job = await self.jobs.get(job_id)
                 if job.status is JobStatus.QUEUED:  # the submit itself: the backend doesn't serve this app
                     await self._end(job_id, JobStatus.FAILED, f"The backend can't run this job: {exc}")
                     return
                 if job.attempts >= self.max_attempts:
                     await self._end(job_id, JobStatus.FAILED, "The backend lost this job too many times.")
                     return
-                job = await self.store.transition(job_id, JobStatus.QUEUED,
+                job = await self.jobs.transition(job_id, JobStatus.QUEUED,
                                                   message="the backend lost the request; submitting again")
             except FalRequestFailed as exc:
                 if exc.error_type == "cancelled" or job_id in self._cancel_requested:
@@ -257,89 +276,96 @@ class Dispatcher:
     async def _on_update(self, job_id: int, progress: Progress, update: QueueUpdate) -> None:
         if update.kind == "queued":
             progress.queue_position = update.position
-            await self.store.add_event(job_id, "queue", f"queue position {update.position}",
+            await self.jobs.add_event(job_id, "queue", f"queue position {update.position}",
                                        {"position": update.position})
         elif update.kind == "started":
             progress.queue_position = None
-            job = await self.store.get_job(job_id)
+            job = await self.jobs.get(job_id)
             if job.status is JobStatus.SUBMITTED:
-                job = await self.store.transition(job_id, JobStatus.RUNNING)
+                job = await self.jobs.transition(job_id, JobStatus.RUNNING)
             progress.status = JobStatus.RUNNING
             await self.listener.job_progress(job, progress)
             return
         elif update.kind == "log" and update.log is not None:
             progress.add_log(update.log.message)
-            await self.store.add_event(job_id, "log", update.log.message,
+            await self.jobs.add_event(job_id, "log", update.log.message,
                                        {"level": update.log.level} if update.log.level else None)
         else:
             return
-        await self.listener.job_progress(await self.store.get_job(job_id), progress)
+        await self.listener.job_progress(await self.jobs.get(job_id), progress)
 
     async def _succeed(self, job_id: int, output: InpaintOutput) -> None:
-        blobs: dict[str, StoredBlob] = {}
+        blobs: dict[str, Blob] = {}
         for i, image in enumerate(output.images):
             data = await fetch_source(image.url, http=self.http, limits=OUTPUT_LIMITS, role="result")
-            blobs[f"output_{i}"] = StoredBlob(sha256=hashlib.sha256(data).hexdigest(),
-                                              content_type=image.content_type, data=data)
+            blobs[f"output_{i}"] = Blob(data, image.content_type)
         result = output.model_dump(mode="json")
         for stored_image in result["images"]:
             if stored_image["url"].startswith("data:"):
                 stored_image["url"] = "stored"  # the bytes are in blobs; don't keep megabytes of base64 twice
-        job = await self.store.get_job(job_id)
+        job = await self.jobs.get(job_id)
         if job.status is JobStatus.SUBMITTED:
-            job = await self.store.transition(job_id, JobStatus.RUNNING, message="running (seen only at completion)")
+            job = await self.jobs.transition(job_id, JobStatus.RUNNING, message="running (seen only at completion)")
         flagged = [i for i, f in enumerate(output.has_nsfw_concepts) if f]
         spoiler = False
         if flagged:
-            policy = await self.policies(job.guild_id)
-            action = policy.flagged_action(job.age_restricted)
+            settings = await self.store.server_settings.load(job.guild_id)
+            action = settings.flagged_action(job.age_restricted)
             flagged_images = [blobs[f"output_{i}"].data for i in flagged if f"output_{i}" in blobs]
             where = "an age-restricted" if job.age_restricted else "an ordinary"
             await self._log(job, f"image_flagged_{action}", f"{len(flagged)} of {len(output.images)} image(s) "
                             f"flagged by the safety checker in {where} channel: {action}", flagged_images)
             if action == "block":
-                await self.store.add_job_blobs(job_id, {role: (b.data, b.content_type) for role, b in blobs.items()})
+                await self.jobs.attach_blobs(job_id, blobs)
                 await self._end(job_id, JobStatus.BLOCKED, "The safety checker flagged the result, so it was not "
                                 "posted here.", data={"rule": "safety checker (output)"})
                 return
             spoiler = action == "spoiler"
-        job = await self.store.transition(job_id, JobStatus.SUCCEEDED, result=result, blobs=blobs)
+        job = await self.jobs.transition(job_id, JobStatus.SUCCEEDED, result=result, blobs=blobs)
         await self.listener.job_succeeded(job, output, list(blobs.values()), spoiler=spoiler)
 
     async def _block_flagged_input(self, job_id: int, detail: str) -> None:
-        job = await self.store.get_job(job_id)
-        blobs = await self.store.job_blobs(job_id)
+        job = await self.jobs.get(job_id)
+        blobs = await self.jobs.blobs(job_id)
         await self._log(job, "input_flagged", f"the backend's safety checker flagged the uploaded image: {detail}",
                         [blobs["image"].data] if "image" in blobs else [])
         await self._end(job_id, JobStatus.BLOCKED, "The safety checker flagged the uploaded image, so it can't be "
                         "used here.", data={"rule": "safety checker (input)"})
 
     async def _log(self, job: Job, action: str, detail: str, images: Sequence[bytes] = ()) -> None:
-        if job.guild_id is None:
-            return
-        entry = await self.moderation.log(job.guild_id, action, job_id=job.id, user_id=job.user_id, detail=detail)
-        if self.sink is not None:
-            try:
-                await self.sink.record(entry, job=job, images=images)
-            except Exception:
-                log.exception("job %s: could not report %s to the moderation log", job.id, action)
+        if job.guild_id is not None:
+            await self.modlog.record(job.guild_id, action, job=job, user_id=job.user_id, detail=detail,
+                                     images=images)
+
+    async def _request_body(self, job: Job) -> dict[str, Any]:
+        """The request to send: the stored input with its blob references replaced by data URIs."""
+        blobs = await self.jobs.blobs(job.id)
+        body = dict(job.input)
+        for key in ("image_url", "mask_url"):
+            role = BLOB_REFS.get(body.get(key, ""))
+            if role is not None:
+                blob = blobs.get(role)
+                if blob is None:
+                    raise UserError(f"Job #{job.id}'s {role} is no longer stored.")
+                body[key] = to_data_uri(blob.data, blob.content_type)
+        return body
 
     async def _post_result(self, job: Job, output: InpaintOutput | None = None, *, spoiler: bool = False) -> None:
         if output is None:
             assert job.result is not None
             output = InpaintOutput.model_validate(job.result)
             spoiler = any(output.has_nsfw_concepts)  # only "spoiler" or "allow" let a flagged result get here
-        blobs = await self.store.job_blobs(job.id)
+        blobs = await self.jobs.blobs(job.id)
         images = [blobs[f"output_{i}"] for i in range(len(output.images)) if f"output_{i}" in blobs]
         await self.listener.job_succeeded(job, output, images, spoiler=spoiler)
 
     async def _end(self, job_id: int, status: JobStatus, error: str, *, retryable: bool = False,
                    data: dict[str, object] | None = None) -> None:
         try:
-            job = await self.store.transition(job_id, status, error=error,
+            job = await self.jobs.transition(job_id, status, error=error,
                                               data={"retryable": retryable, **(data or {})})
         except IllegalTransition:
-            job = await self.store.get_job(job_id)
+            job = await self.jobs.get(job_id)
         log.info("job %s ended %s: %s", job_id, job.status, job.error)
         await self.listener.job_ended(job)
 

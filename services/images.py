@@ -12,16 +12,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import io
 import re
 import warnings
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 import httpx
 from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
+
+from services.blob import Blob
 
 #: Formats we accept, by sniffed content (Pillow identifies by magic bytes, never by name or MIME type).
 #: MPO is how Pillow names many phone-camera JPEGs; AVIF is taken when this Pillow build has it.
@@ -94,19 +95,6 @@ class MaskOptions:
 
 
 MaskSource = Literal["attachment", "alpha", "painted_copy", "colour"]
-
-
-@dataclass(frozen=True)
-class Blob:
-    data: bytes
-    content_type: str
-    sha256: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "sha256", hashlib.sha256(self.data).hexdigest())
-
-    def data_uri(self) -> str:
-        return to_data_uri(self.data, self.content_type)
 
 
 @dataclass(frozen=True)

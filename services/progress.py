@@ -6,7 +6,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from services.store import JobStatus
+from services.job_state import JobStatus
 
 _STEP = re.compile(r"\bstep (\d+)\s*/\s*(\d+)")
 KEEP_LOGS = 4

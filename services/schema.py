@@ -6,6 +6,7 @@ and the worker all validate with these models, so there is one definition of the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
@@ -81,9 +82,22 @@ class InpaintInput(BaseModel):
             return IMAGE_SIZE_PRESETS[self.image_size]
         return self.image_size.width, self.image_size.height
 
+    @property
+    def cost(self) -> int:
+        """Denoising steps × images: what the request costs (the unit of a server's daily step budget)."""
+        return self.num_inference_steps * self.num_images
+
     def wire(self) -> dict[str, Any]:
         """The JSON body to send: fields the user set, plus every field that differs from fal's default."""
         return self.model_dump(mode="json", exclude_unset=True)
+
+
+def step_cost(options: Mapping[str, Any]) -> int:
+    """`InpaintInput.cost` for options not validated yet: fal's defaults stand in for what is not given."""
+    fields = InpaintInput.model_fields
+    steps = options.get("num_inference_steps") or fields["num_inference_steps"].default
+    images = options.get("num_images") or fields["num_images"].default
+    return int(steps) * int(images)
 
 
 class OutputImage(_Wire):
@@ -157,10 +171,6 @@ class CompletedStatus(_StatusBase):
 QueueStatus = Annotated[InQueueStatus | InProgressStatus | CompletedStatus, Field(discriminator="status")]
 
 CancelOutcome = Literal["OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND"]
-
-
-class CancelResponse(_Wire):
-    status: CancelOutcome
 
 
 class ValidationErrorItem(_Wire):

@@ -25,10 +25,12 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from services.blob import Blob
 from services.errors import UserError
 from services.images import ImageInputError, parse_data_uri
 from services.painter.tokens import browser_key, session_id_of, verify
-from services.store import PainterSession, PainterSessions, StoredBlob
+from services.refusals import Refused
+from services.store.painter_sessions import PainterSession, PainterSessions
 
 STATIC = Path(__file__).parent / "static"
 MAX_MASK_BYTES = 20 * 1024 * 1024
@@ -41,7 +43,7 @@ SubmitHandler = Callable[[PainterSession, str, bytes], Awaitable[int]]
 class PainterConfig:
     secret: bytes
     sessions: PainterSessions
-    load_image: Callable[[str], Awaitable[StoredBlob | None]]
+    load_image: Callable[[str], Awaitable[Blob | None]]
     on_submit: SubmitHandler
     secure_cookies: bool = False
     clock: Callable[[], float] = time.time
@@ -118,13 +120,15 @@ def create_painter_app(config: PainterConfig) -> Starlette:
                 raise LinkRefused(410, "This link was already used: run /inpaint again for a new one.")
             try:
                 job_id = await config.on_submit(session, prompt, mask)
-            except (UserError, ImageInputError):
+            except (UserError, ImageInputError, Refused):
                 await config.sessions.release(session.id)  # fixable (e.g. an empty mask): the link still works
                 raise
         except LinkRefused as exc:
             return JSONResponse({"error": exc.message}, exc.status)
         except (UserError, ImageInputError) as exc:
             return JSONResponse({"error": exc.message}, 400)
+        except Refused as exc:
+            return JSONResponse({"error": exc.reason.plain()}, 400)
         except (ValueError, AttributeError):
             return JSONResponse({"error": "That request isn't what this page sends."}, 400)
         await config.sessions.set_job(session.id, job_id)

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import secrets
 
-from services.store import PainterSession
+from services.store.painter_sessions import PainterSession
 
 
 def new_session_id() -> str:

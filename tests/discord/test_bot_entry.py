@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from services.backend_select import choose_backend
-from services.settings import Settings
+from services.config import BotConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,7 @@ def test_settings_from_env_file_hide_secrets(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)
     for name in ("DISCORD_TOKEN", "FAL_KEY", "WORKER_URL"):
         monkeypatch.delenv(name, raising=False)
-    settings = Settings()
+    settings = BotConfig()
     assert settings.discord_token is not None
     assert settings.discord_token.get_secret_value() == "discord-secret-token"
     shown = repr(settings) + str(settings) + settings.model_dump_json()
@@ -41,8 +41,8 @@ def test_settings_from_env_file_hide_secrets(tmp_path: Path, monkeypatch: pytest
 
 def test_worker_url_selects_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FAL_KEY", raising=False)
-    settings = Settings(_env_file=None, worker_url="http://127.0.0.1:8000")
+    settings = BotConfig(_env_file=None, worker_url="http://127.0.0.1:8000")
     choice = choose_backend(settings)
     assert (choice.name, choice.base_url) == ("worker", "http://127.0.0.1:8000")
-    bare = choose_backend(Settings(_env_file=None))
+    bare = choose_backend(BotConfig(_env_file=None))
     assert bare.name == "embedded" and not bare.safety_checker

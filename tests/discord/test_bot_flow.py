@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from services.settings import Settings
-from services.store import JobStatus
+from services.config import BotConfig
+from services.job_state import JobStatus
 from tests.conftest import BotEnv
 from tests.helpers.bot_env import (
     ALICE,
@@ -20,7 +20,7 @@ from tests.helpers.bot_env import (
     KEY,
     MOD,
     PLACE,
-    bot_settings,
+    bot_config,
     ephemeral_text,
     message_with,
     progress_message,
@@ -43,7 +43,7 @@ async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) ->
     assert ephemeral_text(record) == "Queued as job #1: progress is in the channel."
 
     result = await result_message(fake, 1, bot)
-    job = await bot.store.get_job(1)
+    job = await bot.services.store.jobs.get(1)
     assert job.status is JobStatus.SUCCEEDED and job.result_message_id == result.id
     # the result: the author mentioned, the image attached, every parameter in the embed, five buttons
     assert result.content == "<@10>"
@@ -66,7 +66,7 @@ async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) ->
     assert (sent.seed, sent.num_inference_steps, sent.negative_prompt, sent.format) == (5, 20, "blurry", "png")
 
     # every state change and backend log line is in SQLite, in order
-    events = await bot.store.events(1)
+    events = await bot.services.store.jobs.events(1)
     states = [e.message for e in events if e.kind == "state"]
     assert states == ["queued", "submitted", "running", "succeeded"]
     assert [e.message for e in events if e.kind == "log"] == ["step 1/3", "step 2/3", "step 3/3"]
@@ -81,9 +81,10 @@ async def test_buttons_reroll_params_delete(discord_env: BotEnv) -> None:
     reroll = await driver.click(BOB, first, "inpaint:reroll:1")
     assert "Rerolling job #1 as job #2." in ephemeral_text(reroll)
     await result_message(fake, 2)
-    second = await bot.store.get_job(2)
+    second = await bot.services.store.jobs.get(2)
     assert second.parent_job_id == 1 and second.user_id == 20 and "seed" not in second.input
-    assert (await bot.store.job_blobs(2))["image"].sha256 == (await bot.store.job_blobs(1))["image"].sha256
+    jobs = bot.services.store.jobs
+    assert (await jobs.blobs(2))["image"].sha256 == (await jobs.blobs(1))["image"].sha256
 
     params = await driver.click(BOB, first, "inpaint:params:1")
     shown = params.responses[0]["data"]
@@ -107,7 +108,7 @@ async def test_variations_and_edit_modal(discord_env: BotEnv,
     first = await result_message(fake, 1)
     await driver.click(ALICE, first, "inpaint:vary:1")
     variations = await result_message(fake, 2)
-    assert len(variations.files) == 4 and (await bot.store.get_job(2)).input["num_images"] == 4
+    assert len(variations.files) == 4 and (await bot.services.store.jobs.get(2)).input["num_images"] == 4
 
     shown = await driver.click(ALICE, first, "inpaint:edit:1")
     assert shown.modal is not None and shown.modal["title"] == "Edit job #1"
@@ -115,7 +116,7 @@ async def test_variations_and_edit_modal(discord_env: BotEnv,
                                                     "Seed (empty = random)": "1234"})
     assert "Re-running job #1 as job #3." in ephemeral_text(done)
     await result_message(fake, 3)
-    edited = await bot.store.get_job(3)
+    edited = await bot.services.store.jobs.get(3)
     assert (edited.input["prompt"], edited.input["strength"], edited.input["seed"]) == ("a dog", 0.6, 1234)
 
     again = await driver.click(ALICE, first, "inpaint:edit:1")  # a submitted modal is gone: open a new one
@@ -127,10 +128,10 @@ async def test_cancel_by_author_only(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=10_000) as slow:  # stays queued at the backend
         fake = FakeDiscord()
         with fake.installed():
-            async with running_bot(bot_settings(tmp_path, slow), fake) as (bot, driver):
+            async with running_bot(bot_config(tmp_path, slow), fake) as (bot, driver):
                 await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="slow one")
                 await wait_until(lambda: bool(slow.requests), what="the submit")
-                job = await bot.store.get_job(1)
+                job = await bot.services.store.jobs.get(1)
                 progress = progress_message(fake, job.status_message_id)
                 await wait_until(lambda: progress.field("Status", ) is not None and "queue" in (
                     progress.field("Status") or ""), what="the queue position on the progress message")
@@ -139,7 +140,7 @@ async def test_cancel_by_author_only(tmp_path: Path) -> None:
                 ok = await driver.click(ALICE, progress, "inpaint:cancel:1")
                 assert "Cancelling job #1" in ephemeral_text(ok)
                 await wait_until(lambda: progress.field("Status") == "🚫 Cancelled", what="the cancelled state")
-                assert (await bot.store.get_job(1)).status is JobStatus.CANCELLED
+                assert (await bot.services.store.jobs.get(1)).status is JobStatus.CANCELLED
                 assert len(slow.hits("cancel")) == 1 and progress.components == []
 
 
@@ -163,7 +164,7 @@ async def test_user_errors_are_friendly_and_ephemeral(discord_env: BotEnv) -> No
 
     no_mask = await driver.slash(ALICE, "inpaint", image=uploads(fake)["image"], prompt="x")
     assert "paint the area to change on this page" in ephemeral_text(no_mask)  # the web painter's link
-    assert await bot.store.jobs_for_user(10) == []  # nothing was queued for any of these
+    assert await bot.services.store.jobs.for_user(10) == []  # nothing was queued for any of these
 
 
 async def test_transparent_png_needs_no_mask(discord_env: BotEnv) -> None:
@@ -174,7 +175,7 @@ async def test_transparent_png_needs_no_mask(discord_env: BotEnv) -> None:
     record = await driver.slash(ALICE, "inpaint", image=image, prompt="a window")
     assert "mask taken from the image's transparent area" in ephemeral_text(record)
     await result_message(fake, 1)
-    stored = Image.open(io.BytesIO((await bot.store.job_blobs(1))["mask"].data))
+    stored = Image.open(io.BytesIO((await bot.services.store.jobs.blobs(1))["mask"].data))
     assert stored.getpixel((100, 80)) == 255 and stored.getpixel((10, 10)) == 0  # the hole is what gets repainted
 
 
@@ -182,7 +183,7 @@ async def test_backend_down_becomes_a_failed_job_with_retry(discord_env: BotEnv,
                                                             server: FalTestServer) -> None:
     bot, fake, driver = discord_env
     fault = server.inject("submit", "status", code=503, times=-1, body={"detail": "no runners available"})
-    bot.backend.retry = type(bot.backend.retry)(attempts=2, base_delay_s=0.01, max_delay_s=0.02)
+    bot.services.backend.retry = type(bot.services.backend.retry)(attempts=2, base_delay_s=0.01, max_delay_s=0.02)
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a tree")
     job_msg = await wait_for_final_message(fake, bot, 1, JobStatus.FAILED)
     assert "The backend is unavailable right now" in (job_msg.field("Why") or "")
@@ -198,7 +199,7 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=10_000) as server:
         fake = FakeDiscord()
         with fake.installed():
-            settings = bot_settings(tmp_path, server)
+            settings = bot_config(tmp_path, server)
             async with running_bot(settings, fake) as (bot, driver):
                 await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="resume me", seed=77)
                 await driver.slash(BOB, "inpaint", **uploads(fake), prompt="lost by the backend", seed=78)
@@ -212,8 +213,9 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
             async with running_bot(settings, fake) as (bot, driver):
                 one = await result_message(fake, 1, bot)
                 two = await result_message(fake, 2, bot)
-                assert (await bot.store.get_job(1)).backend_request_id == first_rid  # followed, not re-submitted
-                job_two = await bot.store.get_job(2)
+                job_one = await bot.services.store.jobs.get(1)
+                assert job_one.backend_request_id == first_rid  # followed, not re-submitted
+                job_two = await bot.services.store.jobs.get(2)
                 assert job_two.attempts == 2 and job_two.backend_request_id != second_rid  # re-submitted from blobs
                 assert "seed: 77" not in one.content and one.field("Seed") == "`77`"
                 assert two.field("Seed") == "`78`"
@@ -227,7 +229,7 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
 async def test_unposted_result_is_posted_after_restart(tmp_path: Path, server: FalTestServer) -> None:
     fake = FakeDiscord()
     with fake.installed():
-        settings = bot_settings(tmp_path, server)
+        settings = bot_config(tmp_path, server)
         fake.fail_routes[r"POST /channels/\d+/messages"] = 503
         async with running_bot(settings, fake) as (bot, driver):
             fake.fail_routes.clear()
@@ -235,14 +237,14 @@ async def test_unposted_result_is_posted_after_restart(tmp_path: Path, server: F
             fake.fail_routes[r"POST /channels/\d+/messages"] = 503  # Discord refuses the result post
             await wait_until(lambda: True, what="nothing")
             for _ in range(500):
-                if (await bot.store.get_job(1)).status is JobStatus.SUCCEEDED:
+                if (await bot.services.store.jobs.get(1)).status is JobStatus.SUCCEEDED:
                     break
                 await asyncio.sleep(0.01)
-            assert (await bot.store.get_job(1)).result_message_id is None
+            assert (await bot.services.store.jobs.get(1)).result_message_id is None
         fake.fail_routes.clear()
         async with running_bot(settings, fake) as (bot, _):
             await result_message(fake, 1, bot)
-            assert (await bot.store.get_job(1)).result_message_id is not None
+            assert (await bot.services.store.jobs.get(1)).result_message_id is not None
 
 
 async def test_context_menu_with_modal_mask_upload(discord_env: BotEnv) -> None:
@@ -255,7 +257,7 @@ async def test_context_menu_with_modal_mask_upload(discord_env: BotEnv) -> None:
                                                     "Mask (white = repaint)": [files["mask"]]})
     assert "Queued as job #1" in ephemeral_text(done)
     await result_message(fake, 1)
-    assert (await bot.store.get_job(1)).input["prompt"] == "a sailboat"
+    assert (await bot.services.store.jobs.get(1)).input["prompt"] == "a sailboat"
 
     nothing = fake.user_message(PLACE.channel_id, BOB, [])
     refused = await driver.message_command(ALICE, "Inpaint this image", nothing)
@@ -308,20 +310,20 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
     for name in ("MODEL_PATH", "PIPELINE", "WORKER_KEY"):
         monkeypatch.delenv(name, raising=False)
     caplog.set_level("WARNING")
-    settings = Settings(_env_file=None, discord_token="fake-token", database_path=tmp_path / "bot.sqlite3",
+    settings = BotConfig(_env_file=None, discord_token="fake-token", database_path=tmp_path / "bot.sqlite3",
                         backend_poll_interval_s=0.01, progress_edit_interval_s=0.05, painter_port=0)
     fake = FakeDiscord()
     with fake.installed():
         async with running_bot(settings, fake) as (bot, driver):
-            assert bot.embedded_worker is not None and bot.backend.base_url.startswith("http://127.0.0.1:")
+            assert bot.services.backend_info.name == "embedded" and bot.services.backend.base_url.startswith("http://127.0.0.1:")
             assert "NO BACKEND CONFIGURED" in caplog.text
             await driver.slash(ALICE, "inpaint", **uploads(fake, (128, 96)), prompt="ignored by the fill",
                                size="square", format="png")
             result = await result_message(fake, 1)
-            job = await bot.store.get_job(1)
+            job = await bot.services.store.jobs.get(1)
             assert job.backend == "embedded" and job.input["enable_safety_checker"] is False
             assert Image.open(io.BytesIO(result.files["result_0.png"])).size == (512, 512)
-            logs = [e.message for e in await bot.store.events(1, kind="log")]
+            logs = [e.message for e in await bot.services.store.jobs.events(1, kind="log")]
             assert "classic pipeline: content-aware fill; the prompt is not used" in logs
 
 
@@ -330,16 +332,16 @@ async def test_secrets_stay_out_of_logs_and_the_database(tmp_path: Path, server:
     caplog.set_level("DEBUG")
     fake = FakeDiscord()
     with fake.installed():
-        async with running_bot(bot_settings(tmp_path, server), fake) as (bot, driver):
+        async with running_bot(bot_config(tmp_path, server), fake) as (bot, driver):
             await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="quiet")
             await result_message(fake, 1)
             server.inject("status", "echo_auth", times=1)  # a backend that echoes our key back in an error
             await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="loud backend")
             for _ in range(500):
-                if (await bot.store.get_job(2)).terminal:
+                if (await bot.services.store.jobs.get(2)).terminal:
                     break
                 await asyncio.sleep(0.01)
-            assert (await bot.store.get_job(2)).status is JobStatus.FAILED
+            assert (await bot.services.store.jobs.get(2)).status is JobStatus.FAILED
     secret = KEY.split(":")[1]
     assert secret not in caplog.text and "fake-token" not in caplog.text
     assert secret.encode() not in _database_bytes(tmp_path)
@@ -355,14 +357,14 @@ async def test_progress_edits_are_throttled(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=0, progress_logs=20) as busy:
         fake = FakeDiscord()
         with fake.installed():
-            settings = bot_settings(tmp_path, busy, progress_edit_interval_s=0.5)
+            settings = bot_config(tmp_path, busy, progress_edit_interval_s=0.5)
             async with running_bot(settings, fake) as (bot, driver):
                 await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="chatty backend")
                 await result_message(fake, 1, bot)
-                job = await bot.store.get_job(1)
+                job = await bot.services.store.jobs.get(1)
                 progress = progress_message(fake, job.status_message_id)
                 await wait_until(lambda: progress.field("Status") == "✅ Done", what="the final edit")
-                assert len(await bot.store.events(1, kind="log")) == 20  # every line stored…
+                assert len(await bot.services.store.jobs.events(1, kind="log")) == 20  # every line stored…
                 elapsed = (job.finished_at or 0) - job.created_at
                 # …but the message is edited at most once per interval, plus the final state
                 assert progress.edits <= 2 + int(elapsed / 0.5), (progress.edits, elapsed)
@@ -370,10 +372,10 @@ async def test_progress_edits_are_throttled(tmp_path: Path) -> None:
 
 def test_results_are_reencoded_to_fit_the_upload_limit() -> None:
     from cogs.render import result_files
-    from services.store import StoredBlob
+    from services.blob import Blob
 
     big = encode(photo(1024, 1024), "PNG")
-    blobs = [StoredBlob(sha256=str(i), content_type="image/png", data=big) for i in range(3)]
+    blobs = [Blob(big, "image/png") for _ in range(3)]
     roomy = result_files(blobs, 50 * 1024 * 1024)
     assert [f.filename for f in roomy] == ["result_0.png", "result_1.png", "result_2.png"]
     tight = result_files(blobs, 3 * len(big) // 2)
@@ -388,7 +390,7 @@ def test_results_are_reencoded_to_fit_the_upload_limit() -> None:
 async def test_buttons_on_old_messages_work_after_a_restart(tmp_path: Path, server: FalTestServer) -> None:
     fake = FakeDiscord()
     with fake.installed():
-        settings = bot_settings(tmp_path, server)
+        settings = bot_config(tmp_path, server)
         async with running_bot(settings, fake) as (bot, driver):
             await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="before the restart", seed=3)
             old = await result_message(fake, 1, bot)
@@ -397,4 +399,4 @@ async def test_buttons_on_old_messages_work_after_a_restart(tmp_path: Path, serv
             assert "before the restart" in ephemeral_text(params)
             await driver.click(BOB, old, "inpaint:reroll:1")
             await result_message(fake, 2, bot)
-            assert (await bot.store.get_job(2)).parent_job_id == 1
+            assert (await bot.services.store.jobs.get(2)).parent_job_id == 1

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.moderation import save_policy
-from services.store import JobStatus
+from services.job_state import JobStatus
 from tests.conftest import BotEnv
 from tests.helpers.bot_env import (
     ALICE,
@@ -14,7 +13,7 @@ from tests.helpers.bot_env import (
     KEY,
     MOD,
     PLACE,
-    bot_settings,
+    bot_config,
     ephemeral_text,
     progress_message,
     result_message,
@@ -49,7 +48,7 @@ async def test_settings_refused_for_non_managers(discord_env: BotEnv) -> None:
     assert embed["title"] == "Inpaint bot settings" and shown.responses[0]["data"]["flags"] & 64
     text = await _settings_cmd(driver, "limits", per_user_at_once=3, per_server_per_day=50)
     assert "Saved: user_concurrent = 3, server_daily_jobs = 50" in text
-    policy = await bot.store.get_guild_settings(PLACE.guild_id)
+    policy = await bot.services.store.server_settings.raw(PLACE.guild_id)
     assert policy["user_concurrent"] == 3 and policy["server_daily_jobs"] == 50
     refused = await _settings_cmd(driver, "filter", action="add_regex", value="(a+)+$")
     assert "catastrophic backtracking" in refused
@@ -63,9 +62,9 @@ async def test_blocked_prompt_is_stored_told_and_logged(discord_env: BotEnv) -> 
     assert ("Your prompt was blocked by this server's filters (server word 'clown'). Please rephrase it."
             in ephemeral_text(record))
     assert not any(c[0] == "CDN" for c in fake.calls)  # refused before downloading the images
-    jobs = await bot.store.jobs_with_status([JobStatus.BLOCKED])
+    jobs = await bot.services.store.jobs.with_status([JobStatus.BLOCKED])
     assert len(jobs) == 1 and jobs[0].error == "Blocked: server word 'clown' in the prompt"
-    events = await bot.store.events(jobs[0].id)
+    events = await bot.services.store.jobs.events(jobs[0].id)
     assert events[-1].data and events[-1].data["rule"] == "server word 'clown' in the prompt"
     await wait_until(lambda: any("Prompt blocked" in (m.embeds[0].get("title") or "") for m in _modlog_posts(fake)
                                  if m.embeds), what="the mod log post")
@@ -84,7 +83,7 @@ async def test_flagged_output_in_an_ordinary_channel_is_blocked(discord_env: Bot
     server.flag_outputs = True
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a statue")
     await wait_status(bot, 1, JobStatus.BLOCKED)
-    job = await bot.store.get_job(1)
+    job = await bot.services.store.jobs.get(1)
     assert job.input["enable_safety_checker"] is True and job.result_message_id is None
     progress = progress_message(fake, job.status_message_id)
     await wait_until(lambda: progress.field("Status") == "⛔ Blocked", what="the blocked state")
@@ -114,10 +113,10 @@ async def test_flagged_output_in_an_age_restricted_channel_follows_the_policy(
     await _settings_cmd(driver, "safety", flagged="allow", checker_off_in_age_restricted=True)
     await nsfw.slash(ALICE, "inpaint", **uploads(fake), prompt="a statue")
     await wait_status(bot, 3, JobStatus.SUCCEEDED)
-    assert (await bot.store.get_job(3)).input["enable_safety_checker"] is False
+    assert (await bot.services.store.jobs.get(3)).input["enable_safety_checker"] is False
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a statue")  # ordinary channel: checker stays on
     await wait_status(bot, 4, JobStatus.BLOCKED)
-    assert (await bot.store.get_job(4)).input["enable_safety_checker"] is True
+    assert (await bot.services.store.jobs.get(4)).input["enable_safety_checker"] is True
 
 
 async def test_flagged_upload_blocks_the_job(discord_env: BotEnv,
@@ -126,9 +125,9 @@ async def test_flagged_upload_blocks_the_job(discord_env: BotEnv,
     server.flag_inputs = True
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="innocent words")
     await wait_status(bot, 1, JobStatus.BLOCKED)
-    assert (await bot.store.get_job(1)).error == ("The safety checker flagged the uploaded image, so it can't be "
-                                                  "used here.")
-    entries = await bot.moderation.entries(PLACE.guild_id)
+    assert (await bot.services.store.jobs.get(1)).error == (
+        "The safety checker flagged the uploaded image, so it can't be used here.")
+    entries = await bot.services.store.modlog.entries(PLACE.guild_id)
     assert [e.action for e in entries][-1] == "input_flagged"
 
 
@@ -141,13 +140,13 @@ async def test_ban_from_the_mod_log_is_enforced_and_lifted(discord_env: BotEnv) 
     refused = await driver.click(BOB, post, "modlog:ban:111:20")
     assert "Only moderators" in ephemeral_text(refused)
     await driver.click(MOD, post, "modlog:ban:111:20", permissions=ALL_PERMISSIONS)
-    assert await bot.moderation.is_banned(PLACE.guild_id, 20)
+    assert await bot.services.store.bans.is_banned(PLACE.guild_id, 20)
     banned = await driver.slash(BOB, "inpaint", **uploads(fake), prompt="a tree")
     assert "a moderator has banned you" in ephemeral_text(banned)
     await driver.click(MOD, post, "modlog:unban:111:20", permissions=ALL_PERMISSIONS)
     await driver.slash(BOB, "inpaint", **uploads(fake), prompt="a tree")
     await result_message(fake, 2, bot)  # the refused attempt made no job
-    actions = [e.action for e in await bot.moderation.entries(PLACE.guild_id)]
+    actions = [e.action for e in await bot.services.store.modlog.entries(PLACE.guild_id)]
     assert actions == ["settings_changed", "prompt_blocked", "user_banned", "user_unbanned"]
 
 
@@ -163,7 +162,7 @@ async def test_round_robin_three_users_twelve_jobs(tmp_path: Path) -> None:
     async with FalTestServer(key=KEY, queue_polls=10_000, progress_logs=0) as server:
         fake = FakeDiscord()
         with fake.installed():
-            async with running_bot(bot_settings(tmp_path, server, dispatch_concurrency=1), fake) as (bot, driver):
+            async with running_bot(bot_config(tmp_path, server, dispatch_concurrency=1), fake) as (bot, driver):
                 for member in (ALICE, BOB, CAROL):  # Alice sends all four first, then Bob, then Carol
                     for n in range(4):
                         await driver.slash(member, "inpaint", **uploads(fake), prompt=f"{member['username']} {n}")
@@ -174,7 +173,7 @@ async def test_round_robin_three_users_twelve_jobs(tmp_path: Path) -> None:
                 await result_message(fake, 12, bot)
                 users = {1: "A", 2: "A", 3: "A", 4: "A", 5: "B", 6: "B", 7: "B", 8: "B",
                          9: "C", 10: "C", 11: "C", 12: "C"}
-                order = "".join(users[j] for j in bot.dispatcher.started)
+                order = "".join(users[j] for j in bot.services.dispatcher.started)
                 # Alice's first job was already running when the others arrived; then the users take turns
                 assert order == "AABCABCABCBC", order
 
@@ -192,8 +191,8 @@ async def test_quota_exhausted_and_reset(discord_env: BotEnv) -> None:
     assert fields["Your jobs"] == "0 of 2 left" and fields["Server jobs"] == "unlimited"
     bob_ok = await driver.slash(BOB, "inpaint", **uploads(fake), prompt="bob's job")  # others are unaffected
     assert "Queued as job #3" in ephemeral_text(bob_ok)
-    real_clock = bot.limits.clock
-    bot.limits.clock = lambda: real_clock() + 86400  # tomorrow (UTC)
+    real_clock = bot.services.quotas.clock
+    bot.services.quotas.clock = lambda: real_clock() + 86400  # tomorrow (UTC)
     again = await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a new day")
     assert "Queued as job #4" in ephemeral_text(again)
     tomorrow = await driver.slash(ALICE, "quota")
@@ -209,7 +208,7 @@ async def test_moderator_deleting_a_result_is_logged(discord_env: BotEnv) -> Non
     await driver.click(MOD, result, "inpaint:delete:1", permissions=ALL_PERMISSIONS)
     await wait_until(lambda: any("Result deleted" in (m.embeds[0].get("title") or "") for m in _modlog_posts(fake)
                                  if m.embeds), what="the moderator action in the mod log")
-    assert "result_deleted" in [e.action for e in await bot.moderation.entries(PLACE.guild_id)]
+    assert "result_deleted" in [e.action for e in await bot.services.store.modlog.entries(PLACE.guild_id)]
 
 
 async def test_server_defaults_and_allowed_roles(discord_env: BotEnv) -> None:
@@ -217,15 +216,15 @@ async def test_server_defaults_and_allowed_roles(discord_env: BotEnv) -> None:
     await _settings_cmd(driver, "defaults", steps=12, size="square", negative_prompt="watermark")
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a harbour")
     await result_message(fake, 1, bot)
-    job = await bot.store.get_job(1)
+    job = await bot.services.store.jobs.get(1)
     assert (job.input["num_inference_steps"], job.input["image_size"], job.input["negative_prompt"]) == \
         (12, "square", "watermark")
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a harbour", steps=30)  # the user's choice wins
     await result_message(fake, 2, bot)
-    assert (await bot.store.get_job(2)).input["num_inference_steps"] == 30
+    assert (await bot.services.store.jobs.get(2)).input["num_inference_steps"] == 30
 
     # allowed roles (set directly: a role option is just its id)
-    await save_policy(bot.store, PLACE.guild_id, {"allowed_role_ids": [555]})
+    await bot.services.store.server_settings.save(PLACE.guild_id, {"allowed_role_ids": [555]})
     refused = await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a harbour")
     assert "Only members with <@&555> can use the bot in this server." in ephemeral_text(refused)
     artist = user(50, "artist", roles=(555,))

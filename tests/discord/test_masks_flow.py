@@ -8,8 +8,7 @@ import io
 from PIL import Image, ImageDraw
 
 from bot import InpaintBot
-from services.moderation import save_policy
-from services.store import JobStatus
+from services.job_state import JobStatus
 from tests.conftest import BotEnv
 from tests.helpers.bot_env import ALICE, BOB, PLACE, ephemeral_text, result_message
 from tests.helpers.discord_harness import FakeMessage, InteractionRecord
@@ -23,7 +22,7 @@ def _painted(colour: tuple[int, int, int] = (255, 0, 255)) -> Image.Image:
 
 
 async def _stored_mask(bot: InpaintBot, job_id: int) -> Image.Image:
-    return Image.open(io.BytesIO((await bot.store.job_blobs(job_id))["mask"].data)).convert("L")
+    return Image.open(io.BytesIO((await bot.services.store.jobs.blobs(job_id))["mask"].data)).convert("L")
 
 
 async def test_colour_painted_on_the_image(discord_env: BotEnv) -> None:
@@ -57,10 +56,10 @@ async def test_empty_mask_is_refused_with_a_picture(discord_env: BotEnv) -> None
     assert "The mask is empty" in reply.content and "Right: the mask" in reply.content and reply.ephemeral
     picture = Image.open(io.BytesIO(reply.files["understood.jpg"]))
     assert picture.width > picture.height  # the image and its mask, side by side
-    assert await bot.store.jobs_for_user(10) == []
+    assert await bot.services.store.jobs.for_user(10) == []
 
 
-def _followupmessage_with(record: InteractionRecord, custom_id_prefix: str) -> FakeMessage:
+def _followup_with(record: InteractionRecord, custom_id_prefix: str) -> FakeMessage:
     for message in record.followups:
         if any(c.startswith(custom_id_prefix) for c in message.custom_ids()):
             return message
@@ -69,17 +68,17 @@ def _followupmessage_with(record: InteractionRecord, custom_id_prefix: str) -> F
 
 async def test_confirm_masks_invert_confirm_cancel(discord_env: BotEnv) -> None:
     bot, fake, driver = discord_env
-    await save_policy(bot.store, PLACE.guild_id, {"confirm_masks": True})
+    await bot.services.store.server_settings.save(PLACE.guild_id, {"confirm_masks": True})
     image = fake.upload(PLACE.channel_id, "photo.png", encode(photo(256, 192)), "image/png")
     small = Image.new("L", (256, 192), 0)
     small.paste(255, (0, 0, 64, 48))
     mask = fake.upload(PLACE.channel_id, "mask.png", encode(small), "image/png")
 
     record = await driver.slash(ALICE, "inpaint", image=image, mask=mask, prompt="a kite")
-    preview = _followupmessage_with(record, "draft:confirm:")
+    preview = _followup_with(record, "draft:confirm:")
     assert preview.ephemeral and list(preview.files) == ["mask-preview.jpg"]
     assert "(6% of the image)" in preview.embeds[0]["description"]
-    assert await bot.store.jobs_for_user(10) == []  # nothing spent yet
+    assert await bot.services.store.jobs.for_user(10) == []  # nothing spent yet
     draft_id = preview.custom_ids()[0].rsplit(":", 1)[1]
 
     other = await driver.click(BOB, preview, f"draft:confirm:{draft_id}")
@@ -98,9 +97,9 @@ async def test_confirm_masks_invert_confirm_cancel(discord_env: BotEnv) -> None:
     assert "already been confirmed or cancelled" in ephemeral_text(again)
 
     record = await driver.slash(ALICE, "inpaint", image=image, mask=mask, prompt="another kite")
-    preview = _followupmessage_with(record, "draft:cancel:")
+    preview = _followup_with(record, "draft:cancel:")
     cancel_id = preview.custom_ids()[2]
     cancelled = await driver.click(ALICE, preview, cancel_id)
     assert cancelled.responses[-1]["data"]["content"] == "Cancelled: nothing was spent."
-    assert [j.id for j in await bot.store.jobs_for_user(10)] == [1]
-    assert (await bot.store.get_job(1)).status is JobStatus.SUCCEEDED
+    assert [j.id for j in await bot.services.store.jobs.for_user(10)] == [1]
+    assert (await bot.services.store.jobs.get(1)).status is JobStatus.SUCCEEDED

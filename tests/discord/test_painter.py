@@ -104,15 +104,15 @@ async def test_chromium_paints_a_stroke_and_submits(discord_env: BotEnv) -> None
             await browser.close()
 
     await result_message(fake, 1, bot)
-    job = await bot.store.get_job(1)
+    job = await bot.services.store.jobs.get(1)
     assert job.input["prompt"] == "a red balloon, sunset light"
-    mask = Image.open(io.BytesIO((await bot.store.job_blobs(1))["mask"].data)).convert("L")
+    mask = Image.open(io.BytesIO((await bot.services.store.jobs.blobs(1))["mask"].data)).convert("L")
     assert mask.size == (320, 240)
     row = int(240 * 0.4)
     assert mask.getpixel((160, row)) == 255  # on the stroke
     assert mask.getpixel((int(320 * 0.4), row)) == 255 and mask.getpixel((int(320 * 0.6), row)) == 255
     assert mask.getpixel((10, 10)) == 0 and mask.getpixel((160, 230)) == 0  # far from it
-    events = [e.message for e in await bot.store.events(1)]
+    events = [e.message for e in await bot.services.store.jobs.events(1)]
     assert "mask painted in the web painter" in events
 
 
@@ -150,9 +150,9 @@ async def test_links_are_personal_single_use_and_expire(discord_env: BotEnv) -> 
 
     await result_message(fake, 1, bot)
     url2, _ = await _ask_for_link(fake, driver)
-    assert bot.painter is not None
-    real = bot.painter.clock
-    bot.painter.clock = lambda: real() + 31 * 60  # past the 30-minute life of the link
+    assert bot.services.painter is not None
+    real = bot.services.painter.clock
+    bot.services.painter.clock = lambda: real() + 31 * 60  # past the 30-minute life of the link
     async with httpx.AsyncClient() as owner:
         expired = await owner.get(url2)
     assert expired.status_code == 410 and "expired" in expired.text
@@ -166,9 +166,9 @@ async def test_painter_submit_goes_through_moderation(discord_env: BotEnv) -> No
         blocked = await owner.post(f"{url}/submit", json={"prompt": "a nude statue",
                                                           "mask": _painted_mask(320, 240, (0, 0, 100, 100))})
     assert blocked.status_code == 400 and "blocked by this server's filters" in blocked.json()["error"]
-    from services.store import JobStatus
+    from services.job_state import JobStatus
 
-    (stored,) = await bot.store.jobs_with_status([JobStatus.BLOCKED])
+    (stored,) = await bot.services.store.jobs.with_status([JobStatus.BLOCKED])
     assert stored.error == "Blocked: default word 'nude' in the prompt"
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from bot import InpaintBot
-from services.settings import Settings
-from services.store import JobStatus
+from services.config import BotConfig
+from services.container import build_services
+from services.job_state import JobStatus
 from tests.helpers.discord_harness import Driver, FakeDiscord, FakeMessage, InteractionRecord, Place, user
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
@@ -24,23 +25,21 @@ BOB = user(20, "bob")
 MOD = user(30, "mod")
 
 
-def bot_settings(tmp_path: Path, server: FalTestServer, **overrides: Any) -> Settings:
-    """Settings for a bot on `server`, its database under `tmp_path`, fast polling and progress edits."""
+def bot_config(tmp_path: Path, server: FalTestServer, **overrides: Any) -> BotConfig:
+    """The configuration of a bot on `server`, its database under `tmp_path`, fast polling and progress edits."""
     values: dict[str, Any] = {"discord_token": "fake-token", "fal_key": KEY, "fal_queue_base": server.base_url,
                               "database_path": tmp_path / "bot.sqlite3", "backend_poll_interval_s": 0.01,
                               "progress_edit_interval_s": 0.05, "painter_port": 0, **overrides}
-    return Settings(_env_file=None, **values)
+    return BotConfig(_env_file=None, **values)
 
 
 @asynccontextmanager
-async def running_bot(settings: Settings, fake: FakeDiscord) -> AsyncIterator[tuple[InpaintBot, Driver]]:
-    """A logged-in bot (discord.py's real `setup_hook`) and a driver for `PLACE`; closed on exit."""
-    bot = InpaintBot(settings)
-    await bot.login("fake-token")
-    try:
+async def running_bot(config: BotConfig, fake: FakeDiscord) -> AsyncIterator[tuple[InpaintBot, Driver]]:
+    """The services and a logged-in bot on them, built as `bot.py` builds them (discord.py's real `setup_hook`),
+    and a driver for `PLACE`; all closed on exit."""
+    async with build_services(config) as services, InpaintBot(config, services) as bot:
+        await bot.login("fake-token")
         yield bot, Driver(fake, bot, PLACE)
-    finally:
-        await bot.close()
 
 
 @asynccontextmanager
@@ -48,7 +47,7 @@ async def bot_env(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[
     """A logged-in bot on a fresh in-memory Discord, backed by `server`."""
     fake = FakeDiscord()
     with fake.installed():
-        async with running_bot(bot_settings(tmp_path, server), fake) as (bot, driver):
+        async with running_bot(bot_config(tmp_path, server), fake) as (bot, driver):
             yield bot, fake, driver
 
 
@@ -74,7 +73,7 @@ async def result_message(fake: FakeDiscord, job_id: int, bot: InpaintBot | None 
     message = message_with(fake, f"inpaint:reroll:{job_id}")
     if bot is not None:
         for _ in range(2000):
-            if (await bot.store.get_job(job_id)).result_message_id == message.id:
+            if (await bot.services.store.jobs.get(job_id)).result_message_id == message.id:
                 break
             await asyncio.sleep(0.005)
     return message
@@ -94,7 +93,7 @@ async def wait_status(bot: InpaintBot, job_id: int, status: JobStatus, *, within
     deadline = asyncio.get_running_loop().time() + within_s
     while True:
         try:
-            if (await bot.store.get_job(job_id)).status is status:
+            if (await bot.services.store.jobs.get(job_id)).status is status:
                 return
         except LookupError:
             pass
@@ -106,7 +105,7 @@ async def wait_status(bot: InpaintBot, job_id: int, status: JobStatus, *, within
 async def wait_for_final_message(fake: FakeDiscord, bot: InpaintBot, job_id: int, status: JobStatus) -> FakeMessage:
     """Wait for job `job_id` to reach `status` and its progress message to show it, without a Cancel button."""
     await wait_status(bot, job_id, status)
-    job = await bot.store.get_job(job_id)
+    job = await bot.services.store.jobs.get(job_id)
     message = progress_message(fake, job.status_message_id)
     await wait_until(lambda: message.field("Status") is not None and message.field("Status") != "",
                      what="the final edit")

@@ -1,38 +1,30 @@
-"""`/jobs` (your recent jobs) and `/job` (one job with its history)."""
+"""Job history: `/jobs` (your recent jobs) and `/job` (one job with its history)."""
 
 from __future__ import annotations
-
-import datetime as dt
-from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
 from cogs import render
+from cogs.interactions import is_moderator, services_of
+from cogs.wording import relative_time
 from services.errors import UserError
-from services.store import JobNotFound
-
-if TYPE_CHECKING:
-    from bot import InpaintBot
+from services.job_state import JobNotFound
 
 
-def _when(timestamp: float) -> str:
-    return discord.utils.format_dt(dt.datetime.fromtimestamp(timestamp, tz=dt.UTC), "R")
-
-
-class Jobs(commands.Cog):
-    def __init__(self, bot: InpaintBot) -> None:
-        self.bot = bot
+class History(commands.Cog):
+    def __init__(self, bot: commands.Bot) -> None:
+        self.store = services_of(bot).store.jobs
 
     @app_commands.command(name="jobs", description="Your recent inpainting jobs in this server")
     @app_commands.guild_only()
     async def jobs(self, interaction: discord.Interaction) -> None:
-        jobs = await self.bot.store.jobs_for_user(interaction.user.id, guild_id=interaction.guild_id, limit=10)
+        jobs = await self.store.for_user(interaction.user.id, guild_id=interaction.guild_id, limit=10)
         if not jobs:
             await interaction.response.send_message("You have no jobs here yet: try `/inpaint`.", ephemeral=True)
             return
-        lines = [f"`#{job.id}` {job.status.value} · {_when(job.created_at)} · "
+        lines = [f"`#{job.id}` {job.status.value} · {relative_time(job.created_at)} · "
                  f"{render.short(job.input.get('prompt', ''), 60)}" for job in jobs]
         embed = discord.Embed(title="Your recent jobs", description="\n".join(lines), colour=render.COLOUR_RUNNING)
         await interaction.response.send_message(embed=embed, ephemeral=True)
@@ -42,14 +34,15 @@ class Jobs(commands.Cog):
     @app_commands.describe(job_id="The job number (from /jobs or a result)")
     async def job(self, interaction: discord.Interaction, job_id: app_commands.Range[int, 1]) -> None:
         try:
-            job = await self.bot.store.get_job(job_id)
+            job = await self.store.get(job_id)
         except JobNotFound as exc:
             raise UserError(f"There is no job #{job_id}.") from exc
         if job.guild_id != interaction.guild_id or (
-                job.user_id != interaction.user.id and not render.is_moderator(interaction)):
+                job.user_id != interaction.user.id and not is_moderator(interaction)):
             raise UserError(f"Job #{job_id} isn't yours to look at.")
-        events = await self.bot.store.events(job.id)
-        history = "\n".join(f"{_when(e.created_at)} **{e.kind}** {render.short(e.message, 80)}" for e in events[-15:])
+        events = await self.store.events(job.id)
+        history = "\n".join(f"{relative_time(e.created_at)} **{e.kind}** {render.short(e.message, 80)}"
+                            for e in events[-15:])
         embed = discord.Embed(title=f"Job #{job.id} · {job.status.value}", colour=render.COLOUR_RUNNING,
                               description=render.short(job.input.get("prompt", ""), 300))
         embed.add_field(name="History", value=render.short(history or "—", 1024), inline=False)
@@ -59,5 +52,5 @@ class Jobs(commands.Cog):
         await interaction.response.send_message(embed=embed, ephemeral=True)
 
 
-async def setup(bot: InpaintBot) -> None:
-    await bot.add_cog(Jobs(bot))
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(History(bot))

@@ -1,6 +1,4 @@
-"""Per-server moderation policy, prompt filters and the NSFW decision — no Discord here.
-
-Prompt filters: a built-in list plus each server's words and regular expressions, applied to the prompt and the
+"""Prompt filters: a built-in list plus each server's words and regular expressions, applied to the prompt and the
 negative prompt after normalisation (case, accents, look-alike letters, leetspeak, invisible characters, letters
 spaced or dotted apart). Server regexes run with a timeout (the `regex` package), and a pattern that can blow up
 (catastrophic backtracking) is refused when it is set.
@@ -11,15 +9,11 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import regex
-from pydantic import BaseModel, Field, ValidationError
 
 from services.errors import UserError
-from services.store import JobStore
-
-NsfwPolicy = Literal["block", "spoiler", "allow"]
+from services.server_settings import ServerSettings
 
 #: The built-in list for every server (a server may turn it off with `use_default_filters`).
 DEFAULT_WORDS: tuple[str, ...] = (
@@ -30,59 +24,6 @@ DEFAULT_WORDS: tuple[str, ...] = (
 MAX_RULES = 200
 MAX_REGEX_LENGTH = 200
 REGEX_TIMEOUT_S = 0.05
-
-
-class GuildPolicy(BaseModel):
-    """Everything a server's moderators can set. Stored key by key in `guild_settings`; defaults are safe."""
-
-    nsfw_policy: NsfwPolicy = "block"  # flagged images in age-restricted channels (ordinary channels: block)
-    checker_off_in_age_restricted: bool = False
-    use_default_filters: bool = True
-    filter_words: list[str] = Field(default_factory=list)
-    filter_regexes: list[str] = Field(default_factory=list)
-    modlog_channel_id: int | None = None
-    allowed_channel_ids: list[int] = Field(default_factory=list)
-    allowed_role_ids: list[int] = Field(default_factory=list)
-    user_concurrent: int = Field(default=2, ge=1, le=20)
-    server_concurrent: int = Field(default=4, ge=1, le=100)
-    user_cooldown_s: int = Field(default=0, ge=0, le=86400)
-    user_daily_jobs: int | None = Field(default=None, ge=1)
-    server_daily_jobs: int | None = Field(default=None, ge=1)
-    server_daily_steps: int | None = Field(default=None, ge=1, description="steps × images per day (API spend)")
-    confirm_masks: bool = False  # show the mask to its author and wait for Confirm before spending anything
-    default_steps: int | None = Field(default=None, ge=1, le=65)
-    default_size: str | None = None
-    default_negative_prompt: str | None = None
-
-    def safety_checker_required(self, age_restricted: bool) -> bool:
-        return not (age_restricted and self.checker_off_in_age_restricted)
-
-    def flagged_action(self, age_restricted: bool) -> NsfwPolicy:
-        """What happens to an image the safety checker flagged: ordinary channels always block."""
-        return self.nsfw_policy if age_restricted else "block"
-
-
-async def load_policy(store: JobStore, guild_id: int | None) -> GuildPolicy:
-    if guild_id is None:
-        return GuildPolicy()
-    stored = await store.get_guild_settings(guild_id)
-    known = {k: v for k, v in stored.items() if k in GuildPolicy.model_fields}
-    try:
-        return GuildPolicy.model_validate(known)
-    except ValidationError:
-        return GuildPolicy()  # a setting from an older version no longer fits: fall back to safe defaults
-
-
-async def save_policy(store: JobStore, guild_id: int, changes: dict[str, Any]) -> GuildPolicy:
-    """Validate and store changed settings; returns the policy now in force."""
-    current = await load_policy(store, guild_id)
-    try:
-        updated = GuildPolicy.model_validate({**current.model_dump(), **changes})
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise UserError(f"That setting isn't valid: {problems}") from exc
-    await store.set_guild_settings(guild_id, {k: getattr(updated, k) for k in changes})
-    return updated
 
 
 # --- normalisation ------------------------------------------------------------------------------------
@@ -139,13 +80,13 @@ class FilterHit:
 
 
 class PromptFilter:
-    def __init__(self, policy: GuildPolicy) -> None:
+    def __init__(self, settings: ServerSettings) -> None:
         words: list[tuple[str, str]] = []
-        if policy.use_default_filters:
+        if settings.use_default_filters:
             words += [(w, f"default word '{w}'") for w in DEFAULT_WORDS]
-        words += [(normalize(w), f"server word '{w}'") for w in policy.filter_words if w.strip()]
+        words += [(normalize(w), f"server word '{w}'") for w in settings.filter_words if w.strip()]
         self._words = [(re.compile(rf"\b{re.escape(w)}(?:s|es)?\b"), label) for w, label in words if w]
-        self._regexes = [(regex.compile(p, regex.IGNORECASE), f"server regex '{p}'") for p in policy.filter_regexes]
+        self._regexes = [(regex.compile(p, regex.IGNORECASE), f"server regex '{p}'") for p in settings.filter_regexes]
 
     def check(self, fields: dict[str, str]) -> FilterHit | None:
         """The first rule any field breaks, or None."""

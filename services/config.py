@@ -1,4 +1,4 @@
-"""Process settings, read from the environment and an optional `.env` file.
+"""The bot process's configuration, read from the environment and an optional `.env` file.
 
 Secrets are `SecretStr`, so they print as `**********` in reprs, logs and tracebacks.
 """
@@ -15,8 +15,8 @@ from services.schema import INPAINT_APP_ID
 FAL_QUEUE_BASE = "https://queue.fal.run"
 
 
-class Settings(BaseSettings):
-    """Everything the bot reads from its environment."""
+class BotConfig(BaseSettings):
+    """Everything the bot reads from its environment (the worker has its own: `services/worker/config.py`)."""
 
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
@@ -49,6 +49,6 @@ class Settings(BaseSettings):
     dispatch_concurrency: int = Field(default=4, ge=1, description="Jobs the bot has at the backend at once")
 
 
-def load_settings() -> Settings:
-    """Read settings from the environment and `.env` (in the working directory)."""
-    return Settings()
+def load_config() -> BotConfig:
+    """Read the configuration from the environment and `.env` (in the working directory)."""
+    return BotConfig()

@@ -1,0 +1,83 @@
+"""Every service the bot runs on, built once, outside discord.py, and closed in reverse order:
+
+    async with build_services(config) as services:
+        bot = InpaintBot(config, services)
+
+(the shape of discord.py's `examples/advanced_startup.py`). The store, the HTTP client, the backend (hosted fal,
+our worker, or the worker embedded in this process), the moderation log, quotas, admission, the dispatcher, the
+launcher, drafts and the mask painter's web server all join one `AsyncExitStack`. Tests and benchmarks build
+this same graph. The Discord layer attaches itself when it starts: it starts the dispatcher with itself as the
+listener, and subscribes to the moderation log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+
+from services.admission import Admissions
+from services.backend_select import EmbeddedWorker, choose_backend
+from services.backends.fal_queue import FalQueueClient
+from services.config import BotConfig
+from services.dispatch import Dispatcher
+from services.draft_review import DraftReview
+from services.images import IntakeLimits
+from services.launch import Backend, Launcher
+from services.modlog import ModerationLog
+from services.painter.links import PainterLinks
+from services.quotas import Quotas
+from services.store import Store
+
+
+@dataclass(frozen=True)
+class Services:
+    config: BotConfig
+    store: Store
+    http: httpx.AsyncClient
+    backend: FalQueueClient
+    backend_info: Backend
+    intake_limits: IntakeLimits
+    modlog: ModerationLog
+    quotas: Quotas
+    admissions: Admissions
+    dispatcher: Dispatcher
+    launcher: Launcher
+    drafts: DraftReview
+    painter: PainterLinks | None  # None when the painter is turned off
+
+
+@asynccontextmanager
+async def build_services(config: BotConfig) -> AsyncIterator[Services]:
+    async with AsyncExitStack() as stack:
+        store = await stack.enter_async_context(await Store.open(config.database_path))
+        http = await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)))
+        choice = choose_backend(config)
+        base_url = choice.base_url
+        if base_url is None:
+            base_url = await stack.enter_async_context(EmbeddedWorker())
+        backend = FalQueueClient(base_url=base_url, key=choice.key, app_id=config.app_id, http=http,
+                                 poll_interval_s=config.backend_poll_interval_s,
+                                 total_timeout_s=config.backend_total_timeout_s)
+        stack.push_async_callback(backend.aclose)
+        backend_info = Backend(choice.name, safety_checker=choice.safety_checker)
+        limits = IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+        modlog = ModerationLog(store.modlog)
+        quotas = Quotas(store.usage)
+        admissions = Admissions(store, quotas, modlog, backend=choice.name)
+        dispatcher = Dispatcher(store, backend, http, modlog, concurrency=config.dispatch_concurrency)
+        stack.push_async_callback(dispatcher.close)
+        store.server_settings.subscribe(dispatcher.settings_changed)
+        launcher = Launcher(store, admissions, dispatcher, backend_info)
+        painter = None
+        if config.painter_enabled:
+            painter = await stack.enter_async_context(PainterLinks(
+                store, launcher, limits, host=config.painter_host, port=config.painter_port,
+                public_url=config.painter_public_url,
+                secret=config.painter_secret.get_secret_value() if config.painter_secret else None,
+                ttl_s=config.painter_link_ttl_s))
+        yield Services(config=config, store=store, http=http, backend=backend, backend_info=backend_info,
+                       intake_limits=limits, modlog=modlog, quotas=quotas, admissions=admissions,
+                       dispatcher=dispatcher, launcher=launcher, drafts=DraftReview(store, limits), painter=painter)

@@ -1,0 +1,159 @@
+"""How a job starts — the one answer, for every entry point (the slash command, the message command's form,
+draft Confirm, the mask painter's submit, and every result button):
+
+    admission → server defaults and auto size → one validation → create (or derive) → enqueue
+
+The caller says who is asking, gives the options, and where the images come from: new images, prepared only
+once admission has passed (so a refused user's upload is never downloaded), or an earlier job whose stored
+images are reused. The result is the queued job, a draft waiting for the user to confirm their mask (servers
+that ask for it), or `Refused` with a structured reason. Queuing tells the dispatcher's listener, which shows the
+job; if it can't, the job is cancelled before it costs anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+from pydantic import ValidationError
+
+from services.admission import Admission, Admissions
+from services.dispatch import Dispatcher, JobImages
+from services.images import MaskSource, PreparedInputs
+from services.job_state import IMAGE_REF, MASK_REF, Job, JobNotFound
+from services.preview import mask_overlay_jpeg
+from services.refusals import ImagesGone, InvalidOptions, JobGone, Refused
+from services.requester import Requester
+from services.schema import InpaintInput
+from services.store import Store
+from services.store.drafts import Draft
+
+#: SDXL works best near one megapixel; size "auto" picks a size of the image's shape with about that many pixels.
+TARGET_PIXELS = 1024 * 1024
+
+
+def auto_size(width: int, height: int, *, target: int = TARGET_PIXELS, multiple: int = 64) -> dict[str, int]:
+    """An output size with the image's aspect ratio and about `target` pixels, in multiples of `multiple`."""
+    scale = (target / (width * height)) ** 0.5
+    w = max(multiple, round(width * scale / multiple) * multiple)
+    h = max(multiple, round(height * scale / multiple) * multiple)
+    return {"width": w, "height": h}
+
+
+@dataclass(frozen=True)
+class NewImages:
+    """Images not stored as a job yet. `prepare` downloads and takes them in; it runs only after admission.
+    `may_draft`: a server that asks users to confirm their mask gets a draft instead of a job."""
+
+    prepare: Callable[[], Awaitable[PreparedInputs]]
+    may_draft: bool = True
+
+
+@dataclass(frozen=True)
+class FromJob:
+    """A job derived from an earlier one (reroll, variations, edit, retry): its stored images, its options with
+    the given ones changed (an option set to None is dropped, e.g. the seed)."""
+
+    parent_id: int
+
+
+@dataclass(frozen=True)
+class Launched:
+    job: Job
+    mask_source: MaskSource | None = None  # where the mask came from, for new images
+
+
+@dataclass(frozen=True)
+class DraftOffered:
+    """Nothing is spent yet: the user sees `preview_jpeg` (the mask over the image) and confirms, inverts or
+    cancels."""
+
+    draft: Draft
+    preview_jpeg: bytes
+    coverage: float
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the launcher needs to know of the backend: its name (stored with each job) and whether it has a
+    safety checker (only the embedded classic fill, which paints no new content, has none)."""
+
+    name: str
+    safety_checker: bool = True
+
+
+class Launcher:
+    def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: Backend) -> None:
+        self.store = store
+        self.admissions = admissions
+        self.dispatcher = dispatcher
+        self.backend = backend
+
+    async def launch(self, who: Requester, options: dict[str, Any],
+                     source: NewImages | FromJob) -> Launched | DraftOffered:
+        """Start a job for `who`, or raise `Refused`."""
+        if isinstance(source, FromJob):
+            return await self._derive(who, options, source.parent_id)
+        admission = await self.admissions.admit(who, options)
+        prepared = await source.prepare()
+        if source.may_draft and admission.settings.confirm_masks:
+            return await self.offer_draft(who, options, prepared)
+        request = self._request(admission, who, prepared.size)
+        job = await self.store.jobs.create(
+            user_id=who.user_id, guild_id=who.guild_id, channel_id=who.channel_id, backend=self.backend.name,
+            input=request.wire(), age_restricted=who.age_restricted, cost=request.cost,
+            blobs={"image": prepared.image_blob, "mask": prepared.mask_blob})
+        await self.dispatcher.enqueue(job, JobImages(prepared.image, prepared.mask))
+        return Launched(job, prepared.mask_source)
+
+    async def offer_draft(self, who: Requester, options: dict[str, Any], prepared: PreparedInputs) -> DraftOffered:
+        """Keep the prepared images as a draft for `who` to confirm; nothing runs until they do."""
+        draft = await self.store.drafts.create(secrets.token_urlsafe(12), who=who, image=prepared.image_blob,
+                                               mask=prepared.mask_blob, params=options)
+        preview = await asyncio.to_thread(mask_overlay_jpeg, prepared.image, prepared.mask)
+        return DraftOffered(draft, preview, prepared.coverage)
+
+    async def _derive(self, who: Requester, changes: dict[str, Any], parent_id: int) -> Launched:
+        try:
+            parent = await self.store.jobs.get(parent_id)
+        except JobNotFound as exc:
+            raise Refused(JobGone(parent_id)) from exc
+        options = {k: v for k, v in {**parent.options(), **changes}.items() if v is not None}
+        admission = await self.admissions.admit(who, options, parent_id=parent.id)
+        refs = await self.store.jobs.blob_refs(parent.id)
+        if "image" not in refs or "mask" not in refs:
+            raise Refused(ImagesGone(parent.id))
+        request = self._request(admission, who, None)
+        job = await self.store.jobs.create(
+            user_id=who.user_id, guild_id=parent.guild_id, channel_id=who.channel_id or parent.channel_id,
+            backend=self.backend.name, input=request.wire(), parent_job_id=parent.id, age_restricted=who.age_restricted,
+            cost=request.cost, blob_refs={"image": refs["image"], "mask": refs["mask"]})
+        await self.dispatcher.enqueue(job, await self._stored_images(job))
+        return Launched(job)
+
+    def _request(self, admission: Admission, who: Requester, image_size: tuple[int, int] | None) -> InpaintInput:
+        """The backend request for admitted options (images as blob references): the one validation."""
+        body: dict[str, Any] = {"image_url": IMAGE_REF, "mask_url": MASK_REF, **admission.options}
+        if body.get("image_size", "auto") == "auto" and image_size is not None:
+            body["image_size"] = auto_size(*image_size)
+        body["enable_safety_checker"] = (self.backend.safety_checker
+                                         and admission.settings.safety_checker_required(who.age_restricted))
+        try:
+            return InpaintInput.model_validate(body)
+        except ValidationError as exc:
+            raise Refused(InvalidOptions(tuple(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                                               for e in exc.errors()))) from exc
+
+    async def _stored_images(self, job: Job) -> JobImages:
+        blobs = await self.store.jobs.blobs(job.id)
+
+        def decode() -> JobImages:
+            image = Image.open(io.BytesIO(blobs["image"].data)).convert("RGB")
+            return JobImages(image, Image.open(io.BytesIO(blobs["mask"].data)).convert("L"))
+
+        return await asyncio.to_thread(decode)

@@ -1,0 +1,83 @@
+"""The mask painter as a service: personal links offered when /inpaint has no mask, the web server that serves
+the painter page, and a submitted mask turned into a job through the launcher like any other."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Self
+
+from services.http_server import LoopServer
+from services.images import IntakeLimits, PreparedInputs, normalized_image, prepare_inputs
+from services.launch import Launched, Launcher, NewImages
+from services.painter.app import PainterConfig, create_painter_app
+from services.painter.tokens import new_session_id, sign
+from services.refusals import ImagesGone, Refused
+from services.requester import Requester
+from services.store import Store
+from services.store.painter_sessions import PainterSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PainterLink:
+    url: str
+    ttl_s: int
+
+
+class PainterLinks:
+    """`async with PainterLinks(...) as painter:` serves the painter page until the block ends."""
+
+    def __init__(self, store: Store, launcher: Launcher, limits: IntakeLimits, *, host: str, port: int,
+                 public_url: str | None, secret: str | None, ttl_s: int) -> None:
+        self.store = store
+        self.launcher = launcher
+        self.limits = limits
+        self.host, self.port = host, port
+        self.public_url = (public_url or "").rstrip("/")
+        self.secret = (secret or secrets.token_hex(32)).encode()
+        self.ttl_s = ttl_s
+        self.clock: Callable[[], float] = time.time
+        self._server: LoopServer | None = None
+
+    async def __aenter__(self) -> Self:
+        config = PainterConfig(secret=self.secret, sessions=self.store.painter_sessions,
+                               load_image=self.store.blobs.get, on_submit=self.submit, secure_cookies=self.public_url.startswith("https://"),
+                               clock=lambda: self.clock())
+        self._server = LoopServer(create_painter_app(config), host=self.host, port=self.port)
+        local = await self._server.start()
+        self.public_url = self.public_url or local
+        log.info("mask painter listening on %s (links point at %s)", local, self.public_url)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._server is not None:
+            await self._server.stop()
+
+    async def offer(self, who: Requester, image_bytes: bytes, options: dict[str, Any]) -> PainterLink:
+        """A personal, single-use link to paint the mask of this image; the job gets `options` and the prompt
+        typed on the page."""
+        _, blob = await asyncio.to_thread(normalized_image, image_bytes, self.limits)
+        session = await self.store.painter_sessions.create(new_session_id(), who=who, image=blob, params=options,
+                                                           expires_at=self.clock() + self.ttl_s)
+        return PainterLink(f"{self.public_url}/paint/{sign(self.secret, session)}", self.ttl_s)
+
+    async def submit(self, session: PainterSession, prompt: str, mask: bytes) -> int:
+        """A painted mask arrived: start the job in its channel; returns the job id (or raises `Refused`)."""
+
+        async def prepare() -> PreparedInputs:
+            image = await self.store.blobs.get(session.image_sha256)
+            if image is None:
+                raise Refused(ImagesGone(None))
+            return await asyncio.to_thread(prepare_inputs, image.data, mask, limits=self.limits)
+
+        outcome = await self.launcher.launch(session.requester, {**session.params, "prompt": prompt},
+                                             NewImages(prepare, may_draft=False))
+        assert isinstance(outcome, Launched)
+        await self.store.jobs.add_event(outcome.job.id, "note", "mask painted in the web painter")
+        return outcome.job.id

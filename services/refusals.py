@@ -1,0 +1,127 @@
+"""Why a job was refused, as facts: which channels or roles are allowed, which rule a prompt broke, when a quota
+resets. Services raise `Refused(reason)`; the presentation layer words the reason for where it is shown (the
+Discord layer mentions channels and roles and shows relative times; the mask painter's page shows `plain()`)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+
+def _utc(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, tz=dt.UTC).strftime("%H:%M UTC")
+
+
+@dataclass(frozen=True)
+class Banned:
+    def plain(self) -> str:
+        return "You can't use the bot in this server: a moderator has banned you from it."
+
+
+@dataclass(frozen=True)
+class ChannelNotAllowed:
+    allowed_channel_ids: tuple[int, ...]
+
+    def plain(self) -> str:
+        return "The bot works only in some channels of this server, and not in this one."
+
+
+@dataclass(frozen=True)
+class RoleNotAllowed:
+    allowed_role_ids: tuple[int, ...]
+
+    def plain(self) -> str:
+        return "Only members with certain roles can use the bot in this server."
+
+
+@dataclass(frozen=True)
+class PromptBlocked:
+    field: str  # "prompt" or "negative_prompt"
+    rule: str
+    job_id: int  # the blocked job, stored with the rule
+
+    def plain(self) -> str:
+        return (f"Your {self.field.replace('_', ' ')} was blocked by this server's filters ({self.rule}). "
+                "Please rephrase it.")
+
+
+@dataclass(frozen=True)
+class Cooldown:
+    seconds_left: float
+
+    def plain(self) -> str:
+        return f"Slow down: you can start another job in {self.seconds_left:.0f} s."
+
+
+@dataclass(frozen=True)
+class UserQuotaUsed:
+    limit: int
+    resets_at: float
+
+    def plain(self) -> str:
+        return f"You've used your {self.limit} jobs for today here; the quota resets at {_utc(self.resets_at)}."
+
+
+@dataclass(frozen=True)
+class ServerQuotaUsed:
+    limit: int
+    resets_at: float
+
+    def plain(self) -> str:
+        return f"This server's {self.limit} jobs for today are used up; the quota resets at {_utc(self.resets_at)}."
+
+
+@dataclass(frozen=True)
+class StepBudgetExceeded:
+    needed: int
+    left: int
+    limit: int
+    resets_at: float
+
+    def plain(self) -> str:
+        return (f"This job needs {self.needed} steps (steps × images) but the server has {self.left} of its "
+                f"{self.limit} left today; try fewer steps or images, or after the reset at {_utc(self.resets_at)}.")
+
+
+@dataclass(frozen=True)
+class InvalidOptions:
+    problems: tuple[str, ...]
+
+    def plain(self) -> str:
+        return f"Some options are not valid: {'; '.join(self.problems)}"
+
+
+@dataclass(frozen=True)
+class JobGone:
+    job_id: int
+
+    def plain(self) -> str:
+        return f"Job #{self.job_id} no longer exists."
+
+
+@dataclass(frozen=True)
+class ImagesGone:
+    job_id: int | None  # None: a draft's or a painter link's images
+
+    def plain(self) -> str:
+        if self.job_id is None:
+            return "The images for this are no longer stored: run /inpaint again."
+        return f"Job #{self.job_id}'s images are no longer stored, so it can't be run again."
+
+
+@dataclass(frozen=True)
+class DraftGone:
+    def plain(self) -> str:
+        return "This preview has already been confirmed or cancelled."
+
+
+Refusal = (Banned | ChannelNotAllowed | RoleNotAllowed | PromptBlocked | Cooldown | UserQuotaUsed | ServerQuotaUsed
+           | StepBudgetExceeded | InvalidOptions | JobGone | ImagesGone | DraftGone)
+
+
+class Refused(Exception):
+    """A job (or a step towards one) was refused for `reason`; nothing half-made is left behind."""
+
+    def __init__(self, reason: Refusal) -> None:
+        super().__init__(reason.plain())
+        self.reason = reason
