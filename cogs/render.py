@@ -100,7 +100,7 @@ def result_embed(job: Job, output: InpaintOutput, *, spoiler: bool = False) -> d
         embed.add_field(name="Timings", value=timings, inline=False)
     if any(output.has_nsfw_concepts):
         embed.add_field(name="Safety", value="The safety checker flagged this result: it is posted behind a spoiler "
-                        "under this server's policy for age-restricted channels." if spoiler else
+                        "under this server's settings for age-restricted channels." if spoiler else
                         "The safety checker flagged this result; this server allows it in age-restricted channels.",
                         inline=False)
     if not spoiler:  # an embed image would show a spoilered attachment unblurred
@@ -124,7 +124,7 @@ def _extension(content_type: str) -> str:
 
 def result_files(images: list[Blob], limit: int, *, spoiler: bool = False) -> list[discord.File]:
     """The result images as attachments that fit the upload limit (re-encoded as JPEG, then smaller, if needed);
-    as spoilers (blurred until clicked) when the server's policy says so."""
+    as spoilers (blurred until clicked) when the server's settings say so."""
     budget = int(limit * 0.95)
     encoded = [(blob.data, blob.content_type) for blob in images]
     for quality, scale in ((None, 1.0), (90, 1.0), (85, 0.75), (80, 0.5), (75, 0.35)):

@@ -25,29 +25,29 @@ def _limit(value: int | None) -> str:
     return "unlimited" if value is None else str(value)
 
 
-def settings_embed(policy: ServerSettings) -> discord.Embed:
+def settings_embed(settings: ServerSettings) -> discord.Embed:
     embed = discord.Embed(title="Inpaint bot settings", colour=render.COLOUR_RUNNING)
-    checker = "off in age-restricted channels" if policy.checker_off_in_age_restricted else "always on"
+    checker = "off in age-restricted channels" if settings.checker_off_in_age_restricted else "always on"
     embed.add_field(name="Safety", value=f"checker: {checker}\nflagged images in age-restricted channels: "
-                    f"**{policy.nsfw_policy}** (ordinary channels: always block)", inline=False)
-    words = ", ".join(f"`{w}`" for w in policy.filter_words) or "none"
-    regexes = ", ".join(f"`{r}`" for r in policy.filter_regexes) or "none"
-    defaults = f"built-in list ({len(DEFAULT_WORDS)} words) " + ("on" if policy.use_default_filters else "off")
+                    f"**{settings.nsfw_policy}** (ordinary channels: always block)", inline=False)
+    words = ", ".join(f"`{w}`" for w in settings.filter_words) or "none"
+    regexes = ", ".join(f"`{r}`" for r in settings.filter_regexes) or "none"
+    defaults = f"built-in list ({len(DEFAULT_WORDS)} words) " + ("on" if settings.use_default_filters else "off")
     embed.add_field(name="Prompt filters", value=render.short(f"{defaults}\nwords: {words}\nregexes: {regexes}", 1024),
                     inline=False)
-    embed.add_field(name="Masks", value="shown for Confirm first" if policy.confirm_masks else "run at once")
-    embed.add_field(name="Mod log", value=f"<#{policy.modlog_channel_id}>" if policy.modlog_channel_id else "off")
-    channels = wording.channels(policy.allowed_channel_ids) or "all"
-    roles = wording.roles(policy.allowed_role_ids) or "everyone"
+    embed.add_field(name="Masks", value="shown for Confirm first" if settings.confirm_masks else "run at once")
+    embed.add_field(name="Mod log", value=f"<#{settings.modlog_channel_id}>" if settings.modlog_channel_id else "off")
+    channels = wording.channels(settings.allowed_channel_ids) or "all"
+    roles = wording.roles(settings.allowed_role_ids) or "everyone"
     embed.add_field(name="Access", value=f"channels: {channels}\nroles: {roles}")
     embed.add_field(name="Limits", value=(
-        f"per user at once: {policy.user_concurrent}\nper server at once: {policy.server_concurrent}\n"
-        f"cooldown: {policy.user_cooldown_s} s\nper user per day: {_limit(policy.user_daily_jobs)}\n"
-        f"per server per day: {_limit(policy.server_daily_jobs)}\n"
-        f"steps × images per day: {_limit(policy.server_daily_steps)}"), inline=False)
+        f"per user at once: {settings.user_concurrent}\nper server at once: {settings.server_concurrent}\n"
+        f"cooldown: {settings.user_cooldown_s} s\nper user per day: {_limit(settings.user_daily_jobs)}\n"
+        f"per server per day: {_limit(settings.server_daily_jobs)}\n"
+        f"steps × images per day: {_limit(settings.server_daily_steps)}"), inline=False)
     embed.add_field(name="Defaults", value=(
-        f"steps: {policy.default_steps or DEFAULT_STEPS}\nsize: {policy.default_size or 'match the image'}\n"
-        f"negative prompt: {render.short(policy.default_negative_prompt or 'none', 200)}"), inline=False)
+        f"steps: {settings.default_steps or DEFAULT_STEPS}\nsize: {settings.default_size or 'match the image'}\n"
+        f"negative prompt: {render.short(settings.default_negative_prompt or 'none', 200)}"), inline=False)
     return embed
 
 
@@ -65,17 +65,17 @@ class SettingsGroup(app_commands.Group):
 
     async def _apply(self, interaction: discord.Interaction, changes: dict[str, Any], summary: str) -> None:
         assert interaction.guild_id is not None
-        policy = await self.services.store.server_settings.save(interaction.guild_id, changes)
-        await interaction.response.send_message(f"Saved: {summary}", embed=settings_embed(policy), ephemeral=True)
+        settings = await self.services.store.server_settings.save(interaction.guild_id, changes)
+        await interaction.response.send_message(f"Saved: {summary}", embed=settings_embed(settings), ephemeral=True)
         await self.services.modlog.record(interaction.guild_id, "settings_changed", actor_id=interaction.user.id,
                                           detail=summary)
 
-    async def _policy(self, interaction: discord.Interaction) -> ServerSettings:
+    async def _settings(self, interaction: discord.Interaction) -> ServerSettings:
         return await self.services.store.server_settings.load(interaction.guild_id)
 
     @app_commands.command(name="show", description="Show this server's settings")
     async def show(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(embed=settings_embed(await self._policy(interaction)), ephemeral=True)
+        await interaction.response.send_message(embed=settings_embed(await self._settings(interaction)), ephemeral=True)
 
     @app_commands.command(name="safety", description="Safety checker and what happens to flagged images")
     @app_commands.choices(flagged=[app_commands.Choice(name=n, value=n) for n in ("block", "spoiler", "allow")])
@@ -101,8 +101,8 @@ class SettingsGroup(app_commands.Group):
         ("remove regex", "remove_regex"), ("use the built-in list", "defaults_on"),
         ("don't use the built-in list", "defaults_off"))])
     async def filter(self, interaction: discord.Interaction, action: str, value: str | None = None) -> None:
-        policy = await self._policy(interaction)
-        words, regexes = list(policy.filter_words), list(policy.filter_regexes)
+        settings = await self._settings(interaction)
+        words, regexes = list(settings.filter_words), list(settings.filter_regexes)
         text = (value or "").strip()
         if action in ("add_word", "remove_word", "add_regex", "remove_regex") and not text:
             raise UserError("Give the word or pattern in `value`.")
@@ -140,8 +140,8 @@ class SettingsGroup(app_commands.Group):
     @app_commands.choices(action=[app_commands.Choice(name=n, value=n) for n in ("allow", "disallow", "clear")])
     async def access(self, interaction: discord.Interaction, action: str,
                      channel: discord.TextChannel | None = None, role: discord.Role | None = None) -> None:
-        policy = await self._policy(interaction)
-        channels, roles = set(policy.allowed_channel_ids), set(policy.allowed_role_ids)
+        settings = await self._settings(interaction)
+        channels, roles = set(settings.allowed_channel_ids), set(settings.allowed_role_ids)
         if action == "clear":
             channels, roles = set(), set()
         elif channel is None and role is None:

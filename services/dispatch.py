@@ -212,6 +212,8 @@ class Dispatcher:
             self._wakeup.set()
 
     async def _run(self, job_id: int) -> None:
+        """Submit the job (unless it is already at the backend), follow it to its end, and record the outcome.
+        A request the backend lost is submitted again, up to `max_attempts` submissions."""
         job = await self.jobs.get(job_id)
         if job.terminal:
             return
@@ -223,55 +225,65 @@ class Dispatcher:
                     if job_id in self._cancel_requested:
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
                         return
-                    body = await self._request_body(job)
-                    handle = await self.backend.submit(body)
-                    job = await self.jobs.transition(
-                        job_id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
-                        backend_request_id=handle.request_id, status_url=handle.status_url,
-                        response_url=handle.response_url, cancel_url=handle.cancel_url)
-                    progress.status = job.status
-                    await self.listener.job_progress(job, progress)
+                    job, handle = await self._submit(job, progress)
                 output = await self.backend.follow(handle, lambda u: self._on_update(job_id, progress, u))
                 await self._succeed(job_id, output)
                 return
             except FalNotFoundError as exc:
-                job = await self.jobs.get(job_id)
-                if job.status is JobStatus.QUEUED:  # the submit itself: the backend doesn't serve this app
-                    await self._end(job_id, JobStatus.FAILED, f"The backend can't run this job: {exc}")
+                requeued = await self._lost(job_id, exc)
+                if requeued is None:
                     return
-                if job.attempts >= self.max_attempts:
-                    await self._end(job_id, JobStatus.FAILED, "The backend lost this job too many times.")
-                    return
-                job = await self.jobs.transition(job_id, JobStatus.QUEUED,
-                                                  message="the backend lost the request; submitting again")
-            except FalRequestFailed as exc:
-                if exc.error_type == "cancelled" or job_id in self._cancel_requested:
-                    await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
-                else:
-                    await self._end(job_id, JobStatus.FAILED, f"The backend failed: {exc}", retryable=exc.retryable)
+                job = requeued
+            except (FalError, UserError, ImageInputError) as exc:
+                await self._fail(job_id, exc)
                 return
-            except FalValidationError as exc:
-                if _content_policy(exc):
-                    await self._block_flagged_input(job_id, str(exc))
-                    return
-                fields = ", ".join(f for f, _ in exc.field_errors if f) or "the request"
-                await self._end(job_id, JobStatus.FAILED, f"The backend refused {fields}: {exc}")
+
+    async def _submit(self, job: Job, progress: Progress) -> tuple[Job, QueueHandle]:
+        handle = await self.backend.submit(await self._request_body(job))
+        job = await self.jobs.transition(
+            job.id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
+            backend_request_id=handle.request_id, status_url=handle.status_url, response_url=handle.response_url,
+            cancel_url=handle.cancel_url)
+        progress.status = job.status
+        await self.listener.job_progress(job, progress)
+        return job, handle
+
+    async def _lost(self, job_id: int, exc: FalNotFoundError) -> Job | None:
+        """The backend doesn't know the request: queue the job to submit again (None when it ended instead)."""
+        job = await self.jobs.get(job_id)
+        if job.status is JobStatus.QUEUED:  # the submit itself: the backend doesn't serve this app
+            await self._end(job_id, JobStatus.FAILED, f"The backend can't run this job: {exc}")
+            return None
+        if job.attempts >= self.max_attempts:
+            await self._end(job_id, JobStatus.FAILED, "The backend lost this job too many times.")
+            return None
+        return await self.jobs.transition(job_id, JobStatus.QUEUED,
+                                          message="the backend lost the request; submitting again")
+
+    async def _fail(self, job_id: int, exc: FalError | UserError | ImageInputError) -> None:
+        """End a job the backend (or its inputs) failed, saying why in the user's terms."""
+        if isinstance(exc, FalRequestFailed):
+            if exc.error_type == "cancelled" or job_id in self._cancel_requested:
+                await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
+            else:
+                await self._end(job_id, JobStatus.FAILED, f"The backend failed: {exc}", retryable=exc.retryable)
+        elif isinstance(exc, FalValidationError):
+            if _content_policy(exc):
+                await self._block_flagged_input(job_id, str(exc))
                 return
-            except FalAuthError:
-                await self._end(job_id, JobStatus.FAILED, "The backend refused the bot's key: ask the bot's owner "
-                                "to check FAL_KEY / WORKER_KEY.")
-                return
-            except (FalUnavailableError, FalTimeoutError) as exc:
-                await self._end(job_id, JobStatus.FAILED, f"The backend is unavailable right now ({exc}). "
-                                "Press Retry to try again.", retryable=True)
-                return
-            except FalError as exc:
-                await self._end(job_id, JobStatus.FAILED, f"The backend answered something unexpected: {exc}",
-                                retryable=True)
-                return
-            except (UserError, ImageInputError) as exc:
-                await self._end(job_id, JobStatus.FAILED, exc.message)
-                return
+            fields = ", ".join(f for f, _ in exc.field_errors if f) or "the request"
+            await self._end(job_id, JobStatus.FAILED, f"The backend refused {fields}: {exc}")
+        elif isinstance(exc, FalAuthError):
+            await self._end(job_id, JobStatus.FAILED, "The backend refused the bot's key: ask the bot's owner to "
+                            "check FAL_KEY / WORKER_KEY.")
+        elif isinstance(exc, (FalUnavailableError, FalTimeoutError)):
+            await self._end(job_id, JobStatus.FAILED, f"The backend is unavailable right now ({exc}). Press Retry to "
+                            "try again.", retryable=True)
+        elif isinstance(exc, FalError):
+            await self._end(job_id, JobStatus.FAILED, f"The backend answered something unexpected: {exc}",
+                            retryable=True)
+        else:
+            await self._end(job_id, JobStatus.FAILED, exc.message)
 
     async def _on_update(self, job_id: int, progress: Progress, update: QueueUpdate) -> None:
         if update.kind == "queued":

@@ -56,11 +56,16 @@ class LinkRefused(Exception):
         self.message = message
 
 
-def create_painter_app(config: PainterConfig) -> Starlette:
-    template = (STATIC / "painter.html").read_text(encoding="utf-8")  # read once, not on the event loop per request
+class _Painter:
+    """The painter's request handlers, sharing its configuration and page template."""
 
-    async def session_for(request: Request, *, claim: bool) -> tuple[PainterSession, str | None]:
+    def __init__(self, config: PainterConfig) -> None:
+        self.config = config
+        self.template = (STATIC / "painter.html").read_text(encoding="utf-8")  # read once, not per request
+
+    async def session_for(self, request: Request, *, claim: bool) -> tuple[PainterSession, str | None]:
         """The session behind a link, checked; with `claim`, the first browser to open it takes it."""
+        config = self.config
         token = request.path_params["token"]
         session = await config.sessions.get(session_id_of(token))
         if not verify(config.secret, token, session):
@@ -80,49 +85,38 @@ def create_painter_app(config: PainterConfig) -> Starlette:
             raise LinkRefused(403, "This link was opened in another browser: links are personal.")
         return session, new_cookie
 
-    async def page(request: Request) -> Response:
+    async def page(self, request: Request) -> Response:
         try:
-            session, new_cookie = await session_for(request, claim=True)
+            session, new_cookie = await self.session_for(request, claim=True)
         except LinkRefused as exc:
             return _error_page(exc)
         token = request.path_params["token"]
-        body = template
+        body = self.template
         for key, value in {"TOKEN": token, "PROMPT": str(session.params.get("prompt", "")),
                            "EXPIRES": str(int(session.expires_at))}.items():
             body = body.replace("{{" + key + "}}", html.escape(value, quote=True))
         response = HTMLResponse(body, headers=_security_headers())
         if new_cookie is not None:
-            response.set_cookie(_cookie_name(session), new_cookie, max_age=int(session.expires_at - config.clock()),
-                                httponly=True, samesite="strict", secure=config.secure_cookies,
-                                path=f"/paint/{token}")
+            response.set_cookie(_cookie_name(session), new_cookie,
+                                max_age=int(session.expires_at - self.config.clock()), httponly=True,
+                                samesite="strict", secure=self.config.secure_cookies, path=f"/paint/{token}")
         return response
 
-    async def image(request: Request) -> Response:
+    async def image(self, request: Request) -> Response:
         try:
-            session, _ = await session_for(request, claim=False)
+            session, _ = await self.session_for(request, claim=False)
         except LinkRefused as exc:
             return JSONResponse({"error": exc.message}, exc.status)
-        blob = await config.load_image(session.image_sha256)
+        blob = await self.config.load_image(session.image_sha256)
         if blob is None:
             return JSONResponse({"error": "The image is gone."}, 410)
         return Response(blob.data, media_type=blob.content_type,
                         headers={"Cache-Control": "private, no-store", **_security_headers()})
 
-    async def submit(request: Request) -> Response:
+    async def submit(self, request: Request) -> Response:
         try:
-            session, _ = await session_for(request, claim=False)
-            body = json.loads(await request.body())
-            prompt = str(body.get("prompt", "")).strip()
-            if not prompt:
-                raise UserError("Write a prompt: what should appear in the painted area?")
-            mask = parse_data_uri(str(body.get("mask", "")), max_bytes=MAX_MASK_BYTES)
-            if not await config.sessions.consume(session.id, config.clock()):  # atomic: one submit wins
-                raise LinkRefused(410, "This link was already used: run /inpaint again for a new one.")
-            try:
-                job_id = await config.on_submit(session, prompt, mask)
-            except (UserError, ImageInputError, Refused):
-                await config.sessions.release(session.id)  # fixable (e.g. an empty mask): the link still works
-                raise
+            session, _ = await self.session_for(request, claim=False)
+            job_id = await self._submit(session, await request.body())
         except LinkRefused as exc:
             return JSONResponse({"error": exc.message}, exc.status)
         except (UserError, ImageInputError) as exc:
@@ -131,13 +125,33 @@ def create_painter_app(config: PainterConfig) -> Starlette:
             return JSONResponse({"error": exc.reason.plain()}, 400)
         except (ValueError, AttributeError):
             return JSONResponse({"error": "That request isn't what this page sends."}, 400)
-        await config.sessions.set_job(session.id, job_id)
+        await self.config.sessions.set_job(session.id, job_id)
         return JSONResponse({"job_id": job_id})
 
+    async def _submit(self, session: PainterSession, raw: bytes) -> int:
+        """Use the link up (atomically: one submit wins) and start the job; a refusal the user can fix (e.g. an
+        empty mask) leaves the link usable."""
+        config = self.config
+        body = json.loads(raw)
+        prompt = str(body.get("prompt", "")).strip()
+        if not prompt:
+            raise UserError("Write a prompt: what should appear in the painted area?")
+        mask = parse_data_uri(str(body.get("mask", "")), max_bytes=MAX_MASK_BYTES)
+        if not await config.sessions.consume(session.id, config.clock()):
+            raise LinkRefused(410, "This link was already used: run /inpaint again for a new one.")
+        try:
+            return await config.on_submit(session, prompt, mask)
+        except (UserError, ImageInputError, Refused):
+            await config.sessions.release(session.id)
+            raise
+
+
+def create_painter_app(config: PainterConfig) -> Starlette:
+    painter = _Painter(config)
     routes = [
-        Route("/paint/{token}", page, methods=["GET"]),
-        Route("/paint/{token}/image", image, methods=["GET"]),
-        Route("/paint/{token}/submit", submit, methods=["POST"]),
+        Route("/paint/{token}", painter.page, methods=["GET"]),
+        Route("/paint/{token}/image", painter.image, methods=["GET"]),
+        Route("/paint/{token}/submit", painter.submit, methods=["POST"]),
         Mount("/painter/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes)
