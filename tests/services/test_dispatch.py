@@ -9,15 +9,13 @@ import httpx
 
 from services.backends.fal_queue import FalQueueClient, RetryPolicy
 from services.blob import Blob
-from services.dispatch import Dispatcher, JobImages
+from services.dispatch import Dispatcher
 from services.fairqueue import FairQueue, QueuedJob
-from services.job_state import Job
 from services.modlog import ModerationLog
-from services.progress import Progress
-from services.schema import InpaintOutput
 from services.store import Store
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
+from tests.helpers.listener import RecordingListener
 
 INPUTS = {"image": Blob(encode(photo(64, 64)), "image/png"),
           "mask": Blob(encode(box_mask((64, 64), (8, 8, 40, 40))), "image/png")}
@@ -40,33 +38,6 @@ def test_fair_queue_round_robin() -> None:
     assert skipped is not None and skipped.job_id == 3
 
 
-class _Recorder:
-    """The dispatcher's listener, recording what a presentation layer would be told."""
-
-    def __init__(self) -> None:
-        self.done: dict[int, asyncio.Event] = {}
-        self.succeeded: list[int] = []
-        self.ended: list[Job] = []
-
-    def event(self, job_id: int) -> asyncio.Event:
-        return self.done.setdefault(job_id, asyncio.Event())
-
-    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
-        return None
-
-    async def job_progress(self, job: Job, progress: Progress) -> None:
-        return None
-
-    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
-                            spoiler: bool = False) -> None:
-        self.succeeded.append(job.id)
-        self.event(job.id).set()
-
-    async def job_ended(self, job: Job) -> None:
-        self.ended.append(job)
-        self.event(job.id).set()
-
-
 async def test_200_jobs_from_10_users_every_first_job_starts_before_any_second(tmp_path: Path) -> None:
     async with FalTestServer(key=None, queue_polls=0, progress_logs=0) as server, \
             await Store.open(tmp_path / "fair.sqlite3") as store, httpx.AsyncClient() as http:
@@ -78,7 +49,7 @@ async def test_200_jobs_from_10_users_every_first_job_starts_before_any_second(t
                     user_id=user, guild_id=1, channel_id=2, backend="fal", blobs=INPUTS,
                     input={"prompt": "x", "image_url": "blob:image", "mask_url": "blob:mask",
                            "image_size": "square", "enable_safety_checker": False}))
-        recorder = _Recorder()
+        recorder = RecordingListener()
         backend = FalQueueClient(base_url=server.base_url, http=http, poll_interval_s=0.001,
                                  retry=RetryPolicy(2, 0.01, 0.02))
 
@@ -101,7 +72,7 @@ async def test_caps_hold_per_user_and_per_server(tmp_path: Path) -> None:
         created = [await store.jobs.create(user_id=u % 2, guild_id=1, channel_id=2, backend="fal", blobs=INPUTS,
                                           input={"prompt": "x", "image_url": "blob:image", "mask_url": "blob:mask",
                                                  "image_size": "square"}) for u in range(8)]
-        recorder = _Recorder()
+        recorder = RecordingListener()
         backend = FalQueueClient(base_url=server.base_url, http=http, poll_interval_s=0.005)
         peak = {"user": 0, "server": 0}
 

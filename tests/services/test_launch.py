@@ -1,0 +1,189 @@
+"""The launch service without Discord: admission before any image work, server defaults and auto size, one
+validation, create or derive, enqueue (the listener is told), drafts, and every refusal as a structured reason."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.container import Services, build_services
+from services.images import IntakeLimits, PreparedInputs, prepare_inputs
+from services.job_state import IMAGE_REF, MASK_REF, JobStatus
+from services.launch import DraftOffered, FromJob, Launched, NewImages, auto_size
+from services.refusals import (
+    Banned,
+    ChannelNotAllowed,
+    DraftGone,
+    InvalidOptions,
+    JobGone,
+    PromptBlocked,
+    Refused,
+    RoleNotAllowed,
+    StepBudgetExceeded,
+)
+from services.requester import Requester
+from tests.helpers.bot_env import bot_config
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import box_mask, encode, photo
+from tests.helpers.listener import RecordingListener
+
+GUILD, CHANNEL = 1, 2
+ALICE = Requester(guild_id=GUILD, channel_id=CHANNEL, user_id=10, role_ids=(5,))
+
+
+class Images:
+    """New images for a launch: a 640×480 photo with a box mask, prepared only when the launcher asks."""
+
+    def __init__(self) -> None:
+        self.prepared = 0
+
+    async def prepare(self) -> PreparedInputs:
+        self.prepared += 1
+        return prepare_inputs(encode(photo(640, 480)), encode(box_mask((640, 480), (100, 100, 300, 260))),
+                              limits=IntakeLimits())
+
+    def source(self, *, may_draft: bool = True) -> NewImages:
+        return NewImages(self.prepare, may_draft=may_draft)
+
+
+@pytest.fixture
+async def services(tmp_path: Path, server: FalTestServer) -> AsyncIterator[tuple[Services, RecordingListener]]:
+    async with build_services(bot_config(tmp_path, server, painter_enabled=False)) as built:
+        listener = RecordingListener()
+        await built.dispatcher.start(listener)
+        yield built, listener
+
+
+Env = tuple[Services, RecordingListener]
+
+
+async def _launch(services: Services, options: dict[str, Any], who: Requester = ALICE) -> Launched:
+    outcome = await services.launcher.launch(who, options, Images().source())
+    assert isinstance(outcome, Launched)
+    return outcome
+
+
+async def test_new_images_become_a_queued_job_with_auto_size_and_cost(services: Env) -> None:
+    built, listener = services
+    outcome = await _launch(built, {"prompt": "a red boat", "num_images": 2, "seed": None})
+    job = outcome.job
+    assert job.status is JobStatus.QUEUED and job.user_id == 10 and (job.guild_id, job.channel_id) == (1, 2)
+    assert job.input == {"image_url": IMAGE_REF, "mask_url": MASK_REF, "prompt": "a red boat", "num_images": 2,
+                         "image_size": auto_size(640, 480), "enable_safety_checker": True}
+    assert auto_size(640, 480) == {"width": 1152, "height": 896}
+    assert job.cost == 25 * 2  # fal's default steps × images
+    assert outcome.mask_source == "attachment"
+    blobs = await built.store.jobs.blobs(job.id)
+    assert set(blobs) == {"image", "mask"}
+    (queued, images, position), = listener.queued
+    assert queued.id == job.id and images.image.size == (640, 480) and position in (0, None)
+
+
+async def test_admission_refuses_before_any_image_is_taken_in(services: Env) -> None:
+    built, _ = services
+    await built.store.bans.ban(GUILD, 10, by=99)
+    images = Images()
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x"}, images.source())
+    assert refused.value.reason == Banned() and images.prepared == 0
+    assert await built.store.jobs.for_user(10) == []
+
+
+async def test_a_blocked_prompt_is_stored_as_blocked_with_its_rule(services: Env) -> None:
+    built, _ = services
+    images = Images()
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "a n.u.d.e statue"}, images.source())
+    reason = refused.value.reason
+    assert isinstance(reason, PromptBlocked) and reason.field == "prompt" and images.prepared == 0
+    blocked = await built.store.jobs.get(reason.job_id)
+    assert blocked.status is JobStatus.BLOCKED and "default word 'nude'" in (blocked.error or "")
+    assert blocked.cost == 0 and [e.action for e in await built.store.modlog.entries(GUILD)] == ["prompt_blocked"]
+
+
+async def test_access_by_channel_and_role_and_moderators_pass(services: Env) -> None:
+    built, _ = services
+    await built.store.server_settings.save(GUILD, {"allowed_channel_ids": [77]})
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x"}, Images().source())
+    assert refused.value.reason == ChannelNotAllowed((77,))
+    moderator = ALICE.model_copy(update={"moderator": True})
+    await _launch(built, {"prompt": "x"}, moderator)
+    await built.store.server_settings.save(GUILD, {"allowed_channel_ids": [], "allowed_role_ids": [6, 7]})
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x"}, Images().source())
+    assert refused.value.reason == RoleNotAllowed((6, 7))
+    await _launch(built, {"prompt": "x"}, ALICE.model_copy(update={"role_ids": (7,)}))
+
+
+async def test_server_defaults_fill_in_and_the_step_budget_counts_them(services: Env) -> None:
+    built, _ = services
+    await built.store.server_settings.save(GUILD, {"default_steps": 40, "default_negative_prompt": "blurry",
+                                                   "server_daily_steps": 100})
+    job = (await _launch(built, {"prompt": "x", "negative_prompt": None})).job
+    assert job.input["num_inference_steps"] == 40 and job.input["negative_prompt"] == "blurry" and job.cost == 40
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x", "num_images": 2}, Images().source())  # 80 > 60 left
+    reason = refused.value.reason
+    assert isinstance(reason, StepBudgetExceeded) and (reason.needed, reason.left, reason.limit) == (80, 60, 100)
+
+
+async def test_options_are_validated_once_with_every_problem_named(services: Env) -> None:
+    built, _ = services
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x", "num_inference_steps": 100, "guidance_scale": -1},
+                                    Images().source())
+    reason = refused.value.reason
+    assert isinstance(reason, InvalidOptions) and len(reason.problems) == 2
+    assert reason.problems[0].startswith("num_inference_steps:")
+    assert await built.store.jobs.for_user(10) == []
+
+
+async def test_derived_jobs_share_the_parents_images_and_change_only_what_is_asked(services: Env) -> None:
+    built, listener = services
+    parent = (await _launch(built, {"prompt": "a red boat", "seed": 5, "strength": 0.5})).job
+    bob = Requester(guild_id=GUILD, channel_id=3, user_id=20)
+    child = await built.launcher.launch(bob, {"seed": None, "num_images": 4}, FromJob(parent.id))
+    assert isinstance(child, Launched)
+    job = child.job
+    assert job.parent_job_id == parent.id and job.user_id == 20 and job.channel_id == 3
+    assert "seed" not in job.input and job.input["strength"] == 0.5 and job.input["num_images"] == 4
+    assert job.input["image_size"] == parent.input["image_size"] and job.cost == 100
+    assert await built.store.jobs.blob_refs(job.id) == await built.store.jobs.blob_refs(parent.id)
+    assert [q[0].id for q in listener.queued] == [parent.id, job.id]
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(bob, {}, FromJob(999))
+    assert refused.value.reason == JobGone(999)
+
+
+async def test_servers_that_confirm_masks_get_a_draft_then_one_job(services: Env) -> None:
+    built, listener = services
+    await built.store.server_settings.save(GUILD, {"confirm_masks": True})
+    offered = await built.launcher.launch(ALICE, {"prompt": "a kite"}, Images().source())
+    assert isinstance(offered, DraftOffered) and offered.preview_jpeg[:2] == b"\xff\xd8"
+    assert round(offered.coverage, 3) == round(201 * 161 / (640 * 480), 3)
+    assert await built.store.jobs.for_user(10) == [] and listener.queued == []
+    inverted = await built.drafts.invert(offered.draft.id)
+    assert round(inverted.coverage + offered.coverage, 6) == 1.0
+    draft = await built.drafts.get(offered.draft.id)
+    confirmed = await built.launcher.launch(draft.requester, draft.params, built.drafts.confirmed(draft.id))
+    assert isinstance(confirmed, Launched) and confirmed.job.input["prompt"] == "a kite"
+    mask = (await built.store.jobs.blobs(confirmed.job.id))["mask"]
+    assert mask.sha256 == inverted.draft.mask_sha256  # the inverted mask is what runs
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(draft.requester, draft.params, built.drafts.confirmed(draft.id))
+    assert refused.value.reason == DraftGone()
+
+
+async def test_a_job_that_cannot_be_shown_is_cancelled_before_it_costs_anything(services: Env,
+                                                                                server: FalTestServer) -> None:
+    built, listener = services
+    listener.refuse_to_show = RuntimeError("Missing Access")
+    with pytest.raises(RuntimeError, match="Missing Access"):
+        await built.launcher.launch(ALICE, {"prompt": "x"}, Images().source())
+    (job,) = await built.store.jobs.for_user(10)
+    assert job.status is JobStatus.CANCELLED and job.attempts == 0 and server.requests == {}
+    assert [e.message for e in await built.store.jobs.events(job.id)] == ["queued", "cancelled before submission"]
