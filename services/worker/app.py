@@ -33,11 +33,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from services.schema import INPAINT_APP_ID, InpaintInput
+from services.worker.config import WorkerConfig
 from services.worker.inputs import RequestError, check_request
 from services.worker.jobs import QueueFull, RequestQueue, RequestRecord
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Pipeline
-from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
+def create_app(settings: WorkerConfig, *, pipeline: Pipeline | None = None,
                safety: Callable[[list[Any]], list[bool]] | None = None) -> Starlette:
     """The worker app. Without `pipeline`, the one the settings choose is loaded (and warmed up) at startup."""
     state: dict[str, Any] = {}

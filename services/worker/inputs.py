@@ -11,8 +11,8 @@ from PIL import Image
 
 from services.images import MASK_THRESHOLD, PreparedInputs
 from services.schema import InpaintInput
+from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob
-from services.worker.settings import WorkerSettings
 
 SEED_SPACE = 2**64
 
@@ -31,19 +31,19 @@ def output_size(inp: InpaintInput) -> tuple[int, int]:
     return max(8, round(width / 8) * 8), max(8, round(height / 8) * 8)
 
 
-def check_request(inp: InpaintInput, settings: WorkerSettings, *, safety_available: bool) -> None:
+def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: bool) -> None:
     """Refuse at submit time what this worker can't do, so nobody waits in the queue for an error."""
     width, height = output_size(inp)
-    if width * height > settings.max_output_pixels:
+    if width * height > config.max_output_pixels:
         raise RequestError("image_size", f"{width}×{height} is more than this worker's limit of "
-                           f"{settings.max_output_pixels} pixels per image")
+                           f"{config.max_output_pixels} pixels per image")
     if inp.enable_safety_checker and not safety_available:
         raise RequestError("enable_safety_checker", "the safety checker was requested but this worker has none "
                            "configured (set SAFETY_CHECKER_PATH), or send enable_safety_checker=false")
     for i, lora in enumerate(inp.loras):
-        resolve_asset(lora.path, settings.lora_dir, f"loras.{i}.path", "LORA_DIR")
+        resolve_asset(lora.path, config.lora_dir, f"loras.{i}.path", "LORA_DIR")
     for i, emb in enumerate(inp.embeddings):
-        resolve_asset(emb.path, settings.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR")
+        resolve_asset(emb.path, config.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR")
         if not emb.tokens:
             raise RequestError(f"embeddings.{i}.tokens", "at least one token is needed")
 
@@ -75,7 +75,7 @@ def resolve_seed(inp: InpaintInput) -> int:
     return inp.seed if inp.seed is not None else secrets.randbelow(SEED_SPACE)
 
 
-def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, settings: WorkerSettings) -> PipelineJob:
+def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, config: WorkerConfig) -> PipelineJob:
     """Fit image and mask to the output size and assemble everything the pipeline needs (CPU work)."""
     size = output_size(inp)
     image, mask = prepared.image, prepared.mask
@@ -83,10 +83,10 @@ def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, settings: 
         image = image.resize(size, Image.Resampling.LANCZOS)
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
-    loras = tuple(LoraSpec(resolve_asset(lo.path, settings.lora_dir, f"loras.{i}.path", "LORA_DIR"), lo.scale)
+    loras = tuple(LoraSpec(resolve_asset(lo.path, config.lora_dir, f"loras.{i}.path", "LORA_DIR"), lo.scale)
                   for i, lo in enumerate(inp.loras))
     embeddings = tuple(
-        EmbeddingSpec(resolve_asset(e.path, settings.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR"),
+        EmbeddingSpec(resolve_asset(e.path, config.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR"),
                       tuple(e.tokens)) for i, e in enumerate(inp.embeddings))
     return PipelineJob(
         image=image, mask=mask, prompt=inp.prompt, negative_prompt=inp.negative_prompt,

@@ -21,9 +21,9 @@ from PIL import Image
 
 from services.images import ImageInputError, IntakeLimits, encode_image, prepare_inputs_async, to_data_uri
 from services.schema import CancelOutcome, InpaintInput, InpaintOutput, OutputImage
+from services.worker.config import WorkerConfig
 from services.worker.inputs import RequestError, build_job, request_batch_key, resolve_seed
 from services.worker.pipelines.base import Cancelled, Pipeline, PipelineJob, RunContext
-from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class RequestRecord:
 class RequestQueue:
     """Holds requests and runs them one at a time through the pipeline."""
 
-    def __init__(self, settings: WorkerSettings, http: httpx.AsyncClient) -> None:
+    def __init__(self, settings: WorkerConfig, http: httpx.AsyncClient) -> None:
         self.settings = settings
         self.http = http
         self.pipeline: Pipeline | None = None

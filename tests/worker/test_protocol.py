@@ -14,7 +14,7 @@ import pytest
 from services.backends.fal_queue import FalQueueClient, FalRequestFailed, FalValidationError, QueueUpdate
 from services.schema import InpaintOutput
 from services.worker.app import create_app
-from services.worker.settings import WorkerSettings
+from services.worker.config import WorkerConfig
 from tests.helpers.imagegen import image_pair_uris
 from tests.helpers.worker_harness import serve
 
@@ -22,9 +22,9 @@ KEY = "worker-id:worker-secret"
 APP = "fal-ai/fast-sdxl/inpainting"
 
 
-def _settings(**overrides: Any) -> WorkerSettings:
+def _config(**overrides: Any) -> WorkerConfig:
     values: dict[str, Any] = {"pipeline": "classic", "worker_key": KEY, **overrides}
-    return WorkerSettings(_env_file=None, **values)
+    return WorkerConfig(_env_file=None, **values)
 
 
 def _body(**overrides: Any) -> dict[str, Any]:
@@ -35,14 +35,14 @@ def _body(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def classic() -> AsyncIterator[str]:
-    async with serve(create_app(_settings())) as base:
+    async with serve(create_app(_config())) as base:
         yield base
 
 
 @pytest.fixture
 async def slow_sdxl(tiny_inpaint_model: Path) -> AsyncIterator[str]:
     """The tiny SDXL model: 65 steps take long enough to see a request queued and running."""
-    async with serve(create_app(_settings(pipeline="sdxl", model_path=tiny_inpaint_model, max_queue=2))) as base:
+    async with serve(create_app(_config(pipeline="sdxl", model_path=tiny_inpaint_model, max_queue=2))) as base:
         yield base
 
 
@@ -224,7 +224,7 @@ async def test_queue_positions_cancel_and_full_queue(slow_sdxl: str) -> None:
 
 
 async def test_results_are_freed_after_the_ttl() -> None:
-    async with serve(create_app(_settings(result_ttl_s=0.2))) as base, _http(base) as http:
+    async with serve(create_app(_config(result_ttl_s=0.2))) as base, _http(base) as http:
         handle = (await http.post(f"/{APP}", json=_body())).json()
         await _wait_state(http, handle["status_url"], "COMPLETED")
         assert (await http.get(handle["response_url"])).status_code == 200

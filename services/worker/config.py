@@ -1,4 +1,5 @@
-"""Worker settings, from the environment and `.env`."""
+"""The worker's configuration, `WorkerConfig`: read from the environment and `.env`, one variable per field (its
+name in upper case: PIPELINE, MODEL_PATH, WORKER_KEY, MAX_QUEUE, …)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class WorkerSettings(BaseSettings):
+class WorkerConfig(BaseSettings):
+    """How this worker runs: which pipeline and model, where it listens, and the limits it enforces."""
+
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     pipeline: Literal["sdxl", "classic"] = Field(default="sdxl", description="Which pipeline serves requests")
