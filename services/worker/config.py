@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.images import IntakeLimits
+
 
 class WorkerConfig(BaseSettings):
     """How this worker runs: which pipeline and model, where it listens, and the limits it enforces."""
@@ -39,6 +41,6 @@ class WorkerConfig(BaseSettings):
     max_queue: int = Field(default=64, ge=1, description="Queued requests beyond this are refused with 503")
     result_ttl_s: float = Field(default=3600.0, gt=0, description="How long results and files are kept")
     max_output_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
-    max_image_bytes: int = Field(default=25 * 1024 * 1024)
+    max_image_bytes: int = Field(default=IntakeLimits.max_bytes, description="Largest image or mask file accepted")
     sse_ping_s: float = Field(default=15.0, gt=0)
     warmup: bool = True

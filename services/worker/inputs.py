@@ -64,7 +64,8 @@ def resolve_asset(path: str, folder: Path | None, field: str, setting: str) -> P
 
 
 def request_batch_key(inp: InpaintInput) -> tuple[object, ...] | None:
-    """Requests with equal keys can share one UNet batch (the same as `batch_key` on their PipelineJobs)."""
+    """Requests with equal keys can share one UNet batch: the same output size, steps, strength and guidance, and
+    all or none with a negative prompt. None means the request runs alone (it loads LoRAs or embeddings)."""
     if inp.loras or inp.embeddings:
         return None
     return (output_size(inp), inp.num_inference_steps, round(inp.strength, 6), round(inp.guidance_scale, 6),

@@ -79,10 +79,6 @@ class SDXLPipeline:
         fast = FastPathOptions(enabled=config.fast_path, compile=config.fast_compile)
         return cls(pipe, device, str(path), fast=fast)
 
-    @property
-    def in_channels(self) -> int:
-        return int(self.pipe.unet.config.in_channels)
-
     def warmup(self) -> None:
         side = 32 * self.pipe.vae_scale_factor
         image = Image.new("RGB", (side, side), (127, 127, 127))
