@@ -1,18 +1,22 @@
 """From a validated fal request to a `PipelineJob`: checks that need the worker's configuration, output size,
-seeds, image and mask fitted to the size, LoRA and embedding paths resolved inside their folders."""
+seeds, image and mask fetched and fitted to the size (the upload safety-checked), LoRA and embedding paths resolved
+inside their folders, and which requests can share a batch."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 from typing import Any
 
+import httpx
 from PIL import Image
 
-from services.images import MASK_THRESHOLD, PreparedInputs
+from services.images import MASK_THRESHOLD, ImageInputError, IntakeLimits, PreparedInputs, prepare_inputs_async
 from services.schema import InpaintInput
 from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob
+from services.worker.safety import SafetyChecker
 
 SEED_SPACE = 2**64
 
@@ -23,6 +27,13 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str, type_: str = "value_error") -> None:
         super().__init__(message)
         self.detail: list[dict[str, Any]] = [{"loc": ["body", *field.split(".")], "msg": message, "type": type_}]
+
+    @property
+    def error_type(self) -> str:
+        """The request's `error_type` when this error completes it: a flagged upload is a content policy
+        violation, anything else a validation error."""
+        type_: str = self.detail[0]["type"]
+        return type_ if type_ == "content_policy_violation" else "validation_error"
 
 
 def output_size(inp: InpaintInput) -> tuple[int, int]:
@@ -93,3 +104,21 @@ def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, config: Wo
         image=image, mask=mask, prompt=inp.prompt, negative_prompt=inp.negative_prompt,
         steps=inp.num_inference_steps, guidance_scale=inp.guidance_scale, strength=inp.strength,
         seeds=tuple((seed + i) % SEED_SPACE for i in range(inp.num_images)), loras=loras, embeddings=embeddings)
+
+
+async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *, http: httpx.AsyncClient,
+                      safety: SafetyChecker | None) -> PipelineJob:
+    """Fetch and decode the request's image and mask, build its job and, when the request wants the safety
+    checker and the worker checks inputs, check the upload too (nobody gets to launder an image through the bot).
+    Decoding and checking run in threads. Raises `RequestError` for what the client must fix."""
+    limits = IntakeLimits(max_bytes=config.max_image_bytes, min_side=8)  # 8: the smallest output side
+    try:
+        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, http=http, limits=limits)
+    except ImageInputError as exc:
+        field = "mask_url" if exc.role == "mask" else "image_url"
+        raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
+    job = await asyncio.to_thread(build_job, inp, prepared, seed, config)
+    if inp.enable_safety_checker and safety is not None and config.check_inputs and (
+            await asyncio.to_thread(safety, [prepared.image]))[0]:
+        raise RequestError("image_url", "the safety checker flagged the uploaded image", "content_policy_violation")
+    return job
