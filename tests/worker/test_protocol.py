@@ -17,6 +17,7 @@ from services.worker.app import create_app
 from services.worker.config import WorkerConfig
 from tests.helpers.imagegen import image_pair_uris
 from tests.helpers.worker_harness import serve
+from tests.worker.fakes import FakePipeline, flag_all
 
 KEY = "worker-id:worker-secret"
 APP = "fal-ai/fast-sdxl/inpainting"
@@ -262,3 +263,14 @@ def _handle(body: dict[str, Any]) -> Any:
     from services.schema import QueueHandle
 
     return QueueHandle.model_validate(body)
+
+
+async def test_create_app_serves_the_pipeline_and_checker_it_is_given() -> None:
+    pipeline = FakePipeline()
+    app = create_app(_config(check_inputs=False), pipeline=pipeline, safety=flag_all)
+    async with serve(app) as base, _http(base) as http:
+        health = (await http.get("/health")).json()
+        resp = await http.post(f"/sync/{APP}", json=_body(enable_safety_checker=True, sync_mode=True))
+    assert (health["pipeline"], health["model"], health["safety_checker"]) == ("fake", "fake-model", True)
+    assert resp.status_code == 200 and InpaintOutput.model_validate(resp.json()).has_nsfw_concepts == [True]
+    assert len(pipeline.calls) == 1
