@@ -136,10 +136,9 @@ class RequestQueue:
             finally:
                 self.running = []
 
-    async def reap_forever(self, interval: float | None = None) -> None:
-        ttl = self.config.result_ttl_s
+    async def reap_forever(self) -> None:
         while True:
-            await asyncio.sleep(interval if interval is not None else min(60.0, ttl / 2))
+            await asyncio.sleep(min(60.0, self.config.result_ttl_s / 2))
             self.reap()
 
     def reap(self) -> int:
