@@ -26,10 +26,10 @@ import torch
 
 from services.images import IntakeLimits, encode_image, prepare_inputs
 from services.schema import InpaintInput
+from services.worker.config import WorkerConfig as WorkerSettings
 from services.worker.inputs import build_job
 from services.worker.pipelines.base import RunContext
 from services.worker.pipelines.sdxl import SDXLPipeline
-from services.worker.settings import WorkerSettings
 from tests.helpers.imagegen import box_mask, encode, photo
 
 #: The real SDXL inpainting architecture (../shared/DESIGN.md); parameter counts are checked in

@@ -40,7 +40,7 @@ class EmbeddedWorker:
 
     async def start(self) -> str:
         from services.worker.app import create_app
-        from services.worker.settings import WorkerSettings
+        from services.worker.config import WorkerConfig as WorkerSettings
 
         worker_settings = WorkerSettings()
         if worker_settings.model_path is None:

@@ -1,4 +1,4 @@
-"""`python -m services.worker`: serve the fal queue protocol with the pipeline the settings choose."""
+"""`python -m services.worker`: serve the fal queue protocol with the pipeline the configuration chooses."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import logging
 import uvicorn
 
 from services.worker.app import create_app
-from services.worker.settings import WorkerSettings
+from services.worker.config import WorkerConfig
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = WorkerSettings()
-    if settings.pipeline == "sdxl" and settings.model_path is None:
+    config = WorkerConfig()
+    if config.pipeline == "sdxl" and config.model_path is None:
         raise SystemExit("PIPELINE=sdxl needs MODEL_PATH: a local diffusers folder or a .safetensors file "
                          "(weights are never downloaded). For a CPU-only machine set PIPELINE=classic.")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
 
 
 if __name__ == "__main__":

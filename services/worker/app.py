@@ -1,4 +1,4 @@
-"""The worker's HTTP app: fal's queue protocol (`spec/fal-protocol.md` §1, §5) on Starlette.
+"""The worker's HTTP app: fal's queue protocol (https://docs.fal.ai/model-apis/model-endpoints/queue) on Starlette.
 
 Routes (each with or without a trailing slash; `{app}` is `fal-ai/fast-sdxl`, and the full id
 `fal-ai/fast-sdxl/inpainting` is accepted before `/requests/` too):
@@ -12,221 +12,247 @@ Routes (each with or without a trailing slash; `{app}` is `fal-ai/fast-sdxl`, an
     POST /sync/fal-ai/fast-sdxl/inpainting            synchronous: waits and returns the output
     GET  /files/{id}/{name}                            result images (when sync_mode is false)
     GET  /health                                       readiness, pipeline, model, device, queue length
+
+The handlers are plain functions of the request. What they share — the configuration and the request queue — is
+the app's lifespan state (`WorkerState`): the lifespan loads the pipeline, starts the queue and yields the state, and
+Starlette hands every request a copy as `request.state`. Nothing is served before the lifespan has yielded, so every
+handler sees a loaded pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import json
 import logging
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import TypedDict
 
 import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
 
-from services.schema import INPAINT_APP_ID, InpaintInput
+from services.schema import INPAINT_APP_ID, CancelOutcome, InpaintInput
+from services.worker.config import WorkerConfig
 from services.worker.inputs import RequestError, check_request
-from services.worker.jobs import QueueFull, RequestQueue, RequestRecord
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Pipeline
-from services.worker.settings import WorkerSettings
+from services.worker.protocol import (
+    ALIAS,
+    OWNER,
+    REQUEST_ID_HEADER,
+    SUBPATH,
+    FalProtocolMiddleware,
+    json_response,
+    request_urls,
+    result_response,
+    status_body,
+    validation_detail,
+)
+from services.worker.queue import QueueFull, RequestQueue
+from services.worker.records import RequestRecord
+from services.worker.safety import SafetyChecker, load_safety_checker
 
 log = logging.getLogger(__name__)
 
-OWNER, ALIAS, SUBPATH = INPAINT_APP_ID.split("/")
-_CANCEL_STATUS = {"OK": 200, "CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400, "NOT_FOUND": 404}
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+_CANCEL_STATUS: dict[CancelOutcome, int] = {"OK": 200, "CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400,
+                                           "NOT_FOUND": 404}
 
 
-def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
-               safety: Callable[[list[Any]], list[bool]] | None = None) -> Starlette:
-    """The worker app. Without `pipeline`, the one the settings choose is loaded (and warmed up) at startup."""
-    state: dict[str, Any] = {}
+class WorkerState(TypedDict):
+    """The lifespan state every handler reads from `request.state`."""
 
-    def queue() -> RequestQueue:
-        q: RequestQueue = state["queue"]
-        return q
+    config: WorkerConfig
+    queue: RequestQueue
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as http:
-            q = RequestQueue(settings, http)
-            state["queue"] = q
-            tasks = [asyncio.create_task(q.run_forever(), name="worker-runner"),
-                     asyncio.create_task(q.reap_forever(), name="worker-reaper")]
-            try:
-                await _load(q)
-                yield
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _load(q: RequestQueue) -> None:
-        loaded: Pipeline = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, settings)
-        q.pipeline = loaded
-        q.safety = safety
-        if q.safety is None and settings.safety_checker_path is not None:
-            from services.worker.safety import load_safety_checker
+def create_app(config: WorkerConfig, *, pipeline: Pipeline | None = None,
+               safety: SafetyChecker | None = None) -> Starlette:
+    """The worker app. Without `pipeline`, the one the configuration chooses is loaded (and warmed up) at startup;
+    without `safety`, the checker at SAFETY_CHECKER_PATH is, when that is set."""
+    key = config.worker_key.get_secret_value() if config.worker_key else None
+    return Starlette(routes=_ROUTES, middleware=[Middleware(FalProtocolMiddleware, key=key)],
+                     lifespan=functools.partial(lifespan, config=config, pipeline=pipeline, safety=safety))
 
-            q.safety = await asyncio.to_thread(load_safety_checker, settings.safety_checker_path, loaded.device)
-        if settings.warmup:
-            await asyncio.to_thread(loaded.warmup)
-        q.ready.set()
-        log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s", loaded.name, loaded.model,
-                 loaded.device, "on" if q.safety else "off")
 
-    def base_url(request: Request) -> str:
-        return (settings.public_url or str(request.base_url)).rstrip("/")
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette, *, config: WorkerConfig, pipeline: Pipeline | None,
+                   safety: SafetyChecker | None) -> AsyncIterator[WorkerState]:
+    """Load the models, then run the queue (its runner and reaper) for as long as the app serves."""
+    loaded, checker = await load_models(config, pipeline, safety)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as http:
+        queue = RequestQueue(config, http, loaded, checker)
+        async with queue.background_tasks():
+            yield {"config": config, "queue": queue}
 
-    def urls(record: RequestRecord) -> dict[str, str]:
-        root = f"{record.base_url}/{OWNER}/{ALIAS}/requests/{record.id}"
-        return {"request_id": record.id, "response_url": root, "status_url": f"{root}/status",
-                "cancel_url": f"{root}/cancel"}
 
-    def status_body(record: RequestRecord, logs: list[dict[str, Any]] | None) -> dict[str, Any]:
-        body: dict[str, Any] = {"status": record.state, **urls(record), "logs": logs}
-        if record.state == "IN_QUEUE":
-            body["queue_position"] = queue().position(record)
-        else:
-            body["metrics"] = {}
-        if record.state == "COMPLETED":
-            body["metrics"] = {"inference_time": record.inference_time}
-            if record.error:
-                body.update(error=record.error, error_type=record.error_type)
-        return body
+async def load_models(config: WorkerConfig, pipeline: Pipeline | None,
+                      safety: SafetyChecker | None) -> tuple[Pipeline, SafetyChecker | None]:
+    """The pipeline and safety checker given, or those the configuration names, loaded and warmed up in threads."""
+    loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, config)
+    if safety is None and config.safety_checker_path is not None:
+        safety = await asyncio.to_thread(load_safety_checker, config.safety_checker_path, loaded.device)
+    if config.warmup:
+        await asyncio.to_thread(loaded.warmup)
+    log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s", loaded.name, loaded.model,
+             loaded.device, "on" if safety else "off")
+    return loaded, safety
 
-    def record_or_404(request: Request) -> RequestRecord | JSONResponse:
-        rid = request.path_params["rid"]
-        record = queue().get(rid)
-        if record is None:
-            return _json({"detail": f"Request {rid} not found"}, 404, rid)
+
+# --- handlers -------------------------------------------------------------------------------------------
+
+async def submit(request: Request[WorkerState]) -> Response:
+    record = await _accept(request)
+    if isinstance(record, Response):
         return record
+    queue = request.state["queue"]
+    log.info("queued %s (%d waiting)", record.id, len(queue.pending))
+    return json_response({**request_urls(record), "status": "IN_QUEUE", "queue_position": queue.position(record)},
+                         200, record.id)
 
-    async def parse_input(request: Request) -> InpaintInput | JSONResponse:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _json({"detail": [{"loc": ["body"], "msg": "the body is not valid JSON", "type": "json_invalid"}]},
-                         422)
-        try:
-            inp = InpaintInput.model_validate(body)
-            check_request(inp, settings, safety_available=_safety_available())
-        except ValidationError as exc:
-            return _json({"detail": _detail(exc)}, 422)
-        except RequestError as exc:
-            return _json({"detail": exc.detail}, 422)
+
+async def status(request: Request[WorkerState]) -> Response:
+    record = _record_or_404(request)
+    if isinstance(record, Response):
+        return record
+    logs = list(record.logs) if _wants_logs(request) else None
+    return json_response(status_body(record, request.state["queue"], logs),
+                         200 if record.state == "COMPLETED" else 202, record.id)
+
+
+async def stream(request: Request[WorkerState]) -> Response:
+    record = _record_or_404(request)
+    if isinstance(record, Response):
+        return record
+    events = _status_events(record, request.state["queue"], with_logs=_wants_logs(request),
+                            ping_s=request.state["config"].sse_ping_s)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={REQUEST_ID_HEADER: record.id, "Cache-Control": "no-cache"})
+
+
+async def _status_events(record: RequestRecord, queue: RequestQueue, *, with_logs: bool,
+                         ping_s: float) -> AsyncIterator[str]:
+    """A status event whenever the status changes or new log lines arrive (each line sent once), `: ping` after
+    `ping_s` seconds of nothing; the last event is the completed status."""
+    sent_logs = 0
+    last: str | None = None
+    while True:
+        logs = record.logs[sent_logs:] if with_logs else None
+        text = json.dumps(status_body(record, queue, logs))
+        if text != last or logs:
+            yield f"data: {text}\n\n"
+            last = text
+            sent_logs += len(logs or [])
+        if record.state == "COMPLETED":
+            return
+        if not await record.wait_changed(ping_s):
+            yield ": ping\n\n"
+
+
+async def result(request: Request[WorkerState]) -> Response:
+    record = _record_or_404(request)
+    if isinstance(record, Response):
+        return record
+    return result_response(record, request.state["queue"])
+
+
+async def cancel(request: Request[WorkerState]) -> Response:
+    rid = request.path_params["rid"]
+    outcome = request.state["queue"].cancel(rid)
+    return json_response({"status": outcome}, _CANCEL_STATUS[outcome], rid)
+
+
+async def sync_run(request: Request[WorkerState]) -> Response:
+    record = await _accept(request)
+    if isinstance(record, Response):
+        return record
+    queue = request.state["queue"]
+    while record.state != "COMPLETED":
+        if not await record.wait_changed(0.5) and await request.is_disconnected():
+            queue.cancel(record.id)  # the caller hung up: nobody wants this result
+            return json_response({"detail": "client disconnected"}, 499, record.id)
+    return result_response(record, queue)
+
+
+async def files(request: Request[WorkerState]) -> Response:
+    record = request.state["queue"].get(request.path_params["rid"])
+    item = record.files.get(request.path_params["name"]) if record else None
+    if item is None:
+        return json_response({"detail": "file not found (results are kept for a limited time)"}, 404)
+    data, content_type = item
+    return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+async def health(request: Request[WorkerState]) -> Response:
+    """Always ready: requests are served only once the lifespan has loaded and warmed up the pipeline."""
+    queue = request.state["queue"]
+    pipeline = queue.pipeline
+    return json_response({"ready": True, "pipeline": pipeline.name, "model": pipeline.model,
+                          "device": pipeline.device, "queue_length": queue.queue_length,
+                          "safety_checker": queue.safety is not None}, 200)
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+
+async def _accept(request: Request[WorkerState]) -> RequestRecord | Response:
+    """Check the app id, validate the body and queue it; or the error response to send instead."""
+    if not _is_inpaint(request):
+        return json_response({"detail": f"unknown app; this worker serves {INPAINT_APP_ID}"}, 404)
+    inp = await _parse_input(request)
+    if isinstance(inp, Response):
         return inp
+    try:
+        return request.state["queue"].submit(inp, _base_url(request))
+    except QueueFull as exc:
+        return json_response({"detail": str(exc), "error_type": "queue_full"}, 503)
 
-    def _safety_available() -> bool:
-        q = state.get("queue")
-        return bool(safety or settings.safety_checker_path or (q is not None and q.safety))
 
-    async def accept(request: Request) -> RequestRecord | JSONResponse:
-        """Check the app id, validate the body and queue it; or the error response to send instead."""
-        if not _is_inpaint(request):
-            return _json({"detail": f"unknown app; this worker serves {INPAINT_APP_ID}"}, 404)
-        inp = await parse_input(request)
-        if isinstance(inp, Response):
-            return inp
-        try:
-            return queue().submit(inp, base_url(request))
-        except QueueFull as exc:
-            return _json({"detail": str(exc), "error_type": "queue_full"}, 503)
+async def _parse_input(request: Request[WorkerState]) -> InpaintInput | Response:
+    """The validated request body, refused (422) when this worker can't serve it; or the 422 response."""
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json_response(
+            {"detail": [{"loc": ["body"], "msg": "the body is not valid JSON", "type": "json_invalid"}]}, 422)
+    try:
+        inp = InpaintInput.model_validate(body)
+        check_request(inp, request.state["config"], safety_available=request.state["queue"].safety is not None)
+    except ValidationError as exc:
+        return json_response({"detail": validation_detail(exc)}, 422)
+    except RequestError as exc:
+        return json_response({"detail": exc.detail}, 422)
+    return inp
 
-    async def submit(request: Request) -> Response:
-        record = await accept(request)
-        if isinstance(record, Response):
-            return record
-        log.info("queued %s (%d waiting)", record.id, len(queue().pending))
-        return _json({**urls(record), "status": "IN_QUEUE", "queue_position": queue().position(record)}, 200,
-                     record.id)
 
-    async def status(request: Request) -> Response:
-        record = record_or_404(request)
-        if isinstance(record, Response):
-            return record
-        logs = list(record.logs) if _wants_logs(request) else None
-        return _json(status_body(record, logs), 200 if record.state == "COMPLETED" else 202, record.id)
+def _record_or_404(request: Request[WorkerState]) -> RequestRecord | Response:
+    rid = request.path_params["rid"]
+    record = request.state["queue"].get(rid)
+    if record is None:
+        return json_response({"detail": f"Request {rid} not found"}, 404, rid)
+    return record
 
-    async def stream(request: Request) -> Response:
-        record = record_or_404(request)
-        if isinstance(record, Response):
-            return record
-        with_logs = _wants_logs(request)
 
-        async def events() -> AsyncIterator[str]:
-            sent_logs = 0
-            last: str | None = None
-            while True:
-                logs = record.logs[sent_logs:] if with_logs else None
-                body = status_body(record, logs)
-                text = json.dumps(body)
-                if text != last or logs:
-                    yield f"data: {text}\n\n"
-                    last = text
-                    sent_logs += len(logs or [])
-                if record.state == "COMPLETED":
-                    return
-                if not await record.wait_changed(settings.sse_ping_s):
-                    yield ": ping\n\n"
+def _base_url(request: Request[WorkerState]) -> str:
+    return (request.state["config"].public_url or str(request.base_url)).rstrip("/")
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"x-fal-request-id": record.id, "Cache-Control": "no-cache"})
 
-    async def result(request: Request) -> Response:
-        record = record_or_404(request)
-        if isinstance(record, Response):
-            return record
-        return _result_response(record, status_body)
+def _is_inpaint(request: Request[WorkerState]) -> bool:
+    p = request.path_params
+    return (p["owner"], p["alias"], p["sub"]) == (OWNER, ALIAS, SUBPATH)
 
-    async def cancel(request: Request) -> Response:
-        rid = request.path_params["rid"]
-        outcome = queue().cancel(rid)
-        return _json({"status": outcome}, _CANCEL_STATUS[outcome], rid)
 
-    async def sync_run(request: Request) -> Response:
-        record = await accept(request)
-        if isinstance(record, Response):
-            return record
-        while record.state != "COMPLETED":
-            if not await record.wait_changed(0.5) and await request.is_disconnected():
-                queue().cancel(record.id)  # the caller hung up: nobody wants this result
-                return _json({"detail": "client disconnected"}, 499, record.id)
-        return _result_response(record, status_body)
+def _wants_logs(request: Request[WorkerState]) -> bool:
+    return request.query_params.get("logs", "0").strip().lower() in ("1", "true", "yes")
 
-    async def files(request: Request) -> Response:
-        record = queue().get(request.path_params["rid"])
-        item = record.files.get(request.path_params["name"]) if record else None
-        if item is None:
-            return _json({"detail": "file not found (results are kept for a limited time)"}, 404)
-        data, content_type = item
-        return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
-    async def health(request: Request) -> Response:
-        q = state.get("queue")
-        ready = q is not None and q.ready.is_set() and q.pipeline is not None
-        body: dict[str, Any] = {"ready": ready, "pipeline": settings.pipeline, "model": None, "device": None,
-                                "queue_length": q.queue_length if q else 0,
-                                "safety_checker": bool(q and q.safety)}
-        if q is not None and q.pipeline is not None:
-            body.update(pipeline=q.pipeline.name, model=q.pipeline.model, device=q.pipeline.device)
-        return _json(body, 200 if ready else 503)
-
-    app_routes = []
+def _routes() -> list[BaseRoute]:
+    """Every route; those under `/requests/` for both forms of the app id (`{owner}/{alias}` and the full id)."""
+    app_routes: list[BaseRoute] = []
     for prefix in ("/{owner}/{alias}", "/{owner}/{alias}/{sub}"):
         app_routes += [
             Route(prefix + "/requests/{rid}/status/stream", stream, methods=["GET"]),
@@ -234,81 +260,13 @@ def create_app(settings: WorkerSettings, *, pipeline: Pipeline | None = None,
             Route(prefix + "/requests/{rid}/cancel", cancel, methods=["PUT"]),
             Route(prefix + "/requests/{rid}", result, methods=["GET"]),
         ]
-    routes = [
+    return [
         Route("/health", health, methods=["GET"]),
         Route("/files/{rid}/{name}", files, methods=["GET"]),
         Route("/sync/{owner}/{alias}/{sub}", sync_run, methods=["POST"]),
         *app_routes,
         Route("/{owner}/{alias}/{sub}", submit, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
-    key = settings.worker_key.get_secret_value() if settings.worker_key else None
-    app.add_middleware(_FalProtocolMiddleware, key=key)
-    return app
 
 
-def _result_response(record: RequestRecord,
-                     status_body: Callable[[RequestRecord, list[dict[str, Any]] | None], dict[str, Any]]) -> Response:
-    if record.state != "COMPLETED":
-        return _json(status_body(record, None), 202, record.id)
-    if record.error is not None:
-        return _json(record.error_body, record.error_status, record.id,
-                     headers={"x-fal-error-type": record.error_type or ""})
-    return _json(record.result, 200, record.id)
-
-
-def _is_inpaint(request: Request) -> bool:
-    p = request.path_params
-    return (p["owner"], p["alias"], p["sub"]) == (OWNER, ALIAS, SUBPATH)
-
-
-def _wants_logs(request: Request) -> bool:
-    return request.query_params.get("logs", "0").strip().lower() in ("1", "true", "yes")
-
-
-def _detail(exc: ValidationError) -> list[dict[str, Any]]:
-    return [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-
-
-def _json(body: Any, status: int, request_id: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    all_headers = {"x-fal-request-id": request_id or str(uuid.uuid4()), **(headers or {})}
-    return JSONResponse(body, status_code=status, headers=all_headers)
-
-
-class _FalProtocolMiddleware:
-    """Trailing slashes ignored; `Authorization: Key …` checked when a key is set; `x-fal-request-id` always."""
-
-    def __init__(self, app: ASGIApp, key: str | None) -> None:
-        self.app = app
-        self.key = key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if len(path) > 1 and path.endswith("/"):
-            scope = dict(scope, path=path.rstrip("/"), raw_path=path.rstrip("/").encode())
-            path = scope["path"]
-        if self.key and not path.startswith(("/health", "/files/")) and not self._authorized(scope):
-            response = _json({"detail": "No user found for Key ID and Secret"}, 401)
-            await response(scope, receive, send)
-            return
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = list(message.get("headers", []))
-                if not any(name.lower() == b"x-fal-request-id" for name, _ in headers):
-                    headers.append((b"x-fal-request-id", str(uuid.uuid4()).encode()))
-                message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-    def _authorized(self, scope: Scope) -> bool:
-        assert self.key is not None
-        for name, value in scope.get("headers", []):
-            if name.lower() == b"authorization":
-                scheme, _, given = value.decode("latin-1").partition(" ")
-                return scheme.lower() in ("key", "bearer") and hmac.compare_digest(given.strip(), self.key)
-        return False
+_ROUTES = _routes()

@@ -1,18 +1,22 @@
 """From a validated fal request to a `PipelineJob`: checks that need the worker's configuration, output size,
-seeds, image and mask fitted to the size, LoRA and embedding paths resolved inside their folders."""
+seeds, image and mask fetched and fitted to the size (the upload safety-checked), LoRA and embedding paths resolved
+inside their folders, and which requests can share a batch."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 from typing import Any
 
+import httpx
 from PIL import Image
 
-from services.images import MASK_THRESHOLD, PreparedInputs
+from services.images import MASK_THRESHOLD, ImageInputError, IntakeLimits, PreparedInputs, prepare_inputs_async
 from services.schema import InpaintInput
+from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob
-from services.worker.settings import WorkerSettings
+from services.worker.safety import SafetyChecker
 
 SEED_SPACE = 2**64
 
@@ -24,6 +28,13 @@ class RequestError(ValueError):
         super().__init__(message)
         self.detail: list[dict[str, Any]] = [{"loc": ["body", *field.split(".")], "msg": message, "type": type_}]
 
+    @property
+    def error_type(self) -> str:
+        """The request's `error_type` when this error completes it: a flagged upload is a content policy
+        violation, anything else a validation error."""
+        type_: str = self.detail[0]["type"]
+        return type_ if type_ == "content_policy_violation" else "validation_error"
+
 
 def output_size(inp: InpaintInput) -> tuple[int, int]:
     """The requested size rounded to the nearest multiple of 8 (what the VAE needs)."""
@@ -31,19 +42,19 @@ def output_size(inp: InpaintInput) -> tuple[int, int]:
     return max(8, round(width / 8) * 8), max(8, round(height / 8) * 8)
 
 
-def check_request(inp: InpaintInput, settings: WorkerSettings, *, safety_available: bool) -> None:
+def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: bool) -> None:
     """Refuse at submit time what this worker can't do, so nobody waits in the queue for an error."""
     width, height = output_size(inp)
-    if width * height > settings.max_output_pixels:
+    if width * height > config.max_output_pixels:
         raise RequestError("image_size", f"{width}×{height} is more than this worker's limit of "
-                           f"{settings.max_output_pixels} pixels per image")
+                           f"{config.max_output_pixels} pixels per image")
     if inp.enable_safety_checker and not safety_available:
         raise RequestError("enable_safety_checker", "the safety checker was requested but this worker has none "
                            "configured (set SAFETY_CHECKER_PATH), or send enable_safety_checker=false")
     for i, lora in enumerate(inp.loras):
-        resolve_asset(lora.path, settings.lora_dir, f"loras.{i}.path", "LORA_DIR")
+        resolve_asset(lora.path, config.lora_dir, f"loras.{i}.path", "LORA_DIR")
     for i, emb in enumerate(inp.embeddings):
-        resolve_asset(emb.path, settings.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR")
+        resolve_asset(emb.path, config.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR")
         if not emb.tokens:
             raise RequestError(f"embeddings.{i}.tokens", "at least one token is needed")
 
@@ -64,7 +75,8 @@ def resolve_asset(path: str, folder: Path | None, field: str, setting: str) -> P
 
 
 def request_batch_key(inp: InpaintInput) -> tuple[object, ...] | None:
-    """Requests with equal keys can share one UNet batch (the same as `batch_key` on their PipelineJobs)."""
+    """Requests with equal keys can share one UNet batch: the same output size, steps, strength and guidance, and
+    all or none with a negative prompt. None means the request runs alone (it loads LoRAs or embeddings)."""
     if inp.loras or inp.embeddings:
         return None
     return (output_size(inp), inp.num_inference_steps, round(inp.strength, 6), round(inp.guidance_scale, 6),
@@ -75,7 +87,7 @@ def resolve_seed(inp: InpaintInput) -> int:
     return inp.seed if inp.seed is not None else secrets.randbelow(SEED_SPACE)
 
 
-def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, settings: WorkerSettings) -> PipelineJob:
+def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, config: WorkerConfig) -> PipelineJob:
     """Fit image and mask to the output size and assemble everything the pipeline needs (CPU work)."""
     size = output_size(inp)
     image, mask = prepared.image, prepared.mask
@@ -83,12 +95,30 @@ def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, settings: 
         image = image.resize(size, Image.Resampling.LANCZOS)
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.BILINEAR).point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
-    loras = tuple(LoraSpec(resolve_asset(lo.path, settings.lora_dir, f"loras.{i}.path", "LORA_DIR"), lo.scale)
+    loras = tuple(LoraSpec(resolve_asset(lo.path, config.lora_dir, f"loras.{i}.path", "LORA_DIR"), lo.scale)
                   for i, lo in enumerate(inp.loras))
     embeddings = tuple(
-        EmbeddingSpec(resolve_asset(e.path, settings.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR"),
+        EmbeddingSpec(resolve_asset(e.path, config.embedding_dir, f"embeddings.{i}.path", "EMBEDDING_DIR"),
                       tuple(e.tokens)) for i, e in enumerate(inp.embeddings))
     return PipelineJob(
         image=image, mask=mask, prompt=inp.prompt, negative_prompt=inp.negative_prompt,
         steps=inp.num_inference_steps, guidance_scale=inp.guidance_scale, strength=inp.strength,
         seeds=tuple((seed + i) % SEED_SPACE for i in range(inp.num_images)), loras=loras, embeddings=embeddings)
+
+
+async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *, http: httpx.AsyncClient,
+                      safety: SafetyChecker | None) -> PipelineJob:
+    """Fetch and decode the request's image and mask, build its job and, when the request wants the safety
+    checker and the worker checks inputs, check the upload too (nobody gets to launder an image through the bot).
+    Decoding and checking run in threads. Raises `RequestError` for what the client must fix."""
+    limits = IntakeLimits(max_bytes=config.max_image_bytes, min_side=8)  # 8: the smallest output side
+    try:
+        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, http=http, limits=limits)
+    except ImageInputError as exc:
+        field = "mask_url" if exc.role == "mask" else "image_url"
+        raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
+    job = await asyncio.to_thread(build_job, inp, prepared, seed, config)
+    if inp.enable_safety_checker and safety is not None and config.check_inputs and (
+            await asyncio.to_thread(safety, [prepared.image]))[0]:
+        raise RequestError("image_url", "the safety checker flagged the uploaded image", "content_policy_violation")
+    return job

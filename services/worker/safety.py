@@ -1,4 +1,8 @@
-"""The v1 safety checker: diffusers' `StableDiffusionSafetyChecker` (CompVis) from a local folder."""
+"""The safety checker: what the worker calls one (`SafetyChecker`), and the v1 checker it can load — diffusers'
+`StableDiffusionSafetyChecker` (CompVis) from a local folder.
+
+torch and diffusers are imported only when a checker is loaded, so the CPU-only worker can import this module.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+#: Images in, one flag per image out (True: the image is flagged and must not be shown).
+SafetyChecker = Callable[[list[Image.Image]], list[bool]]
 
-def load_safety_checker(path: Path, device: str) -> Callable[[list[Image.Image]], list[bool]]:
-    """Load the checker and its CLIP image processor from `path`; returns images → flagged per image."""
+
+def load_safety_checker(path: Path, device: str) -> SafetyChecker:
+    """Load the checker and its CLIP image processor from `path` (blocking: call it in a thread)."""
+    import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessorPil
 

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from services.worker.app import create_app
+from services.worker.config import WorkerConfig
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import LoraSpec, PipelineJob, RunContext
-from services.worker.settings import WorkerSettings
 from tests.helpers.imagegen import box_mask, image_pair_uris, photo
 from tests.helpers.worker_harness import serve_sync
 
@@ -39,8 +39,8 @@ def _mean_diff(a: Image.Image, b: Image.Image) -> float:
 
 
 def test_fast_path_matches_stock_diffusers(tiny_inpaint_model: Path) -> None:
-    stock: Any = load_pipeline(WorkerSettings(_env_file=None, model_path=tiny_inpaint_model, fast_path="off"))
-    fast: Any = load_pipeline(WorkerSettings(_env_file=None, model_path=tiny_inpaint_model, fast_path="on"))
+    stock: Any = load_pipeline(WorkerConfig(_env_file=None, model_path=tiny_inpaint_model, fast_path="off"))
+    fast: Any = load_pipeline(WorkerConfig(_env_file=None, model_path=tiny_inpaint_model, fast_path="on"))
     assert stock.fast.applied == [] and fast.fast.applied == ["channels_last", "fused_qkv"]
     job = _job()
     diffs = [_mean_diff(a, b) for a, b in zip(stock.run(job, RunContext(log=lambda _m: None)),
@@ -62,7 +62,7 @@ def test_lora_on_the_fused_pipeline_loads_and_unloads(tiny_inpaint_model: Path, 
                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
     StableDiffusionXLInpaintPipeline.save_lora_weights(str(tmp_path / "style"), unet_lora_layers=layers)
-    fast: Any = load_pipeline(WorkerSettings(_env_file=None, model_path=tiny_inpaint_model, fast_path="on",
+    fast: Any = load_pipeline(WorkerConfig(_env_file=None, model_path=tiny_inpaint_model, fast_path="on",
                                              lora_dir=tmp_path))
 
     def fingerprint() -> str:
@@ -96,7 +96,7 @@ def _images(result: dict[str, Any]) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def worker(tiny_inpaint_model: Path) -> Iterator[str]:
-    with serve_sync(create_app(WorkerSettings(_env_file=None, model_path=tiny_inpaint_model, fast_path="on",
+    with serve_sync(create_app(WorkerConfig(_env_file=None, model_path=tiny_inpaint_model, fast_path="on",
                                               max_batch_images=8))) as base:
         yield base
 

@@ -17,18 +17,18 @@ from PIL import Image
 
 from services.schema import InpaintOutput
 from services.worker.app import create_app
+from services.worker.config import WorkerConfig
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Cancelled, PipelineJob, RunContext
 from services.worker.pipelines.classic import ClassicPipeline
-from services.worker.settings import WorkerSettings
 from tests.helpers.imagegen import box_mask, image_pair_uris, photo
 from tests.helpers.worker_harness import serve_sync
 
 APP = "fal-ai/fast-sdxl/inpainting"
 
 
-def _settings(**overrides: Any) -> WorkerSettings:
-    return WorkerSettings(_env_file=None, **{"pipeline": "sdxl", **overrides})
+def _config(**overrides: Any) -> WorkerConfig:
+    return WorkerConfig(_env_file=None, **{"pipeline": "sdxl", **overrides})
 
 
 def _body(**overrides: Any) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def embedding_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sdxl9(tiny_inpaint_model: Path, lora_dir: Path, embedding_dir: Path,
           checker_flags_none: Path) -> Iterator[str]:
-    app = create_app(_settings(model_path=tiny_inpaint_model, lora_dir=lora_dir, embedding_dir=embedding_dir,
+    app = create_app(_config(model_path=tiny_inpaint_model, lora_dir=lora_dir, embedding_dir=embedding_dir,
                                safety_checker_path=checker_flags_none))
     with serve_sync(app) as base:
         yield base
@@ -101,7 +101,7 @@ def sdxl9(tiny_inpaint_model: Path, lora_dir: Path, embedding_dir: Path,
 
 def test_both_checkpoints_load_from_model_path(tiny_inpaint_model: Path, tiny_base_model: Path) -> None:
     for model, channels in ((tiny_inpaint_model, 9), (tiny_base_model, 4)):
-        with serve_sync(create_app(_settings(model_path=model))) as base:
+        with serve_sync(create_app(_config(model_path=model))) as base:
             health = httpx.get(f"{base}/health").json()
             assert health["ready"] and health["model"] == str(model) and health["device"] == "cpu"
             resp = httpx.post(f"{base}/{APP}", json=_body(sync_mode=False, num_inference_steps=5, strength=0.8),
@@ -146,7 +146,7 @@ def test_sizes_round_to_a_multiple_of_8_and_fields_are_honoured(sdxl9: str) -> N
 
 
 def test_safety_checker_flags_and_blacks_out(tiny_inpaint_model: Path, checker_flags_all: Path) -> None:
-    with serve_sync(create_app(_settings(model_path=tiny_inpaint_model, safety_checker_path=checker_flags_all,
+    with serve_sync(create_app(_config(model_path=tiny_inpaint_model, safety_checker_path=checker_flags_all,
                                          check_inputs=False))) as base:
         assert httpx.get(f"{base}/health").json()["safety_checker"] is True
         resp = httpx.post(f"{base}/{APP}", json=_body(enable_safety_checker=True, num_images=2,
@@ -168,7 +168,7 @@ def test_safety_checker_flags_and_blacks_out(tiny_inpaint_model: Path, checker_f
 
 
 def test_flagged_upload_is_refused_before_inference(tiny_inpaint_model: Path, checker_flags_all: Path) -> None:
-    with serve_sync(create_app(_settings(model_path=tiny_inpaint_model, safety_checker_path=checker_flags_all,
+    with serve_sync(create_app(_config(model_path=tiny_inpaint_model, safety_checker_path=checker_flags_all,
                                          warmup=False))) as base:
         resp = _post(base, _body(enable_safety_checker=True))
         unchecked = _post(base, _body(enable_safety_checker=False))  # the checker was switched off: no check
@@ -186,7 +186,7 @@ def test_safety_checker_passes_clean_images(sdxl9: str) -> None:
 
 
 def test_safety_checker_requested_without_one_is_an_error(tiny_inpaint_model: Path) -> None:
-    with serve_sync(create_app(_settings(model_path=tiny_inpaint_model, warmup=False))) as base:
+    with serve_sync(create_app(_config(model_path=tiny_inpaint_model, warmup=False))) as base:
         resp = _post(base, _body(enable_safety_checker=True))
     assert resp.status_code == 422
     assert "SAFETY_CHECKER_PATH" in resp.json()["detail"][0]["msg"]
@@ -205,8 +205,8 @@ def test_lora_changes_the_output_and_unloads(sdxl9: str, lora_dir: Path) -> None
 
 def test_lora_and_embedding_leave_base_weights_unchanged(tiny_inpaint_model: Path, lora_dir: Path,
                                                          embedding_dir: Path) -> None:
-    settings = _settings(model_path=tiny_inpaint_model, lora_dir=lora_dir, embedding_dir=embedding_dir)
-    pipeline: Any = load_pipeline(settings)
+    config = _config(model_path=tiny_inpaint_model, lora_dir=lora_dir, embedding_dir=embedding_dir)
+    pipeline: Any = load_pipeline(config)
     pipe = pipeline.pipe
 
     def fingerprint() -> tuple[str, int, int]:
@@ -237,7 +237,7 @@ def test_lora_and_embedding_leave_base_weights_unchanged(tiny_inpaint_model: Pat
 
 
 def test_cancel_between_steps_at_the_pipeline(tiny_inpaint_model: Path) -> None:
-    pipeline: Any = load_pipeline(_settings(model_path=tiny_inpaint_model))
+    pipeline: Any = load_pipeline(_config(model_path=tiny_inpaint_model))
     ctx = RunContext(log=lambda _m: None)
     seen: list[str] = []
 
@@ -273,7 +273,7 @@ def test_classic_fill_changes_only_masked_pixels() -> None:
 
 
 def test_classic_over_http_keeps_outside_pixels() -> None:
-    with serve_sync(create_app(WorkerSettings(_env_file=None, pipeline="classic"))) as base:
+    with serve_sync(create_app(WorkerConfig(_env_file=None, pipeline="classic"))) as base:
         out = _run(base, num_inference_steps=1)
     result = np.asarray(_images(out)[0], np.int16)
     source = np.asarray(photo(64, 64), np.int16)

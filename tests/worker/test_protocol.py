@@ -14,17 +14,18 @@ import pytest
 from services.backends.fal_queue import FalQueueClient, FalRequestFailed, FalValidationError, QueueUpdate
 from services.schema import InpaintOutput
 from services.worker.app import create_app
-from services.worker.settings import WorkerSettings
+from services.worker.config import WorkerConfig
 from tests.helpers.imagegen import image_pair_uris
 from tests.helpers.worker_harness import serve
+from tests.worker.fakes import FakePipeline, flag_all
 
 KEY = "worker-id:worker-secret"
 APP = "fal-ai/fast-sdxl/inpainting"
 
 
-def _settings(**overrides: Any) -> WorkerSettings:
+def _config(**overrides: Any) -> WorkerConfig:
     values: dict[str, Any] = {"pipeline": "classic", "worker_key": KEY, **overrides}
-    return WorkerSettings(_env_file=None, **values)
+    return WorkerConfig(_env_file=None, **values)
 
 
 def _body(**overrides: Any) -> dict[str, Any]:
@@ -35,14 +36,14 @@ def _body(**overrides: Any) -> dict[str, Any]:
 
 @pytest.fixture
 async def classic() -> AsyncIterator[str]:
-    async with serve(create_app(_settings())) as base:
+    async with serve(create_app(_config())) as base:
         yield base
 
 
 @pytest.fixture
 async def slow_sdxl(tiny_inpaint_model: Path) -> AsyncIterator[str]:
     """The tiny SDXL model: 65 steps take long enough to see a request queued and running."""
-    async with serve(create_app(_settings(pipeline="sdxl", model_path=tiny_inpaint_model, max_queue=2))) as base:
+    async with serve(create_app(_config(pipeline="sdxl", model_path=tiny_inpaint_model, max_queue=2))) as base:
         yield base
 
 
@@ -224,7 +225,7 @@ async def test_queue_positions_cancel_and_full_queue(slow_sdxl: str) -> None:
 
 
 async def test_results_are_freed_after_the_ttl() -> None:
-    async with serve(create_app(_settings(result_ttl_s=0.2))) as base, _http(base) as http:
+    async with serve(create_app(_config(result_ttl_s=0.2))) as base, _http(base) as http:
         handle = (await http.post(f"/{APP}", json=_body())).json()
         await _wait_state(http, handle["status_url"], "COMPLETED")
         assert (await http.get(handle["response_url"])).status_code == 200
@@ -262,3 +263,14 @@ def _handle(body: dict[str, Any]) -> Any:
     from services.schema import QueueHandle
 
     return QueueHandle.model_validate(body)
+
+
+async def test_create_app_serves_the_pipeline_and_checker_it_is_given() -> None:
+    pipeline = FakePipeline()
+    app = create_app(_config(check_inputs=False), pipeline=pipeline, safety=flag_all)
+    async with serve(app) as base, _http(base) as http:
+        health = (await http.get("/health")).json()
+        resp = await http.post(f"/sync/{APP}", json=_body(enable_safety_checker=True, sync_mode=True))
+    assert (health["pipeline"], health["model"], health["safety_checker"]) == ("fake", "fake-model", True)
+    assert resp.status_code == 200 and InpaintOutput.model_validate(resp.json()).has_nsfw_concepts == [True]
+    assert len(pipeline.calls) == 1

@@ -71,10 +71,3 @@ class Pipeline(Protocol):
 
     def run_batch(self, jobs: list[PipelineJob], ctxs: list[RunContext]) -> list[list[Image.Image]]: ...
 
-
-def batch_key(job: PipelineJob) -> tuple[object, ...] | None:
-    """Requests with equal keys can share one batch; None means this one runs alone (it loads adapters)."""
-    if job.loras or job.embeddings:
-        return None
-    return (job.image.size, job.steps, round(job.strength, 6), round(job.guidance_scale, 6),
-            bool(job.negative_prompt))

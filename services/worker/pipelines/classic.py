@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from services.images import MASK_THRESHOLD
 from services.worker.pipelines.base import PipelineJob, RunContext
 
 # Alternate the two OpenCV methods across num_images so a batch offers a choice.
@@ -30,7 +31,7 @@ class ClassicPipeline:
     def run(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
         ctx.log("classic pipeline: content-aware fill; the prompt is not used")
         source = np.asarray(job.image.convert("RGB"))
-        hard = np.asarray(job.mask.convert("L")) >= 128
+        hard = np.asarray(job.mask.convert("L")) >= MASK_THRESHOLD
         cv_mask = hard.astype(np.uint8) * 255
         radius = max(3, round(min(job.image.size) / 128))
         outputs = []

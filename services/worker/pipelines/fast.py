@@ -5,8 +5,8 @@ QKV projections in the attention blocks, PyTorch SDPA attention (diffusers' defa
 compatible requests into one UNet batch (the worker's queue). `torch.compile` of the UNet is opt-in
 (`FAST_COMPILE=on`) until its compile time and gain are measured on the target GPU (see bench/RESULTS.md).
 
-Every optimisation here must keep the output within bf16 tolerance of stock diffusers; `tests/
-test_worker_fast_path.py` guards that on the tiny model, `bench/sdxl.py` on the full architecture.
+Every optimisation here must keep the output within bf16 tolerance of stock diffusers;
+`tests/worker/test_fast_path.py` guards that on the tiny model, `bench/sdxl.py` on the full architecture.
 """
 
 from __future__ import annotations

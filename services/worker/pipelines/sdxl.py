@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import Cancelled, EmbeddingSpec, LoraSpec, PipelineJob, RunContext
 from services.worker.pipelines.fast import (
     FastPathOptions,
@@ -24,7 +25,6 @@ from services.worker.pipelines.fast import (
     refuse_after_adapters,
     unfuse_for_adapters,
 )
-from services.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,38 +50,34 @@ class SDXLPipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, settings: WorkerSettings) -> SDXLPipeline:
+    def load(cls, config: WorkerConfig) -> SDXLPipeline:
         from diffusers import StableDiffusionXLInpaintPipeline
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        assert settings.model_path is not None
-        path = Path(settings.model_path).expanduser()
-        device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if settings.dtype == "auto":
+        assert config.model_path is not None
+        path = Path(config.model_path).expanduser()
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if config.dtype == "auto":
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         else:
-            dtype = _DTYPES[settings.dtype]
+            dtype = _DTYPES[config.dtype]
         if path.is_dir():
             pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(path), dtype=dtype,
                                                                     local_files_only=True)
         elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
-            if settings.model_config_path is None:
+            if config.model_config_path is None:
                 raise RuntimeError("a single-file MODEL_PATH needs MODEL_CONFIG_PATH: a local diffusers folder "
                                    "with the SDXL component configs (model_index.json, unet/config.json, …)")
             pipe = StableDiffusionXLInpaintPipeline.from_single_file(
-                str(path), config=str(settings.model_config_path), dtype=dtype, local_files_only=True)
+                str(path), config=str(config.model_config_path), dtype=dtype, local_files_only=True)
         else:
             raise RuntimeError(f"MODEL_PATH {path} is neither a diffusers folder nor a .safetensors file")
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         in_channels = pipe.unet.config.in_channels
         log.info("loaded SDXL from %s on %s (%s, UNet with %d input channels)", path, device, dtype, in_channels)
-        fast = FastPathOptions(enabled=settings.fast_path, compile=settings.fast_compile)
+        fast = FastPathOptions(enabled=config.fast_path, compile=config.fast_compile)
         return cls(pipe, device, str(path), fast=fast)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.pipe.unet.config.in_channels)
 
     def warmup(self) -> None:
         side = 32 * self.pipe.vae_scale_factor

@@ -1,4 +1,5 @@
-"""Worker settings, from the environment and `.env`."""
+"""The worker's configuration, `WorkerConfig`: read from the environment and `.env`, one variable per field (its
+name in upper case: PIPELINE, MODEL_PATH, WORKER_KEY, MAX_QUEUE, …)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.images import IntakeLimits
 
-class WorkerSettings(BaseSettings):
+
+class WorkerConfig(BaseSettings):
+    """How this worker runs: which pipeline and model, where it listens, and the limits it enforces."""
+
     model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
 
     pipeline: Literal["sdxl", "classic"] = Field(default="sdxl", description="Which pipeline serves requests")
@@ -36,6 +41,6 @@ class WorkerSettings(BaseSettings):
     max_queue: int = Field(default=64, ge=1, description="Queued requests beyond this are refused with 503")
     result_ttl_s: float = Field(default=3600.0, gt=0, description="How long results and files are kept")
     max_output_pixels: int = Field(default=2048 * 2048, ge=64 * 64)
-    max_image_bytes: int = Field(default=25 * 1024 * 1024)
+    max_image_bytes: int = Field(default=IntakeLimits.max_bytes, description="Largest image or mask file accepted")
     sse_ping_s: float = Field(default=15.0, gt=0)
     warmup: bool = True

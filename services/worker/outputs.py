@@ -1,0 +1,62 @@
+"""From a pipeline's images to a request's output body (`InpaintOutput`): the safety checker's verdict on each image
+(flagged images are replaced with black), the encoding the request asked for, and where each image is found — a
+data URI with `sync_mode`, else a file this worker serves at `/files/{request id}/{name}`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from PIL import Image
+
+from services.images import CONTENT_TYPES, encode_image, to_data_uri
+from services.schema import InpaintOutput, OutputImage
+from services.worker.records import RequestRecord
+from services.worker.safety import SafetyChecker
+
+JPEG_QUALITY = 90
+FILE_EXTENSIONS = {"jpeg": "jpg", "png": "png"}
+
+
+async def build_output(record: RequestRecord, images: list[Image.Image],
+                       safety: SafetyChecker | None) -> dict[str, Any]:
+    """The output body for `record`'s images: safety-checked when the request asks for it, then encoded (both in
+    threads). Encoded files are kept on the record."""
+    nsfw = [False] * len(images)
+    if record.input.enable_safety_checker:
+        assert safety is not None, "requests needing the checker are refused at submit without one"
+        nsfw, images = await check_safety(record, images, safety)
+    return await asyncio.to_thread(encode_output, record, images, nsfw)
+
+
+async def check_safety(record: RequestRecord, images: list[Image.Image],
+                       safety: SafetyChecker) -> tuple[list[bool], list[Image.Image]]:
+    """The checker's flag per image, and the images with each flagged one replaced by black."""
+    if record.input.safety_checker_version == "v2":
+        record.add_log("safety checker v2 is not installed on this worker; using v1")
+    flags = await asyncio.to_thread(safety, images)
+    if any(flags):
+        record.add_log(f"safety checker flagged {sum(flags)} of {len(flags)} image(s); replaced with black",
+                       "WARN")
+    checked = [Image.new("RGB", im.size, (0, 0, 0)) if flag else im for im, flag in zip(images, flags, strict=True)]
+    return flags, checked
+
+
+def encode_output(record: RequestRecord, images: list[Image.Image], nsfw: list[bool]) -> dict[str, Any]:
+    """Encode the images in the requested format and build the output body (CPU work: call it in a thread)."""
+    fmt = record.input.format
+    content_type = CONTENT_TYPES[fmt]
+    outputs = []
+    for i, image in enumerate(images):
+        data = encode_image(image, fmt, quality=JPEG_QUALITY)
+        if record.input.sync_mode:
+            url = to_data_uri(data, content_type)
+        else:
+            name = f"{i}.{FILE_EXTENSIONS[fmt]}"
+            record.files[name] = (data, content_type)
+            url = f"{record.base_url}/files/{record.id}/{name}"
+        outputs.append(OutputImage(url=url, width=image.width, height=image.height, content_type=content_type))
+    timings = {"inference": record.inference_time or 0.0, "total": record.running_for_s()}
+    output = InpaintOutput(images=outputs, timings=timings, seed=record.seed, has_nsfw_concepts=nsfw,
+                           prompt=record.input.prompt)
+    return output.model_dump(mode="json")
