@@ -67,6 +67,12 @@ class InpaintBot(commands.Bot):
         self.add_dynamic_items(*JOB_BUTTONS, *DRAFT_BUTTONS, *MODLOG_BUTTONS)
         await self.sync_commands()
 
+    async def close(self) -> None:
+        """Stop running jobs first (they resume on the next start), while Discord and the extensions that show
+        what happens to them are still there; then close the client, which unloads the extensions."""
+        await self.services.dispatcher.close()
+        await super().close()
+
     async def sync_commands(self) -> None:
         if self.config.dev_guild_id is not None:
             guild = discord.Object(self.config.dev_guild_id)

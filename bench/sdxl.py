@@ -26,14 +26,15 @@ import torch
 
 from services.images import IntakeLimits, encode_image, prepare_inputs
 from services.schema import InpaintInput
-from services.worker.config import WorkerConfig as WorkerSettings
+from services.worker.config import WorkerConfig
 from services.worker.inputs import build_job
+from services.worker.outputs import JPEG_QUALITY
 from services.worker.pipelines.base import RunContext
 from services.worker.pipelines.sdxl import SDXLPipeline
 from tests.helpers.imagegen import box_mask, encode, photo
 
 #: The real SDXL inpainting architecture (../shared/DESIGN.md); parameter counts are checked in
-#: tests/test_worker_fast_path.py (UNet 2567.5M, VAE 83.7M, CLIP-G 694.7M, CLIP-L 123.1M).
+#: tests/worker/test_fast_path.py (UNet 2567.5M, VAE 83.7M, CLIP-G 694.7M, CLIP-L 123.1M).
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": 128, "in_channels": 9, "out_channels": 4, "layers_per_block": 2,
     "block_out_channels": (320, 640, 1280),
@@ -83,10 +84,10 @@ def end_to_end(pipeline: SDXLPipeline, image_png: bytes, mask_png: bytes, inp: I
     _sync(pipeline.device)
     start = time.perf_counter()
     prepared = prepare_inputs(image_png, mask_png, limits=IntakeLimits(min_side=8))
-    job = build_job(inp, prepared, inp.seed or 0, WorkerSettings(_env_file=None))
+    job = build_job(inp, prepared, inp.seed or 0, WorkerConfig(_env_file=None))
     images = pipeline.run(job, RunContext(log=lambda _m: None))
     for image in images:
-        encode_image(image, "jpeg", quality=90)
+        encode_image(image, "jpeg", quality=JPEG_QUALITY)
     _sync(pipeline.device)
     return time.perf_counter() - start
 
@@ -120,15 +121,15 @@ def main() -> None:
             build_tiny_sdxl(folder, in_channels=9)
         else:
             build_full_sdxl(folder)
-        stock = SDXLPipeline.load(WorkerSettings(_env_file=None, model_path=folder, device=device, fast_path="off"))
-        fast = SDXLPipeline.load(WorkerSettings(_env_file=None, model_path=folder, device=device, fast_path="on"))
+        stock = SDXLPipeline.load(WorkerConfig(_env_file=None, model_path=folder, device=device, fast_path="off"))
+        fast = SDXLPipeline.load(WorkerConfig(_env_file=None, model_path=folder, device=device, fast_path="on"))
 
         image_png = encode(photo(side, side), "PNG")
         mask_png = encode(box_mask((side, side), (side // 4, side // 4, 3 * side // 4, 3 * side // 4)), "PNG")
         inp = InpaintInput(image_url="x", mask_url="y", prompt="a lighthouse at dusk", seed=7,
                            image_size={"width": side, "height": side})
         job = build_job(inp, prepare_inputs(image_png, mask_png, limits=IntakeLimits(min_side=8)), 7,
-                        WorkerSettings(_env_file=None))
+                        WorkerConfig(_env_file=None))
 
         ref, got = latents(stock, job), latents(fast, job)
         rel = float((got - ref).norm() / ref.norm())

@@ -4,6 +4,7 @@ new job goes through the launcher like every other entry point."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import discord
@@ -30,10 +31,7 @@ class JobButton(PersistentButton):
         return int(self.ids[0])
 
     async def job(self, interaction: discord.Interaction) -> Job:
-        try:
-            return await services_of(interaction.client).store.jobs.get(self.job_id)
-        except JobNotFound as exc:
-            raise Refused(JobGone(self.job_id)) from exc
+        return await job_or_refusal(interaction.client, self.job_id)
 
     async def authorize(self, interaction: discord.Interaction) -> None:
         if self.owner_action is None:
@@ -41,6 +39,14 @@ class JobButton(PersistentButton):
         job = await self.job(interaction)
         if interaction.user.id != job.user_id and not is_moderator(interaction):
             raise UserError(f"Only the person who started job #{job.id} or a moderator can {self.owner_action} it.")
+
+
+async def job_or_refusal(client: discord.Client, job_id: int) -> Job:
+    """The job, or `Refused(JobGone)` when it no longer exists."""
+    try:
+        return await services_of(client).store.jobs.get(job_id)
+    except JobNotFound as exc:
+        raise Refused(JobGone(job_id)) from exc
 
 
 async def derive(interaction: discord.Interaction, job_id: int, changes: dict[str, Any], verb: str) -> None:
@@ -152,8 +158,10 @@ class EditModal(discord.ui.Modal):
     async def on_submit(self, interaction: discord.Interaction) -> None:
         try:
             strength = float(self.strength.value)
-        except ValueError as exc:
-            raise UserError("Strength must be a number between 0.01 and 1.") from exc
+        except ValueError:
+            strength = math.nan
+        if not 0.01 <= strength <= 1:  # also refuses nan and inf
+            raise UserError("Strength must be a number between 0.01 and 1.")
         seed_text = self.seed.value.strip()
         if seed_text and not seed_text.isdigit():
             raise UserError("The seed must be a whole number (or empty for a random one).")

@@ -56,22 +56,24 @@ class ConfirmButton(DraftButton, DynamicButton, action="confirm"):
     label, style = "Confirm", discord.ButtonStyle.success
 
     async def run(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer()  # taking the images in can outlast Discord's 3 s to answer
         services = services_of(interaction.client)
         draft = await services.drafts.get(self.draft_id)
         outcome = await services.launcher.launch(draft.requester, draft.params,
                                                  services.drafts.confirmed(self.draft_id))
         assert isinstance(outcome, Launched)
-        await interaction.response.edit_message(content=f"Queued as job #{outcome.job.id}: progress is in the "
-                                                        "channel.", embed=None, attachments=[], view=None)
+        await interaction.edit_original_response(content=f"Queued as job #{outcome.job.id}: progress is in the "
+                                                         "channel.", embed=None, attachments=[], view=None)
 
 
 class InvertButton(DraftButton, DynamicButton, action="invert"):
     label = "Invert"
 
     async def run(self, interaction: discord.Interaction) -> None:
+        await interaction.response.defer()
         offer = await services_of(interaction.client).drafts.invert(self.draft_id)
         shown = draft_message(offer, "(Inverted.)")
-        await interaction.response.edit_message(embed=shown.embed, view=shown.view, attachments=[shown.file])
+        await interaction.edit_original_response(embed=shown.embed, view=shown.view, attachments=[shown.file])
 
 
 class CancelDraftButton(DraftButton, DynamicButton, action="cancel"):

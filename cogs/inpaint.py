@@ -1,5 +1,6 @@
-"""`/inpaint` and the "Inpaint this image" message command: check the attachments, take the images in, create
-the job, post its progress message and queue it. Everything past the Discord glue lives in `services/`."""
+"""`/inpaint` and the "Inpaint this image" message command: check the attachments, then launch the job
+(`services/launch.py`: admission, then the download and intake, then the job). Offers the mask painter when there
+is no mask, and shows a refused mask as a picture. Everything past the Discord glue lives in `services/`."""
 
 from __future__ import annotations
 

@@ -15,12 +15,11 @@ from discord.ext import commands
 from PIL import Image
 
 from cogs import render
-from cogs.buttons import record_deletion
+from cogs.buttons import job_or_refusal, record_deletion
 from cogs.interactions import is_moderator, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
 from services.errors import UserError
-from services.job_state import Job, JobNotFound
-from services.refusals import JobGone, Refused
+from services.job_state import Job
 from services.store.moderation import ModerationEntry
 from services.store.server_settings import ServerSettingsStore
 
@@ -136,12 +135,7 @@ class DeleteResultButton(ModButton, DynamicButton, action="delete"):
     fields = (("job_id", int),)
 
     async def run(self, interaction: discord.Interaction) -> None:
-        services = services_of(interaction.client)
-        job_id = int(self.ids[0])
-        try:
-            job = await services.store.jobs.get(job_id)
-        except JobNotFound as exc:
-            raise Refused(JobGone(job_id)) from exc
+        job = await job_or_refusal(interaction.client, int(self.ids[0]))
         if job.result_message_id is None or job.channel_id is None:
             raise UserError(f"Job #{job.id} has no posted result.")
         message = interaction.client.get_partial_messageable(job.channel_id).get_partial_message(job.result_message_id)

@@ -40,16 +40,15 @@ class EmbeddedWorker:
 
     async def start(self) -> str:
         from services.worker.app import create_app
-        from services.worker.config import WorkerConfig as WorkerSettings
+        from services.worker.config import WorkerConfig
 
-        worker_settings = WorkerSettings()
-        if worker_settings.model_path is None:
-            worker_settings = worker_settings.model_copy(update={"pipeline": "classic"})
-        worker_settings = worker_settings.model_copy(update={"worker_key": None, "host": "127.0.0.1"})
-        self._server = LoopServer(create_app(worker_settings))
+        config = WorkerConfig()
+        if config.model_path is None:
+            config = config.model_copy(update={"pipeline": "classic"})
+        config = config.model_copy(update={"worker_key": None, "host": "127.0.0.1"})
+        self._server = LoopServer(create_app(config))
         self.base_url = await self._server.start()
-        self.description = f"{worker_settings.pipeline} pipeline" + (
-            f" ({worker_settings.model_path})" if worker_settings.model_path else "")
+        self.description = f"{config.pipeline} pipeline" + (f" ({config.model_path})" if config.model_path else "")
         log.warning("NO BACKEND CONFIGURED (neither FAL_KEY nor WORKER_URL): running the worker inside the bot at "
                     "%s with the %s. Set FAL_KEY or WORKER_URL for SDXL.", self.base_url, self.description)
         return self.base_url

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import httpx
 
 from services.admission import Admissions
-from services.backend_select import EmbeddedWorker, choose_backend
+from services.backend_select import BackendChoice, EmbeddedWorker, choose_backend
 from services.backends.fal_queue import FalQueueClient
 from services.config import BotConfig
 from services.dispatch import Dispatcher
 from services.draft_review import DraftReview
 from services.images import IntakeLimits
-from services.launch import Backend, Launcher
+from services.launch import Launcher
 from services.modlog import ModerationLog
 from services.painter.links import PainterLinks
 from services.quotas import Quotas
@@ -38,7 +38,7 @@ class Services:
     store: Store
     http: httpx.AsyncClient
     backend: FalQueueClient
-    backend_info: Backend
+    backend_choice: BackendChoice
     intake_limits: IntakeLimits
     modlog: ModerationLog
     quotas: Quotas
@@ -62,7 +62,6 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
                                  poll_interval_s=config.backend_poll_interval_s,
                                  total_timeout_s=config.backend_total_timeout_s)
         stack.push_async_callback(backend.aclose)
-        backend_info = Backend(choice.name, safety_checker=choice.safety_checker)
         limits = IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
         modlog = ModerationLog(store.modlog)
         quotas = Quotas(store.usage)
@@ -70,7 +69,7 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         dispatcher = Dispatcher(store, backend, http, modlog, concurrency=config.dispatch_concurrency)
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
-        launcher = Launcher(store, admissions, dispatcher, backend_info)
+        launcher = Launcher(store, admissions, dispatcher, choice)
         painter = None
         if config.painter_enabled:
             painter = await stack.enter_async_context(PainterLinks(
@@ -78,6 +77,6 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
                 public_url=config.painter_public_url,
                 secret=config.painter_secret.get_secret_value() if config.painter_secret else None,
                 ttl_s=config.painter_link_ttl_s))
-        yield Services(config=config, store=store, http=http, backend=backend, backend_info=backend_info,
+        yield Services(config=config, store=store, http=http, backend=backend, backend_choice=choice,
                        intake_limits=limits, modlog=modlog, quotas=quotas, admissions=admissions,
                        dispatcher=dispatcher, launcher=launcher, drafts=DraftReview(store, limits), painter=painter)

@@ -127,9 +127,17 @@ class Dispatcher:
 
     # --- operations ---------------------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """Started and not closed: new jobs can be queued."""
+        return self._scheduler is not None
+
     async def enqueue(self, job: Job, images: JobImages) -> None:
-        """Queue a new job, then tell the listener. If the listener can't show it (e.g. the channel refused the
-        progress message), the job is cancelled before it costs anything and the error is raised."""
+        """Queue a new job, then tell the listener (the job may start meanwhile: showing it is off the critical
+        path). If the listener can't show it (e.g. the channel refused the progress message), the job is cancelled
+        and the error raised: at once while it waits here, otherwise at the backend as soon as it is submitted."""
+        if not self.running:
+            raise RuntimeError("the dispatcher is not running")
         self._push(job)
         try:
             await self.listener.job_queued(job, images, self._queue.position(job.id))
@@ -146,10 +154,6 @@ class Dispatcher:
         self._caps.pop(guild_id, None)
         self._wakeup.set()
 
-    def local_position(self, job_id: int) -> int | None:
-        """Jobs that would start before this one in the bot's own queue (None when it isn't waiting here)."""
-        return self._queue.position(job_id)
-
     async def cancel(self, job_id: int) -> bool:
         """Cancel a job: at once while it waits here, or by asking the backend once submitted."""
         job = await self.jobs.get(job_id)
@@ -163,15 +167,19 @@ class Dispatcher:
                 return False
             await self.listener.job_ended(job)
             return True
-        self._cancel_requested.add(job_id)
-        handle = _handle(job)
-        if handle is not None:
-            try:
-                outcome = await self.backend.cancel(handle)
-                await self.jobs.add_event(job_id, "note", f"cancel requested at the backend: {outcome}")
-            except FalError as exc:
-                await self.jobs.add_event(job_id, "note", f"cancel request failed: {exc}")
+        self._cancel_requested.add(job_id)  # a job being submitted right now is cancelled once it has a handle
+        await self._cancel_at_backend(job)
         return True
+
+    async def _cancel_at_backend(self, job: Job) -> None:
+        handle = _handle(job)
+        if handle is None:
+            return
+        try:
+            outcome = await self.backend.cancel(handle)
+            await self.jobs.add_event(job.id, "note", f"cancel requested at the backend: {outcome}")
+        except FalError as exc:
+            await self.jobs.add_event(job.id, "note", f"cancel request failed: {exc}")
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -226,6 +234,8 @@ class Dispatcher:
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
                         return
                     job, handle = await self._submit(job, progress)
+                    if job_id in self._cancel_requested:  # cancelled while the submit was on its way
+                        await self._cancel_at_backend(job)
                 output = await self.backend.follow(handle, lambda u: self._on_update(job_id, progress, u))
                 await self._succeed(job_id, output)
                 return
@@ -277,8 +287,8 @@ class Dispatcher:
             await self._end(job_id, JobStatus.FAILED, "The backend refused the bot's key: ask the bot's owner to "
                             "check FAL_KEY / WORKER_KEY.")
         elif isinstance(exc, (FalUnavailableError, FalTimeoutError)):
-            await self._end(job_id, JobStatus.FAILED, f"The backend is unavailable right now ({exc}). Press Retry to "
-                            "try again.", retryable=True)
+            await self._end(job_id, JobStatus.FAILED, f"The backend is unavailable right now ({exc}). Try again in a "
+                            "moment.", retryable=True)
         elif isinstance(exc, FalError):
             await self._end(job_id, JobStatus.FAILED, f"The backend answered something unexpected: {exc}",
                             retryable=True)

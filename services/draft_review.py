@@ -9,10 +9,10 @@ import asyncio
 from PIL import ImageOps
 
 from services.blob import Blob
-from services.images import IntakeLimits, PreparedInputs, check_coverage, encode_image, mask_coverage, prepare_inputs
-from services.launch import DraftOffered, NewImages
+from services.images import IntakeLimits, PreparedInputs, check_coverage, encode_image, mask_coverage
+from services.launch import DraftOffered, NewImages, prepare_stored
 from services.preview import mask_overlay_jpeg
-from services.refusals import DraftGone, ImagesGone, Refused
+from services.refusals import DraftGone, Refused
 from services.store import Store
 from services.store.drafts import Draft
 
@@ -30,7 +30,8 @@ class DraftReview:
 
     def confirmed(self, draft_id: str) -> NewImages:
         """The draft's images as the source of a job: taking them uses the draft up (a second Confirm is
-        refused). Admission runs first, so a refused Confirm leaves the draft in place."""
+        refused). Admission runs first, so a Confirm refused by a ban, a quota or a filter leaves the draft in
+        place (the options were validated when the draft was made)."""
 
         async def prepare() -> PreparedInputs:
             draft = await self.store.drafts.take(draft_id)
@@ -59,8 +60,4 @@ class DraftReview:
         await self.store.drafts.take(draft_id)
 
     async def _prepared(self, draft: Draft) -> PreparedInputs:
-        image = await self.store.blobs.get(draft.image_sha256)
-        mask = await self.store.blobs.get(draft.mask_sha256)
-        if image is None or mask is None:
-            raise Refused(ImagesGone(None))
-        return await asyncio.to_thread(prepare_inputs, image.data, mask.data, limits=self.limits)
+        return await prepare_stored(self.store, self.limits, draft.image_sha256, draft.mask_sha256)

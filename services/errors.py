@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class UserError(Exception):
     """Something the user can fix (bad option, not allowed, nothing to act on). Shown to them as is."""
@@ -9,3 +11,8 @@ class UserError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+def validation_problems(exc: ValidationError) -> tuple[str, ...]:
+    """Pydantic's errors as `field: message` lines a user can read."""
+    return tuple(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

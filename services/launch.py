@@ -23,11 +23,13 @@ from PIL import Image
 from pydantic import ValidationError
 
 from services.admission import Admission, Admissions
+from services.backend_select import BackendChoice
 from services.dispatch import Dispatcher, JobImages
-from services.images import MaskSource, PreparedInputs
+from services.errors import validation_problems
+from services.images import IntakeLimits, MaskSource, PreparedInputs, prepare_inputs
 from services.job_state import IMAGE_REF, MASK_REF, Job, JobNotFound
 from services.preview import mask_overlay_jpeg
-from services.refusals import ImagesGone, InvalidOptions, JobGone, Refused
+from services.refusals import ImagesGone, InvalidOptions, JobGone, NotRunning, Refused
 from services.requester import Requester
 from services.schema import InpaintInput
 from services.store import Store
@@ -43,6 +45,17 @@ def auto_size(width: int, height: int, *, target: int = TARGET_PIXELS, multiple:
     w = max(multiple, round(width * scale / multiple) * multiple)
     h = max(multiple, round(height * scale / multiple) * multiple)
     return {"width": w, "height": h}
+
+
+async def prepare_stored(store: Store, limits: IntakeLimits, image_sha256: str, mask: str | bytes) -> PreparedInputs:
+    """Take in a stored image with a mask (a stored one by its sha256, or new bytes) as for a new job."""
+    image = await store.blobs.get(image_sha256)
+    stored_mask = await store.blobs.get(mask) if isinstance(mask, str) else None
+    if image is None or (isinstance(mask, str) and stored_mask is None):
+        raise Refused(ImagesGone(None))
+    mask_bytes = stored_mask.data if stored_mask is not None else mask
+    assert isinstance(mask_bytes, bytes)
+    return await asyncio.to_thread(prepare_inputs, image.data, mask_bytes, limits=limits)
 
 
 @dataclass(frozen=True)
@@ -78,17 +91,8 @@ class DraftOffered:
     coverage: float
 
 
-@dataclass(frozen=True)
-class Backend:
-    """What the launcher needs to know of the backend: its name (stored with each job) and whether it has a
-    safety checker (only the embedded classic fill, which paints no new content, has none)."""
-
-    name: str
-    safety_checker: bool = True
-
-
 class Launcher:
-    def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: Backend) -> None:
+    def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: BackendChoice) -> None:
         self.store = store
         self.admissions = admissions
         self.dispatcher = dispatcher
@@ -97,13 +101,15 @@ class Launcher:
     async def launch(self, who: Requester, options: dict[str, Any],
                      source: NewImages | FromJob) -> Launched | DraftOffered:
         """Start a job for `who`, or raise `Refused`."""
+        if not self.dispatcher.running:
+            raise Refused(NotRunning())
         if isinstance(source, FromJob):
             return await self._derive(who, options, source.parent_id)
         admission = await self.admissions.admit(who, options)
         prepared = await source.prepare()
+        request = self._request(admission, who, prepared.size)
         if source.may_draft and admission.settings.confirm_masks:
             return await self.offer_draft(who, options, prepared)
-        request = self._request(admission, who, prepared.size)
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=who.guild_id, channel_id=who.channel_id, backend=self.backend.name,
             input=request.wire(), age_restricted=who.age_restricted, cost=request.cost,
@@ -125,15 +131,16 @@ class Launcher:
             raise Refused(JobGone(parent_id)) from exc
         options = {k: v for k, v in {**parent.options(), **changes}.items() if v is not None}
         admission = await self.admissions.admit(who, options, parent_id=parent.id)
-        refs = await self.store.jobs.blob_refs(parent.id)
-        if "image" not in refs or "mask" not in refs:
-            raise Refused(ImagesGone(parent.id))
         request = self._request(admission, who, None)
+        blobs = await self.store.jobs.blobs(parent.id)
+        if "image" not in blobs or "mask" not in blobs:
+            raise Refused(ImagesGone(parent.id))
+        images = await asyncio.to_thread(_decode, blobs["image"].data, blobs["mask"].data)  # before a row exists
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=parent.guild_id, channel_id=who.channel_id or parent.channel_id,
             backend=self.backend.name, input=request.wire(), parent_job_id=parent.id, age_restricted=who.age_restricted,
-            cost=request.cost, blob_refs={"image": refs["image"], "mask": refs["mask"]})
-        await self.dispatcher.enqueue(job, await self._stored_images(job))
+            cost=request.cost, blob_refs={"image": blobs["image"].sha256, "mask": blobs["mask"].sha256})
+        await self.dispatcher.enqueue(job, images)
         return Launched(job)
 
     def _request(self, admission: Admission, who: Requester, image_size: tuple[int, int] | None) -> InpaintInput:
@@ -146,14 +153,8 @@ class Launcher:
         try:
             return InpaintInput.model_validate(body)
         except ValidationError as exc:
-            raise Refused(InvalidOptions(tuple(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                                               for e in exc.errors()))) from exc
+            raise Refused(InvalidOptions(validation_problems(exc))) from exc
 
-    async def _stored_images(self, job: Job) -> JobImages:
-        blobs = await self.store.jobs.blobs(job.id)
 
-        def decode() -> JobImages:
-            image = Image.open(io.BytesIO(blobs["image"].data)).convert("RGB")
-            return JobImages(image, Image.open(io.BytesIO(blobs["mask"].data)).convert("L"))
-
-        return await asyncio.to_thread(decode)
+def _decode(image: bytes, mask: bytes) -> JobImages:
+    return JobImages(Image.open(io.BytesIO(image)).convert("RGB"), Image.open(io.BytesIO(mask)).convert("L"))

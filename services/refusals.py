@@ -115,12 +115,21 @@ class DraftGone:
         return "This preview has already been confirmed or cancelled."
 
 
+@dataclass(frozen=True)
+class NotRunning:
+    """The bot is starting or stopping: jobs can't be queued right now."""
+
+    def plain(self) -> str:
+        return "The bot is starting up or shutting down; try again in a moment."
+
+
 Refusal = (Banned | ChannelNotAllowed | RoleNotAllowed | PromptBlocked | Cooldown | UserQuotaUsed | ServerQuotaUsed
-           | StepBudgetExceeded | InvalidOptions | JobGone | ImagesGone | DraftGone)
+           | StepBudgetExceeded | InvalidOptions | JobGone | ImagesGone | DraftGone | NotRunning)
 
 
 class Refused(Exception):
-    """A job (or a step towards one) was refused for `reason`; nothing half-made is left behind."""
+    """A job (or a step towards one) was refused for `reason`. Nothing is queued; a blocked prompt alone leaves a
+    record behind (a `blocked` job with the rule it broke)."""
 
     def __init__(self, reason: Refusal) -> None:
         super().__init__(reason.plain())

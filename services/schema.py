@@ -1,7 +1,8 @@
 """Pydantic models for `fal-ai/fast-sdxl/inpainting` and fal's queue protocol, field for field.
 
-Sources: `spec/fal-protocol.md` §1.3–§1.7 (queue bodies) and §4 (model input/output). The bot, the fal client
-and the worker all validate with these models, so there is one definition of the wire format.
+Sources: fal's queue documentation (https://docs.fal.ai/model-apis/model-endpoints/queue) for the queue
+bodies, and the model's page (https://fal.ai/models/fal-ai/fast-sdxl/inpainting/api) for its input and output.
+The bot, the fal client and the worker all validate with these models: one definition of the wire format.
 """
 
 from __future__ import annotations

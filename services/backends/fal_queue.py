@@ -1,4 +1,4 @@
-"""One async client for fal's HTTP queue protocol (`spec/fal-protocol.md` §1, §5).
+"""One async client for fal's HTTP queue protocol (https://docs.fal.ai/model-apis/model-endpoints/queue).
 
 It talks to hosted fal (`https://queue.fal.run`) and to our own worker alike: submit to `{base}/{app_id}`,
 then follow only the `status_url` / `response_url` / `cancel_url` the server returned.

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from services.http_server import LoopServer
-from services.images import IntakeLimits, PreparedInputs, normalized_image, prepare_inputs
-from services.launch import Launched, Launcher, NewImages
+from services.images import IntakeLimits, PreparedInputs, normalized_image
+from services.launch import Launched, Launcher, NewImages, prepare_stored
 from services.painter.app import PainterConfig, create_painter_app
 from services.painter.tokens import new_session_id, sign
-from services.refusals import ImagesGone, Refused
 from services.requester import Requester
 from services.store import Store
 from services.store.painter_sessions import PainterSession
@@ -47,8 +46,8 @@ class PainterLinks:
 
     async def __aenter__(self) -> Self:
         config = PainterConfig(secret=self.secret, sessions=self.store.painter_sessions,
-                               load_image=self.store.blobs.get, on_submit=self.submit, secure_cookies=self.public_url.startswith("https://"),
-                               clock=lambda: self.clock())
+                               load_image=self.store.blobs.get, on_submit=self.submit,
+                               secure_cookies=self.public_url.startswith("https://"), clock=lambda: self.clock())
         self._server = LoopServer(create_painter_app(config), host=self.host, port=self.port)
         local = await self._server.start()
         self.public_url = self.public_url or local
@@ -71,10 +70,7 @@ class PainterLinks:
         """A painted mask arrived: start the job in its channel; returns the job id (or raises `Refused`)."""
 
         async def prepare() -> PreparedInputs:
-            image = await self.store.blobs.get(session.image_sha256)
-            if image is None:
-                raise Refused(ImagesGone(None))
-            return await asyncio.to_thread(prepare_inputs, image.data, mask, limits=self.limits)
+            return await prepare_stored(self.store, self.limits, session.image_sha256, mask)
 
         outcome = await self.launcher.launch(session.requester, {**session.params, "prompt": prompt},
                                              NewImages(prepare, may_draft=False))

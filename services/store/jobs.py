@@ -75,7 +75,7 @@ class Jobs:
             cur = await conn.execute(
                 "INSERT INTO jobs (guild_id, channel_id, user_id, status, parent_job_id, backend, input_json, "
                 "created_at, updated_at, age_restricted, cost) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
-                (guild_id, channel_id, user_id, parent_job_id, backend, json.dumps(input), now, now,
+                (guild_id, channel_id, user_id, parent_job_id, backend, json.dumps(input, allow_nan=False), now, now,
                  int(age_restricted), cost))
             job_id = cur.lastrowid
             assert job_id is not None

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.errors import UserError
+from services.errors import UserError, validation_problems
 from services.server_settings import ServerSettings
 from services.store.database import Database
 
@@ -51,8 +51,7 @@ class ServerSettingsStore:
         try:
             updated = ServerSettings.model_validate(merged)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise UserError(f"That setting isn't valid: {problems}") from exc
+            raise UserError(f"That setting isn't valid: {'; '.join(validation_problems(exc))}") from exc
         await self._write(guild_id, {k: None if v is None else getattr(updated, k) for k, v in changes.items()})
         for listener in self._listeners:
             await listener(guild_id)

@@ -119,9 +119,11 @@ async def test_variations_and_edit_modal(discord_env: BotEnv,
     edited = await bot.services.store.jobs.get(3)
     assert (edited.input["prompt"], edited.input["strength"], edited.input["seed"]) == ("a dog", 0.6, 1234)
 
-    again = await driver.click(ALICE, first, "inpaint:edit:1")  # a submitted modal is gone: open a new one
-    bad = await driver.submit_modal(ALICE, again, {"Strength (0.01 to 1)": "lots"})
-    assert "Strength must be a number" in ephemeral_text(bad)
+    for text in ("lots", "nan", "inf", "1.5"):  # nan would also be a number to Python, and no JSON
+        again = await driver.click(ALICE, first, "inpaint:edit:1")  # a submitted modal is gone: open a new one
+        bad = await driver.submit_modal(ALICE, again, {"Prompt": "a nude dog", "Strength (0.01 to 1)": text})
+        assert "Strength must be a number between 0.01 and 1." in ephemeral_text(bad)
+    assert len(await bot.services.store.jobs.for_user(10)) == 3  # not even a blocked job was stored
 
 
 async def test_cancel_by_author_only(tmp_path: Path) -> None:
@@ -315,7 +317,7 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
     fake = FakeDiscord()
     with fake.installed():
         async with running_bot(settings, fake) as (bot, driver):
-            assert bot.services.backend_info.name == "embedded" and bot.services.backend.base_url.startswith("http://127.0.0.1:")
+            assert bot.services.backend_choice.name == "embedded" and bot.services.backend.base_url.startswith("http://127.0.0.1:")
             assert "NO BACKEND CONFIGURED" in caplog.text
             await driver.slash(ALICE, "inpaint", **uploads(fake, (128, 96)), prompt="ignored by the fill",
                                size="square", format="png")

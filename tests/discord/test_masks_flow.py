@@ -3,6 +3,7 @@ copy as the mask, a refused mask shown back as a picture, and Confirm / Invert /
 
 from __future__ import annotations
 
+import copy
 import io
 
 from PIL import Image, ImageDraw
@@ -85,15 +86,17 @@ async def test_confirm_masks_invert_confirm_cancel(discord_env: BotEnv) -> None:
     assert "Only the person who started this" in ephemeral_text(other)
 
     inverted = await driver.click(ALICE, preview, f"draft:invert:{draft_id}")
-    update = inverted.responses[-1]
-    assert update["type"] == 7 and "(94% of the image)" in update["data"]["embeds"][0]["description"]
+    assert inverted.responses == [{"type": 6}]  # answered at once; the preview is then edited in place
+    assert "(94% of the image)" in preview.embeds[0]["description"] and list(preview.files) == ["mask-preview.jpg"]
 
+    stale = copy.deepcopy(preview)  # as a second client still shows it, buttons and all
     confirmed = await driver.click(ALICE, preview, f"draft:confirm:{draft_id}")
-    assert confirmed.responses[-1]["data"]["content"] == "Queued as job #1: progress is in the channel."
+    assert confirmed.responses == [{"type": 6}]
+    assert preview.content == "Queued as job #1: progress is in the channel." and preview.custom_ids() == []
     await result_message(fake, 1, bot)
     stored = await _stored_mask(bot, 1)
     assert stored.getpixel((10, 10)) == 0 and stored.getpixel((200, 150)) == 255  # the inverted mask ran
-    again = await driver.click(ALICE, preview, f"draft:confirm:{draft_id}")
+    again = await driver.click(ALICE, stale, f"draft:confirm:{draft_id}")
     assert "already been confirmed or cancelled" in ephemeral_text(again)
 
     record = await driver.slash(ALICE, "inpaint", image=image, mask=mask, prompt="another kite")

@@ -83,6 +83,9 @@ class InteractionRecord:
     responses: list[dict[str, Any]] = field(default_factory=list)  # raw callback bodies (type + data)
     followups: list[FakeMessage] = field(default_factory=list)
     original: FakeMessage | None = None
+    #: for a button press: the message the button is on (what "@original" means after a deferred update)
+    source: FakeMessage | None = None
+    source_edits: int = 0  # the source message's edits before the press
 
     def texts(self) -> list[str]:
         """Every text the user saw in reply (callback messages, the edited original, follow-ups)."""
@@ -235,6 +238,8 @@ class FakeDiscord:
                 record.original = original
                 result["interaction"]["response_message_id"] = str(original.id)
                 result["resource"] = {"type": kind, "message": self._payload(original)}
+            elif kind == 6 and record.source is not None:  # deferred update: @original is the button's message
+                record.original = record.source
             return result
         m = re.fullmatch(r"/webhooks/\d+/([^/]+)(?:/messages/(@original|\d+))?", path)
         if m:
@@ -466,6 +471,7 @@ class Driver:
                     permissions: int = MEMBER_PERMISSIONS) -> InteractionRecord:
         assert custom_id in message.custom_ids(), f"{custom_id} is not on message {message.id}"
         payload, record = self._base(3, member, permissions)
+        record.source, record.source_edits = message, message.edits
         payload["message"] = self.fake._payload(message)
         payload["data"] = {"custom_id": custom_id, "component_type": 2}
         return await self._send(payload, record)
@@ -511,8 +517,12 @@ class Driver:
 
 
 def _is_thinking(record: InteractionRecord) -> bool:
-    return bool(record.responses) and record.responses[-1]["type"] == 5
+    """Deferred: a "thinking…" reply (5), or a button press that will update its message later (6)."""
+    return bool(record.responses) and record.responses[-1]["type"] in (5, 6)
 
 
 def _edited(record: InteractionRecord) -> bool:
-    return record.original is not None and record.original.edits > 0
+    if record.original is None:
+        return False
+    before = record.source_edits if record.original is record.source else 0
+    return record.original.edits > before

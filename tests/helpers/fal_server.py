@@ -1,4 +1,4 @@
-"""A real HTTP server on 127.0.0.1 that speaks fal's queue protocol (`spec/fal-protocol.md` §1, §5),
+"""A real HTTP server on 127.0.0.1 that speaks fal's queue protocol (https://docs.fal.ai/model-apis/model-endpoints/queue),
 and misbehaves on demand.
 
 Each request moves through the queue as it is polled: `queue_polls` polls IN_QUEUE (position counting

@@ -18,12 +18,15 @@ class RecordingListener:
         self.succeeded: list[int] = []
         self.ended: list[Job] = []
         self.refuse_to_show: Exception | None = None  # raised from job_queued, as a channel refusing a post would
+        self.show_delay_s = 0.0  # how long showing a job takes (a real post to Discord takes a while)
 
     def event(self, job_id: int) -> asyncio.Event:
         """Set when job `job_id` has ended, with or without a result."""
         return self.done.setdefault(job_id, asyncio.Event())
 
     async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
+        if self.show_delay_s:
+            await asyncio.sleep(self.show_delay_s)
         if self.refuse_to_show is not None:
             raise self.refuse_to_show
         self.queued.append((job, images, position))

@@ -17,15 +17,17 @@ from services.refusals import (
     Banned,
     ChannelNotAllowed,
     DraftGone,
+    ImagesGone,
     InvalidOptions,
     JobGone,
+    NotRunning,
     PromptBlocked,
     Refused,
     RoleNotAllowed,
     StepBudgetExceeded,
 )
 from services.requester import Requester
-from tests.helpers.bot_env import bot_config
+from tests.helpers.bot_env import KEY, bot_config
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
 from tests.helpers.listener import RecordingListener
@@ -187,3 +189,48 @@ async def test_a_job_that_cannot_be_shown_is_cancelled_before_it_costs_anything(
     (job,) = await built.store.jobs.for_user(10)
     assert job.status is JobStatus.CANCELLED and job.attempts == 0 and server.requests == {}
     assert [e.message for e in await built.store.jobs.events(job.id)] == ["queued", "cancelled before submission"]
+
+
+async def test_a_job_submitted_while_its_post_failed_is_cancelled_at_the_backend(tmp_path: Path) -> None:
+    async with FalTestServer(key=KEY, queue_polls=10_000) as slow, \
+            build_services(bot_config(tmp_path, slow, painter_enabled=False)) as built:
+        listener = RecordingListener()
+        await built.dispatcher.start(listener)
+        listener.show_delay_s, listener.refuse_to_show = 0.3, RuntimeError("Missing Access")
+        with pytest.raises(RuntimeError, match="Missing Access"):
+            await built.launcher.launch(ALICE, {"prompt": "x"}, Images().source())
+        (job,) = await built.store.jobs.for_user(10)
+        assert job.attempts == 1  # it had started while the post was on its way…
+        await listener.event(job.id).wait()
+        assert (await built.store.jobs.get(job.id)).status is JobStatus.CANCELLED  # …and was stopped there
+        assert len(slow.hits("cancel")) == 1
+
+
+async def test_nothing_is_queued_while_the_dispatcher_is_stopped(services: Env) -> None:
+    built, _ = services
+    await built.dispatcher.close()
+    images = Images()
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x"}, images.source())
+    assert refused.value.reason == NotRunning() and images.prepared == 0
+    assert await built.store.jobs.for_user(10) == []
+
+
+async def test_a_draft_is_only_offered_for_valid_options(services: Env) -> None:
+    built, _ = services
+    await built.store.server_settings.save(GUILD, {"confirm_masks": True})
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x", "num_inference_steps": 100}, Images().source())
+    assert isinstance(refused.value.reason, InvalidOptions)
+    assert await built.store.db.scalar("SELECT COUNT(*) FROM drafts") == 0
+
+
+async def test_a_derived_job_whose_images_are_gone_leaves_nothing_behind(services: Env) -> None:
+    built, _ = services
+    parent = (await _launch(built, {"prompt": "x"})).job
+    async with built.store.db.transaction() as conn:
+        await conn.execute("DELETE FROM job_blobs WHERE job_id = ? AND role = 'mask'", (parent.id,))
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {}, FromJob(parent.id))
+    assert refused.value.reason == ImagesGone(parent.id)
+    assert [j.id for j in await built.store.jobs.for_user(10)] == [parent.id]

@@ -19,7 +19,7 @@ from services.schema import (
     QueueStatus,
 )
 
-# The captured fast-sdxl output from spec/fal-protocol.md §4.2 (seed above 2**63).
+# A captured fast-sdxl output (its seed is above 2**63).
 SPEC_OUTPUT = (
     '{"images": [{"url": "https://v3.fal.media/files/lion/O853qAknYZGU8_2QCbJwd.jpeg", "width": 1024, '
     '"height": 1024, "content_type": "image/jpeg"}], "timings": {"inference": 2.107286686077714}, '

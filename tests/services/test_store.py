@@ -192,6 +192,9 @@ async def test_a_database_written_by_the_previous_version_upgrades_in_place(tmp_
     derived one, server settings, a ban, a mod-log entry, a draft and a painter session."""
     path = tmp_path / "bot.sqlite3"
     path.write_bytes(V5_DATABASE.read_bytes())
+    with sqlite3.connect(path) as raw:  # a blocked job whose options came from a form unvalidated (NaN is no JSON)
+        raw.execute("INSERT INTO jobs (user_id, status, backend, input_json, created_at, updated_at) "
+                    "VALUES (8, 'blocked', 'fal', '{\"prompt\": \"x\", \"strength\": NaN}', 1, 1)")
     async with await Store.open(path) as store:
         assert await store.db.schema_version() == SCHEMA_VERSION
         first, second = await store.jobs.get(1), await store.jobs.get(2)
@@ -209,8 +212,11 @@ async def test_a_database_written_by_the_previous_version_upgrades_in_place(tmp_
         session = await store.painter_sessions.get("session-1")
         assert session is not None and session.requester.age_restricted and session.params["prompt"] == "a balloon"
         # and the upgraded database keeps working
-        third = await store.jobs.create(user_id=7, guild_id=1, input={}, backend="fal", cost=10)
-        assert third.id == 3 and (await store.jobs.get(3)).cost == 10
+        assert (await store.jobs.get(3)).cost == 0
+        fourth = await store.jobs.create(user_id=7, guild_id=1, input={}, backend="fal", cost=10)
+        assert fourth.id == 4 and (await store.jobs.get(4)).cost == 10
+        with pytest.raises(ValueError, match="JSON"):  # nothing new is stored that SQLite can't read back
+            await store.jobs.create(user_id=7, input={"strength": float("nan")}, backend="fal")
 
 
 async def test_a_failing_migration_changes_nothing(tmp_path: Path) -> None:
