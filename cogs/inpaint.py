@@ -22,16 +22,16 @@ from services.launch import DraftOffered, NewImages
 from services.painter.links import PainterLink
 from services.preview import parse_colour, understood_jpeg
 
+#: The model's working resolution: what counts is the preset's pixel count (the crop decides the shape, and the
+#: result always comes back at the picture's own size).
 SIZE_CHOICES = [
-    app_commands.Choice(name="Match the image (about 1 megapixel)", value="auto"),
-    app_commands.Choice(name="Square HD 1024×1024", value="square_hd"),
-    app_commands.Choice(name="Square 512×512", value="square"),
-    app_commands.Choice(name="Portrait 4:3 768×1024", value="portrait_4_3"),
-    app_commands.Choice(name="Portrait 16:9 576×1024", value="portrait_16_9"),
-    app_commands.Choice(name="Landscape 4:3 1024×768", value="landscape_4_3"),
-    app_commands.Choice(name="Landscape 16:9 1024×576", value="landscape_16_9"),
+    app_commands.Choice(name="About 1 megapixel (SDXL's best)", value="auto"),
+    app_commands.Choice(name="About 0.6 megapixel (faster)", value="landscape_16_9"),
+    app_commands.Choice(name="About 0.25 megapixel (fastest)", value="square"),
 ]
 FORMAT_CHOICES = [app_commands.Choice(name="JPEG", value="jpeg"), app_commands.Choice(name="PNG", value="png")]
+AREA_CHOICES = [app_commands.Choice(name="Around the mask, at full detail (default)", value="masked"),
+                app_commands.Choice(name="The whole picture (for restyling it all)", value="whole")]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif")
 
 
@@ -74,18 +74,21 @@ class Inpaint(commands.Cog):
         prompt="What to paint in the masked area",
         mask="Mask: white = repaint, black = keep. Leave empty to use the image's transparent area",
         negative_prompt="What to avoid",
-        size="Output size (default: the image's shape, about 1 megapixel)",
+        size="The model's working resolution (the result keeps your picture's size)",
         steps="Denoising steps (1-65, default 25)",
         guidance="How closely to follow the prompt (0-20, default 7.5)",
         strength="How much to change the masked area (0.01-1, default 0.95)",
         seed="Seed for a repeatable result (default: random)",
         num_images="How many images (1-8, default 1)",
-        format="Output format (default JPEG)",
+        format="Output format for JPEG uploads (default JPEG; PNG uploads come back as PNG)",
         invert_mask="Swap the mask's colours (if you painted what to keep)",
-        feather="Soften the mask edge by this many pixels (0-64)",
+        feather="Blend the new pixels into the old over this many pixels (0-64, default 4)",
+        area="What the model sees: the area around the mask (default) or the whole picture",
+        padding="Context around the mask, in pixels (default: a quarter of the mask's size)",
+        keep_unmasked="With the whole picture: keep the unmasked pixels as they were (default yes)",
         mask_colour="No mask? The colour you painted over the image with (a name or #hex), e.g. magenta",
     )
-    @app_commands.choices(size=SIZE_CHOICES, format=FORMAT_CHOICES)
+    @app_commands.choices(size=SIZE_CHOICES, format=FORMAT_CHOICES, area=AREA_CHOICES)
     async def inpaint(
         self,
         interaction: discord.Interaction,
@@ -101,16 +104,19 @@ class Inpaint(commands.Cog):
         num_images: app_commands.Range[int, 1, 8] | None = None,
         format: str | None = None,
         invert_mask: bool = False,
-        feather: app_commands.Range[int, 0, 64] = 0,
+        feather: app_commands.Range[int, 0, 64] | None = None,
         mask_colour: app_commands.Range[str, 1, 20] | None = None,
+        area: str | None = None,
+        padding: app_commands.Range[int, 0, 4096] | None = None,
+        keep_unmasked: bool | None = None,
     ) -> None:
-        # options left empty fall back to the server's defaults, then fal's
+        # options left empty fall back to the server's defaults, then fal's (and crop and stitch's)
         options: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None, "image_size": size,
-                                  "num_inference_steps": steps, "guidance_scale": guidance, "strength": strength,
-                                  "seed": seed, "num_images": num_images, "format": format}
+                                   "num_inference_steps": steps, "guidance_scale": guidance, "strength": strength,
+                                   "seed": seed, "num_images": num_images, "format": format, "area": area,
+                                   "padding": padding, "feather": feather, "keep_unmasked": keep_unmasked}
         colour = parse_colour(mask_colour) if mask_colour else None
-        await self.start(interaction, image, mask, options,
-                         MaskOptions(invert=invert_mask, feather=feather, paint_colour=colour))
+        await self.start(interaction, image, mask, options, MaskOptions(invert=invert_mask, paint_colour=colour))
 
     async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         image = first_image(message)

@@ -102,10 +102,11 @@ class DiscordPresenter:
         guild = self.client.get_guild(job.guild_id) if job.guild_id else None
         if guild is not None:
             limit = render.upload_limit(guild)
-        files = await asyncio.to_thread(render.result_files, images, limit, spoiler=spoiler)
+        attached = await asyncio.to_thread(render.result_files, images, limit, spoiler=spoiler)
         try:
             message = await self._channel(job).send(
-                content=f"<@{job.user_id}>", embed=render.result_embed(job, output, spoiler=spoiler), files=files,
+                content=f"<@{job.user_id}>", embed=render.result_embed(job, output, attached, spoiler=spoiler),
+                files=attached.files,
                 view=result_view(job.id), allowed_mentions=discord.AllowedMentions(users=True, roles=False,
                                                                                    everyone=False))
         except discord.HTTPException:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import discord
@@ -38,6 +39,10 @@ def option(job: Job, name: str) -> Any:
 
 
 def _size_text(job: Job) -> str:
+    """The picture's size, and the model's working size when it worked on a crop."""
+    if job.plan is not None:
+        (width, height), (sent_w, sent_h) = job.plan.image_size, job.plan.sent
+        return f"{width}×{height} (model {sent_w}×{sent_h})"
     size = option(job, "image_size")
     return f"{size['width']}×{size['height']}" if isinstance(size, dict) else str(size)
 
@@ -82,7 +87,8 @@ def ended_embed(job: Job) -> discord.Embed:
     return embed
 
 
-def result_embed(job: Job, output: InpaintOutput, *, spoiler: bool = False) -> discord.Embed:
+def result_embed(job: Job, output: InpaintOutput, attached: ResultFiles, *, spoiler: bool = False) -> discord.Embed:
+    """The result's embed, showing the first attachment as it was really attached (a JPEG re-encoding included)."""
     embed = discord.Embed(title=f"Inpainted · job #{job.id}", colour=COLOUR_DONE,
                           description=short(output.prompt or job.input.get("prompt", ""), 1000))
     inp = job.input
@@ -103,9 +109,10 @@ def result_embed(job: Job, output: InpaintOutput, *, spoiler: bool = False) -> d
                         "under this server's settings for age-restricted channels." if spoiler else
                         "The safety checker flagged this result; this server allows it in age-restricted channels.",
                         inline=False)
-    if not spoiler:  # an embed image would show a spoilered attachment unblurred
-        embed.set_image(url="attachment://result_0." + _extension(output.images[0].content_type if output.images
-                                                                   else "image/png"))
+    if attached.note:
+        embed.add_field(name="Note", value=attached.note, inline=False)
+    if not spoiler and attached.files:  # an embed image would show a spoilered attachment unblurred
+        embed.set_image(url=f"attachment://{attached.files[0].filename}")
     return embed
 
 
@@ -122,17 +129,29 @@ def _extension(content_type: str) -> str:
     return {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}.get(content_type, "png")
 
 
-def result_files(images: list[Blob], limit: int, *, spoiler: bool = False) -> list[discord.File]:
+@dataclass(frozen=True)
+class ResultFiles:
+    """The result images as attachments, and what was done to fit them under the upload limit (empty: nothing)."""
+
+    files: list[discord.File]
+    note: str = ""
+
+
+def result_files(images: list[Blob], limit: int, *, spoiler: bool = False) -> ResultFiles:
     """The result images as attachments that fit the upload limit (re-encoded as JPEG, then smaller, if needed);
     as spoilers (blurred until clicked) when the server's settings say so."""
     budget = int(limit * 0.95)
     encoded = [(blob.data, blob.content_type) for blob in images]
+    note = ""
     for quality, scale in ((None, 1.0), (90, 1.0), (85, 0.75), (80, 0.5), (75, 0.35)):
         if sum(len(d) for d, _ in encoded) <= budget:
             break
         encoded = [_reencode(blob.data, quality or 90, scale) for blob in images]
-    return [discord.File(io.BytesIO(data), filename=f"result_{i}.{_extension(ct)}", spoiler=spoiler)
-            for i, (data, ct) in enumerate(encoded)]
+        note = (f"Re-encoded as JPEG{'' if scale == 1.0 else f' at {scale:.0%} of its size'} to fit this server's "
+                f"{limit / 1048576:.0f} MiB upload limit.")
+    files = [discord.File(io.BytesIO(data), filename=f"result_{i}.{_extension(ct)}", spoiler=spoiler)
+             for i, (data, ct) in enumerate(encoded)]
+    return ResultFiles(files, note)
 
 
 def _reencode(data: bytes, quality: int, scale: float) -> tuple[bytes, str]:

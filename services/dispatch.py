@@ -30,6 +30,7 @@ from services.backends.fal_queue import (
     QueueUpdate,
 )
 from services.blob import Blob
+from services.crop_plan import CropPlan
 from services.errors import UserError
 from services.fairqueue import FairQueue, QueuedJob, UserKey
 from services.images import ImageInputError, IntakeLimits, fetch_source, to_data_uri
@@ -37,6 +38,7 @@ from services.job_state import BLOB_REFS, IllegalTransition, Job, JobStatus
 from services.modlog import ModerationLog
 from services.progress import Progress
 from services.schema import InpaintOutput, QueueHandle
+from services.stitch import stitch_encoded
 from services.store import Store
 
 log = logging.getLogger(__name__)
@@ -321,11 +323,13 @@ class Dispatcher:
         for i, image in enumerate(output.images):
             data = await fetch_source(image.url, http=self.http, limits=OUTPUT_LIMITS, role="result")
             blobs[f"output_{i}"] = Blob(data, image.content_type)
+        job = await self.jobs.get(job_id)
+        if job.plan is not None:
+            blobs, output = await self._stitched(job, job.plan, blobs, output)
         result = output.model_dump(mode="json")
         for stored_image in result["images"]:
             if stored_image["url"].startswith("data:"):
                 stored_image["url"] = "stored"  # the bytes are in blobs; don't keep megabytes of base64 twice
-        job = await self.jobs.get(job_id)
         if job.status is JobStatus.SUBMITTED:
             job = await self.jobs.transition(job_id, JobStatus.RUNNING, message="running (seen only at completion)")
         flagged = [i for i, f in enumerate(output.has_nsfw_concepts) if f]
@@ -345,6 +349,20 @@ class Dispatcher:
             spoiler = action == "spoiler"
         job = await self.jobs.transition(job_id, JobStatus.SUCCEEDED, result=result, blobs=blobs)
         await self.listener.job_succeeded(job, output, list(blobs.values()), spoiler=spoiler)
+
+    async def _stitched(self, job: Job, plan: CropPlan, outputs: dict[str, Blob],
+                        output: InpaintOutput) -> tuple[dict[str, Blob], InpaintOutput]:
+        """The backend's results for the crop, each put back into the job's picture (`services/stitch.py`)."""
+        inputs = await self.jobs.blobs(job.id)
+        if "image" not in inputs or "mask" not in inputs:
+            raise UserError(f"Job #{job.id}'s picture is no longer stored, so its result can't be put back.")
+        stitched = await asyncio.to_thread(stitch_encoded, inputs["image"].data, inputs["mask"].data,
+                                           [blob.data for blob in outputs.values()], plan)
+        width, height = plan.image_size
+        images = [image.model_copy(update={"width": width, "height": height, "content_type": content_type})
+                  for image, (_, content_type) in zip(output.images, stitched, strict=True)]
+        blobs = {role: Blob(data, content_type) for role, (data, content_type) in zip(outputs, stitched, strict=True)}
+        return blobs, output.model_copy(update={"images": images})
 
     async def _block_flagged_input(self, job_id: int, detail: str) -> None:
         job = await self.jobs.get(job_id)

@@ -89,7 +89,6 @@ class DecodedImage:
 @dataclass(frozen=True)
 class MaskOptions:
     invert: bool = False
-    feather: float = 0.0
     #: the colour the user painted straight onto the image (no separate mask): those pixels are repainted
     paint_colour: tuple[int, int, int] | None = None
 
@@ -318,7 +317,8 @@ def mask_from_alpha(im: Image.Image) -> Image.Image | None:
 
 
 def fit_mask(mask: Image.Image, size: tuple[int, int], options: MaskOptions = MaskOptions()) -> Image.Image:
-    """Resize a luminance mask to `size`, binarise it (≥128 → repaint), optionally invert and feather it.
+    """Resize a luminance mask to `size`, binarise it (≥128 → repaint), optionally invert it. (Seams are softened
+    when the result is put back: `services/stitch.py`.)
 
     Raises `mask_mismatch` when the mask's aspect ratio is not the image's: that is a wrong mask, and
     stretching it would repaint the wrong place.
@@ -333,10 +333,7 @@ def fit_mask(mask: Image.Image, size: tuple[int, int], options: MaskOptions = Ma
                 "mask_mismatch", f"The mask is {mw}×{mh} but the image is {iw}×{ih}: their shapes don't "
                 "match. Export the mask from the same image.", role="mask")
         mask = mask.resize(size, Image.Resampling.BILINEAR)
-    mask = mask.point(_LUT[options.invert])
-    if options.feather > 0:
-        mask = mask.filter(ImageFilter.GaussianBlur(options.feather))
-    return mask
+    return mask.point(_LUT[options.invert])
 
 
 def mask_coverage(mask: Image.Image) -> float:

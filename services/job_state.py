@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from services.crop_plan import CropPlan
+
 
 class JobStatus(StrEnum):
     QUEUED = "queued"
@@ -50,14 +52,18 @@ class JobNotFound(LookupError):
 
 
 #: Placeholders stored in a job's input where the image and mask go; resolved from its blobs at submit time (a
-#: job can be re-submitted after Discord's attachment URLs expire).
+#: job can be re-submitted after Discord's attachment URLs expire). A job with a crop plan sends its crop.
 IMAGE_REF = "blob:image"
 MASK_REF = "blob:mask"
-BLOB_REFS: dict[str, str] = {IMAGE_REF: "image", MASK_REF: "mask"}
+CROP_IMAGE_REF = "blob:crop_image"
+CROP_MASK_REF = "blob:crop_mask"
+BLOB_REFS: dict[str, str] = {IMAGE_REF: "image", MASK_REF: "mask", CROP_IMAGE_REF: "crop_image",
+                             CROP_MASK_REF: "crop_mask"}
 
 
 class Job(BaseModel):
-    """One job. `input` is the fal request body with `IMAGE_REF`/`MASK_REF` in place of the image URLs."""
+    """One job. `input` is the fal request body as sent, with blob references in place of the image URLs; `asked`
+    is what its user asked for (after the server's defaults); `plan` puts the result back into the picture."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -86,13 +92,17 @@ class Job(BaseModel):
     age_restricted: bool = False
     #: denoising steps × images: what the server's daily step budget counts (0 for a job that never ran)
     cost: int = 0
+    asked: dict[str, Any] | None = None  # None: a job from before crop and stitch (its input is what was asked)
+    plan: CropPlan | None = None
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
 
     def options(self) -> dict[str, Any]:
-        """The job's options as a user would give them again: its input without the image references."""
+        """The job's options as its user would give them again."""
+        if self.asked is not None:
+            return dict(self.asked)
         return {k: v for k, v in self.input.items() if k not in ("image_url", "mask_url")}
 
 

@@ -24,27 +24,24 @@ from pydantic import ValidationError
 
 from services.admission import Admission, Admissions
 from services.backend_select import BackendChoice
+from services.blob import Blob
+from services.crop_plan import STITCH_OPTION_NAMES, OutputFormat, StitchOptions
 from services.dispatch import Dispatcher, JobImages
 from services.errors import validation_problems
 from services.images import IntakeLimits, MaskSource, PreparedInputs, prepare_inputs
-from services.job_state import IMAGE_REF, MASK_REF, Job, JobNotFound
+from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, IMAGE_REF, MASK_REF, Job, JobNotFound
 from services.preview import mask_overlay_jpeg
 from services.refusals import ImagesGone, InvalidOptions, JobGone, NotRunning, Refused
 from services.requester import Requester
-from services.schema import InpaintInput
+from services.schema import IMAGE_SIZE_PRESETS, ImageSize, InpaintInput
+from services.stitch import TARGET_PIXELS, stage
 from services.store import Store
 from services.store.drafts import Draft
 
-#: SDXL works best near one megapixel; size "auto" picks a size of the image's shape with about that many pixels.
-TARGET_PIXELS = 1024 * 1024
-
-
-def auto_size(width: int, height: int, *, target: int = TARGET_PIXELS, multiple: int = 64) -> dict[str, int]:
-    """An output size with the image's aspect ratio and about `target` pixels, in multiples of `multiple`."""
-    scale = (target / (width * height)) ** 0.5
-    w = max(multiple, round(width * scale / multiple) * multiple)
-    h = max(multiple, round(height * scale / multiple) * multiple)
-    return {"width": w, "height": h}
+#: Source formats that lose nothing: their pictures come back as PNG, untouched pixels bit for bit.
+LOSSLESS_SOURCES = frozenset({"PNG", "BMP", "GIF", "TIFF"})
+#: What the backend is asked for: the crop's result is an intermediate, so it should lose nothing.
+INTERMEDIATE_FORMAT = "png"
 
 
 async def prepare_stored(store: Store, limits: IntakeLimits, image_sha256: str, mask: str | bytes) -> PreparedInputs:
@@ -106,14 +103,21 @@ class Launcher:
         if isinstance(source, FromJob):
             return await self._derive(who, options, source.parent_id)
         admission = await self.admissions.admit(who, options)
+        stitching = _stitch_options(admission.options)
+        request = self._request(admission, who, (CROP_IMAGE_REF, CROP_MASK_REF))
         prepared = await source.prepare()
-        request = self._request(admission, who, prepared.size)
         if source.may_draft and admission.settings.confirm_masks:
             return await self.offer_draft(who, options, prepared)
+        output_format = _output_format(prepared.source_format, admission.options)
+        plan, crop, crop_mask = await asyncio.to_thread(stage, prepared.image, prepared.mask, stitching,
+                                                        output_format=output_format,
+                                                        target=_target_pixels(admission.options))
+        request = request.model_copy(update={"image_size": ImageSize(width=plan.sent[0], height=plan.sent[1])})
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=who.guild_id, channel_id=who.channel_id, backend=self.backend.name,
-            input=request.wire(), age_restricted=who.age_restricted, cost=request.cost,
-            blobs={"image": prepared.image_blob, "mask": prepared.mask_blob})
+            input=request.wire(), age_restricted=who.age_restricted, cost=request.cost, asked=admission.options,
+            plan=plan, blobs={"image": prepared.image_blob, "mask": prepared.mask_blob,
+                              "crop_image": Blob(crop, "image/png"), "crop_mask": Blob(crop_mask, "image/png")})
         await self.dispatcher.enqueue(job, JobImages(prepared.image, prepared.mask))
         return Launched(job, prepared.mask_source)
 
@@ -131,29 +135,62 @@ class Launcher:
             raise Refused(JobGone(parent_id)) from exc
         options = {k: v for k, v in {**parent.options(), **changes}.items() if v is not None}
         admission = await self.admissions.admit(who, options, parent_id=parent.id)
-        request = self._request(admission, who, None)
+        plan = parent.plan  # the same crop of the same picture (a job from before crop and stitch has none)
+        roles = ("image", "mask", "crop_image", "crop_mask") if plan else ("image", "mask")
+        request = self._request(admission, who, (CROP_IMAGE_REF, CROP_MASK_REF) if plan else (IMAGE_REF, MASK_REF))
+        if plan is not None:
+            request = request.model_copy(update={"image_size": ImageSize(width=plan.sent[0], height=plan.sent[1])})
         blobs = await self.store.jobs.blobs(parent.id)
-        if "image" not in blobs or "mask" not in blobs:
+        if any(role not in blobs for role in roles):
             raise Refused(ImagesGone(parent.id))
         images = await asyncio.to_thread(_decode, blobs["image"].data, blobs["mask"].data)  # before a row exists
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=parent.guild_id, channel_id=who.channel_id or parent.channel_id,
             backend=self.backend.name, input=request.wire(), parent_job_id=parent.id, age_restricted=who.age_restricted,
-            cost=request.cost, blob_refs={"image": blobs["image"].sha256, "mask": blobs["mask"].sha256})
+            cost=request.cost, asked=admission.options, plan=plan, blob_refs={r: blobs[r].sha256 for r in roles})
         await self.dispatcher.enqueue(job, images)
         return Launched(job)
 
-    def _request(self, admission: Admission, who: Requester, image_size: tuple[int, int] | None) -> InpaintInput:
-        """The backend request for admitted options (images as blob references): the one validation."""
-        body: dict[str, Any] = {"image_url": IMAGE_REF, "mask_url": MASK_REF, **admission.options}
-        if body.get("image_size", "auto") == "auto" and image_size is not None:
-            body["image_size"] = auto_size(*image_size)
+    def _request(self, admission: Admission, who: Requester, refs: tuple[str, str]) -> InpaintInput:
+        """The backend request for admitted options, images as blob references: the one validation. With a crop
+        plan the backend gets the crop at its working size, as a lossless intermediate; the caller sets the size."""
+        body: dict[str, Any] = {k: v for k, v in admission.options.items() if k not in STITCH_OPTION_NAMES}
+        body.update(image_url=refs[0], mask_url=refs[1])
+        if refs[0] == CROP_IMAGE_REF:
+            body.update(image_size="square_hd", format=INTERMEDIATE_FORMAT)  # the size: a placeholder till planned
         body["enable_safety_checker"] = (self.backend.safety_checker
                                          and admission.settings.safety_checker_required(who.age_restricted))
         try:
             return InpaintInput.model_validate(body)
         except ValidationError as exc:
             raise Refused(InvalidOptions(validation_problems(exc))) from exc
+
+
+def _stitch_options(options: dict[str, Any]) -> StitchOptions:
+    try:
+        return StitchOptions.model_validate({k: v for k, v in options.items() if k in STITCH_OPTION_NAMES})
+    except ValidationError as exc:
+        raise Refused(InvalidOptions(validation_problems(exc))) from exc
+
+
+def _target_pixels(options: dict[str, Any]) -> int:
+    """The model's working resolution: the `image_size` option's pixel count, about one megapixel by default."""
+    size = options.get("image_size")
+    if isinstance(size, str) and size in IMAGE_SIZE_PRESETS:
+        width, height = IMAGE_SIZE_PRESETS[size]
+        return width * height
+    if isinstance(size, dict) and isinstance(size.get("width"), int) and isinstance(size.get("height"), int):
+        return max(64 * 64, int(size["width"]) * int(size["height"]))
+    return TARGET_PIXELS
+
+
+def _output_format(source_format: str, options: dict[str, Any]) -> OutputFormat:
+    """PNG for a picture that came in losslessly (so untouched pixels stay bit-identical); otherwise the user's
+    `format`, fal's default when not given."""
+    if source_format.upper() in LOSSLESS_SOURCES:
+        return "png"
+    fmt = options.get("format", InpaintInput.model_fields["format"].default)
+    return "png" if fmt == "png" else "jpeg"
 
 
 def _decode(image: bytes, mask: bytes) -> JobImages:

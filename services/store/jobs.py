@@ -11,13 +11,15 @@ from typing import Any
 import aiosqlite
 
 from services.blob import Blob
+from services.crop_plan import CropPlan
 from services.job_state import TERMINAL, TRANSITIONS, IllegalTransition, Job, JobEvent, JobNotFound, JobStatus
 from services.store.blobs import put_blob
 from services.store.database import Database, Row, as_dict
 
 _COLUMNS = ("id, guild_id, channel_id, user_id, status, status_message_id, parent_job_id, backend, "
             "backend_request_id, status_url, response_url, cancel_url, input_json, result_json, error, attempts, "
-            "created_at, updated_at, submitted_at, started_at, finished_at, result_message_id, age_restricted, cost")
+            "created_at, updated_at, submitted_at, started_at, finished_at, result_message_id, age_restricted, cost, "
+            "options_json, plan_json")
 
 #: Columns `transition()` may set alongside the status.
 _TRANSITION_FIELDS = frozenset({
@@ -27,10 +29,12 @@ _BACKEND_REQUEST = ("backend_request_id", "status_url", "response_url", "cancel_
 
 
 def _job(row: Row) -> Job:
-    values = as_dict(row, without=("input_json", "result_json"))
-    result = row["result_json"]
+    values = as_dict(row, without=("input_json", "result_json", "options_json", "plan_json"))
+    result, asked, plan = row["result_json"], row["options_json"], row["plan_json"]
     return Job(**values, input=json.loads(row["input_json"]),
-               result=json.loads(result) if result is not None else None)
+               result=json.loads(result) if result is not None else None,
+               asked=json.loads(asked) if asked is not None else None,
+               plan=CropPlan.model_validate_json(plan) if plan is not None else None)
 
 
 def _event(row: Row) -> JobEvent:
@@ -64,7 +68,8 @@ class Jobs:
     async def create(self, *, user_id: int, input: Mapping[str, Any], backend: str, guild_id: int | None = None,
                      channel_id: int | None = None, parent_job_id: int | None = None,
                      blobs: Mapping[str, Blob] | None = None, blob_refs: Mapping[str, str] | None = None,
-                     age_restricted: bool = False, cost: int = 0) -> Job:
+                     age_restricted: bool = False, cost: int = 0, asked: Mapping[str, Any] | None = None,
+                     plan: CropPlan | None = None) -> Job:
         """Insert a `queued` job, its input blobs and its first event.
 
         `blobs` maps a role ("image", "mask") to new blobs; `blob_refs` maps a role to the sha256 of a blob already
@@ -74,9 +79,11 @@ class Jobs:
         async with self.db.transaction() as conn:
             cur = await conn.execute(
                 "INSERT INTO jobs (guild_id, channel_id, user_id, status, parent_job_id, backend, input_json, "
-                "created_at, updated_at, age_restricted, cost) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, updated_at, age_restricted, cost, options_json, plan_json) "
+                "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (guild_id, channel_id, user_id, parent_job_id, backend, json.dumps(input, allow_nan=False), now, now,
-                 int(age_restricted), cost))
+                 int(age_restricted), cost, json.dumps(asked, allow_nan=False) if asked is not None else None,
+                 plan.model_dump_json() if plan is not None else None))
             job_id = cur.lastrowid
             assert job_id is not None
             await _attach(conn, job_id, blobs or {}, now)

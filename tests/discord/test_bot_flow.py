@@ -8,6 +8,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -48,10 +49,19 @@ async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) ->
     # the result: the author mentioned, the image attached, every parameter in the embed, five buttons
     assert result.content == "<@10>"
     assert list(result.files) == ["result_0.png"]
-    image = Image.open(io.BytesIO(result.files["result_0.png"]))
-    assert image.size == (1152, 896)  # "auto": the photo's 4:3 shape at about one megapixel
+    # the posted picture against the upload, pixel for pixel: the user's size, only the mask (and its 4-pixel
+    # feather band) changed, to the backend's colour inside the mask
+    posted = np.asarray(Image.open(io.BytesIO(result.files["result_0.png"])).convert("RGB")).astype(int)
+    upload = np.asarray(photo(256, 192)).astype(int)
+    assert posted.shape == upload.shape  # 256×192, as uploaded
+    changed = np.any(posted != upload, axis=2)
+    band = np.zeros_like(changed)
+    band[48 - 4:96 + 5, 64 - 4:128 + 5] = True  # uploads(): the mask is the box (64, 48)–(128, 96)
+    assert changed[48:97, 64:129].all() and not (changed & ~band).any()
+    assert np.abs(posted[60:90, 70:120] - [40, 120, 200]).max() <= 2  # the test server paints (40, 120, 200)
     assert result.field("Seed") == "`5`" and result.field("Steps") == "20" and result.field("Backend") == "fal"
-    assert result.field("Negative prompt") == "blurry" and result.field("Size") == "1152×896"
+    assert result.field("Negative prompt") == "blurry"
+    assert job.plan is not None and result.field("Size") == f"256×192 (model {job.plan.sent[0]}×{job.plan.sent[1]})"
     assert result.custom_ids() == [f"inpaint:{a}:1" for a in ("reroll", "vary", "edit", "delete", "params")]
 
     # the progress message: posted with the preview, edited with progress, finally marked done without buttons
@@ -60,10 +70,12 @@ async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) ->
     assert list(progress.files) == ["preview.jpg"] and progress.edits >= 2
     assert progress.components == []
 
-    # the backend got the real inputs (data URIs built from the stored blobs), the options the user chose
+    # the backend got the crop around the mask at its working size (data URIs built from the stored blobs) and the
+    # options the user chose, and was asked for a lossless result
     sent = next(iter(server.requests.values())).input
     assert sent.image_url.startswith("data:image/png;base64,") and sent.mask_url.startswith("data:image/png")
     assert (sent.seed, sent.num_inference_steps, sent.negative_prompt, sent.format) == (5, 20, "blurry", "png")
+    assert sent.size_pixels() == job.plan.sent and 0.9e6 < job.plan.sent[0] * job.plan.sent[1] < 1.1e6
 
     # every state change and backend log line is in SQLite, in order
     events = await bot.services.store.jobs.events(1)
@@ -317,14 +329,20 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
     fake = FakeDiscord()
     with fake.installed():
         async with running_bot(settings, fake) as (bot, driver):
-            assert bot.services.backend_choice.name == "embedded" and bot.services.backend.base_url.startswith("http://127.0.0.1:")
+            services = bot.services
+            assert services.backend_choice.name == "embedded"
+            assert services.backend.base_url.startswith("http://127.0.0.1:")
             assert "NO BACKEND CONFIGURED" in caplog.text
             await driver.slash(ALICE, "inpaint", **uploads(fake, (128, 96)), prompt="ignored by the fill",
                                size="square", format="png")
             result = await result_message(fake, 1)
             job = await bot.services.store.jobs.get(1)
             assert job.backend == "embedded" and job.input["enable_safety_checker"] is False
-            assert Image.open(io.BytesIO(result.files["result_0.png"])).size == (512, 512)
+            posted = Image.open(io.BytesIO(result.files["result_0.png"])).convert("RGB")
+            assert posted.size == (128, 96) and job.plan is not None  # the picture's size…
+            assert abs(job.plan.sent[0] * job.plan.sent[1] - 512 * 512) < 0.05 * 512 * 512  # …worked at "square"
+            changed = np.any(np.asarray(posted) != np.asarray(photo(128, 96)), axis=2)
+            assert changed[24:48, 32:64].any() and not changed[:20].any() and not changed[:, :28].any()
             logs = [e.message for e in await bot.services.store.jobs.events(1, kind="log")]
             assert "classic pipeline: content-aware fill; the prompt is not used" in logs
 
@@ -373,20 +391,34 @@ async def test_progress_edits_are_throttled(tmp_path: Path) -> None:
 
 
 def test_results_are_reencoded_to_fit_the_upload_limit() -> None:
-    from cogs.render import result_files
+    from cogs.render import result_embed, result_files
     from services.blob import Blob
+    from services.job_state import Job
+    from services.schema import InpaintOutput, OutputImage
 
     big = encode(photo(1024, 1024), "PNG")
     blobs = [Blob(big, "image/png") for _ in range(3)]
     roomy = result_files(blobs, 50 * 1024 * 1024)
-    assert [f.filename for f in roomy] == ["result_0.png", "result_1.png", "result_2.png"]
+    assert [f.filename for f in roomy.files] == ["result_0.png", "result_1.png", "result_2.png"] and not roomy.note
     tight = result_files(blobs, 3 * len(big) // 2)
-    assert all(f.filename.endswith(".jpg") for f in tight)
-    sizes = [len(f.fp.read()) for f in tight]
+    assert all(f.filename.endswith(".jpg") for f in tight.files)
+    assert tight.note.startswith("Re-encoded as JPEG to fit this server's")
+    sizes = [len(f.fp.read()) for f in tight.files]
     assert sum(sizes) <= 0.95 * 3 * len(big) // 2
     tiny = result_files(blobs, 200_000)
-    data = [f.fp.read() for f in tiny]
+    data = [f.fp.read() for f in tiny.files]
     assert Image.open(io.BytesIO(data[0])).width < 1024 and sum(len(d) for d in data) <= 190_000
+    assert "at 35% of its size" in tiny.note or "at 50% of its size" in tiny.note
+    # the embed shows the attachment that was really sent (not a .png that was re-encoded away)
+    job = Job(id=1, guild_id=1, channel_id=2, user_id=3, status=JobStatus.SUCCEEDED, status_message_id=None,
+              parent_job_id=None, backend="fal", backend_request_id=None, status_url=None, response_url=None,
+              cancel_url=None, input={"prompt": "p"}, result=None, error=None, attempts=1, created_at=0.0,
+              updated_at=0.0, submitted_at=None, started_at=None, finished_at=None)
+    output = InpaintOutput(images=[OutputImage(url="stored", width=1024, height=1024, content_type="image/png")],
+                           timings={}, seed=1, has_nsfw_concepts=[False], prompt="p")
+    embed = result_embed(job, output, tight).to_dict()
+    assert embed["image"]["url"] == "attachment://result_0.jpg"
+    assert any(f["name"] == "Note" and f["value"] == tight.note for f in embed["fields"])
 
 
 async def test_buttons_on_old_messages_work_after_a_restart(tmp_path: Path, server: FalTestServer) -> None:

@@ -217,8 +217,10 @@ async def test_server_defaults_and_allowed_roles(discord_env: BotEnv) -> None:
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a harbour")
     await result_message(fake, 1, bot)
     job = await bot.services.store.jobs.get(1)
-    assert (job.input["num_inference_steps"], job.input["image_size"], job.input["negative_prompt"]) == \
-        (12, "square", "watermark")
+    assert (job.input["num_inference_steps"], job.input["negative_prompt"]) == (12, "watermark")
+    assert job.asked is not None and job.asked["image_size"] == "square"  # the server's default working size…
+    sent = job.input["image_size"]
+    assert abs(sent["width"] * sent["height"] - 512 * 512) < 0.05 * 512 * 512  # …is what the model got
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a harbour", steps=30)  # the user's choice wins
     await result_message(fake, 2, bot)
     assert (await bot.services.store.jobs.get(2)).input["num_inference_steps"] == 30

@@ -52,7 +52,7 @@ def test_refusals_mention_channels_and_roles_and_show_resets_in_the_users_time()
 def test_embeds_show_fals_defaults_for_options_left_out() -> None:
     job = _job(image_size={"width": 1152, "height": 896})
     output = InpaintOutput(images=[], timings={"inference": 1.5}, seed=9, has_nsfw_concepts=[], prompt="a boat")
-    fields = {f.name: f.value for f in render.result_embed(job, output).fields}
+    fields = {f.name: f.value for f in render.result_embed(job, output, render.ResultFiles([])).fields}
     assert (fields["Steps"], fields["Guidance"], fields["Strength"]) == ("25", "7.5", "0.95")
     assert fields["Size"] == "1152×896" and fields["Seed"] == "`9`"
     footer = render.progress_embed(_job(num_inference_steps=40), None).footer.text

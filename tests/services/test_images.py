@@ -154,7 +154,7 @@ def test_exif_orientation_is_applied() -> None:
 
 # --- masks --------------------------------------------------------------------------------------------
 
-def test_mask_modes_resize_binarise_invert_feather() -> None:
+def test_mask_modes_resize_binarise_invert() -> None:
     src = photo(256, 192)
     for mode in ("L", "RGB", "1", "P", "RGBA"):
         small = box_mask((128, 96), (32, 24, 95, 71), mode)  # half size, same aspect ratio
@@ -168,11 +168,8 @@ def test_mask_modes_resize_binarise_invert_feather() -> None:
                               options=MaskOptions(invert=True))
     assert inverted.mask.getpixel((128, 96)) == 0 and inverted.mask.getpixel((5, 5)) == 255
     assert inverted.coverage == pytest.approx(0.75, abs=0.01)
-
-    feathered = fit_mask(box_mask((256, 192), (64, 48, 191, 143)), (256, 192), MaskOptions(feather=6))
-    edge = [feathered.getpixel((x, 96)) for x in range(50, 80)]
-    assert any(isinstance(v, int) and 0 < v < 255 for v in edge)
-    assert feathered.getpixel((128, 96)) == 255 and feathered.getpixel((5, 5)) == 0
+    # a mask stays binary at intake: the seam is feathered when the result is put back (tests/services/test_stitch)
+    assert _is_binary(fit_mask(box_mask((128, 96), (32, 24, 95, 71)), (256, 192)))
 
 
 def test_rgba_mask_white_strokes_on_transparent_layer() -> None:

@@ -3,16 +3,18 @@ validation, create or derive, enqueue (the listener is told), drafts, and every 
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from services.container import Services, build_services
 from services.images import IntakeLimits, PreparedInputs, prepare_inputs
-from services.job_state import IMAGE_REF, MASK_REF, JobStatus
-from services.launch import DraftOffered, FromJob, Launched, NewImages, auto_size
+from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, JobStatus
+from services.launch import DraftOffered, FromJob, Launched, NewImages
 from services.refusals import (
     Banned,
     ChannelNotAllowed,
@@ -39,16 +41,22 @@ ALICE = Requester(guild_id=GUILD, channel_id=CHANNEL, user_id=10, role_ids=(5,))
 class Images:
     """New images for a launch: a 640×480 photo with a box mask, prepared only when the launcher asks."""
 
+    format = "PNG"
+
     def __init__(self) -> None:
         self.prepared = 0
 
     async def prepare(self) -> PreparedInputs:
         self.prepared += 1
-        return prepare_inputs(encode(photo(640, 480)), encode(box_mask((640, 480), (100, 100, 300, 260))),
-                              limits=IntakeLimits())
+        return prepare_inputs(encode(photo(640, 480), self.format),
+                              encode(box_mask((640, 480), (100, 100, 300, 260))), limits=IntakeLimits())
 
     def source(self, *, may_draft: bool = True) -> NewImages:
         return NewImages(self.prepare, may_draft=may_draft)
+
+
+class JpegImages(Images):
+    format = "JPEG"
 
 
 @pytest.fixture
@@ -68,20 +76,44 @@ async def _launch(services: Services, options: dict[str, Any], who: Requester = 
     return outcome
 
 
-async def test_new_images_become_a_queued_job_with_auto_size_and_cost(services: Env) -> None:
+async def test_new_images_become_a_queued_job_that_sends_its_crop(services: Env) -> None:
     built, listener = services
     outcome = await _launch(built, {"prompt": "a red boat", "num_images": 2, "seed": None})
     job = outcome.job
     assert job.status is JobStatus.QUEUED and job.user_id == 10 and (job.guild_id, job.channel_id) == (1, 2)
-    assert job.input == {"image_url": IMAGE_REF, "mask_url": MASK_REF, "prompt": "a red boat", "num_images": 2,
-                         "image_size": auto_size(640, 480), "enable_safety_checker": True}
-    assert auto_size(640, 480) == {"width": 1152, "height": 896}
+    plan = job.plan
+    assert plan is not None and plan.image_size == (640, 480) and plan.output_format == "png"  # PNG in, PNG out
+    x, y, w, h = plan.crop
+    assert x <= 100 and y <= 100 and x + w >= 301 and y + h >= 261  # the mask with its context
+    assert job.input == {"image_url": CROP_IMAGE_REF, "mask_url": CROP_MASK_REF, "prompt": "a red boat",
+                         "num_images": 2, "image_size": {"width": plan.sent[0], "height": plan.sent[1]},
+                         "format": "png", "enable_safety_checker": True}
+    assert job.asked == {"prompt": "a red boat", "num_images": 2}  # what the user asked, for rerolls and edits
     assert job.cost == 25 * 2  # fal's default steps × images
     assert outcome.mask_source == "attachment"
     blobs = await built.store.jobs.blobs(job.id)
-    assert set(blobs) == {"image", "mask"}
+    assert set(blobs) == {"image", "mask", "crop_image", "crop_mask"}
+    assert Image.open(io.BytesIO(blobs["crop_image"].data)).size == plan.sent
+    assert Image.open(io.BytesIO(blobs["image"].data)).size == (640, 480)  # the upload itself, for the stitch
     (queued, images, position), = listener.queued
     assert queued.id == job.id and images.image.size == (640, 480) and position in (0, None)
+
+
+async def test_options_shape_the_crop_and_the_output_format(services: Env) -> None:
+    built, _ = services
+    whole = (await _launch(built, {"prompt": "x", "area": "whole", "image_size": "square"})).job
+    assert whole.plan is not None and whole.plan.crop == (0, 0, 640, 480)
+    assert whole.plan.sent[0] * whole.plan.sent[1] <= 1.05 * 512 * 512  # `size` sets the working resolution
+    jpeg = JpegImages()
+    outcome = await built.launcher.launch(ALICE, {"prompt": "x", "feather": 9, "padding": 0}, jpeg.source())
+    assert isinstance(outcome, Launched) and outcome.job.plan is not None
+    assert outcome.job.plan.output_format == "jpeg" and outcome.job.plan.options.feather == 9
+    png_asked = await built.launcher.launch(ALICE, {"prompt": "x", "format": "png"}, jpeg.source())
+    assert isinstance(png_asked, Launched) and png_asked.job.plan is not None
+    assert png_asked.job.plan.output_format == "png"
+    with pytest.raises(Refused) as refused:
+        await built.launcher.launch(ALICE, {"prompt": "x", "feather": 500}, Images().source())
+    assert isinstance(refused.value.reason, InvalidOptions) and "feather" in refused.value.reason.problems[0]
 
 
 async def test_admission_refuses_before_any_image_is_taken_in(services: Env) -> None:

@@ -1,0 +1,5 @@
+-- Crop and stitch: a job keeps the options its user asked for (after the server's defaults) apart from the request
+-- sent to the backend (which gets a crop at the model's working size), and the crop plan that puts the result
+-- back into the picture. Jobs from before keep NULL in both: they are posted as the backend returned them.
+ALTER TABLE jobs ADD COLUMN options_json TEXT;
+ALTER TABLE jobs ADD COLUMN plan_json TEXT;
