@@ -118,6 +118,22 @@ class InpaintOutput(_Wire):
     prompt: str
 
 
+# --- the upload check: fal-ai/imageutils/nsfw ----------------------------------------------------------
+#: fal's NSFW estimator (https://fal.ai/docs/model-api-reference/vision-api/imageutils.md): one image in, the
+#: probability that it is NSFW out. Our worker serves the same app id with its safety checker.
+NSFW_APP_ID = "fal-ai/imageutils/nsfw"
+
+
+class NsfwCheckInput(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image_url: str = Field(min_length=1)
+
+
+class NsfwCheckOutput(_Wire):
+    nsfw_probability: Annotated[float, Field(ge=0, le=1)]
+
+
 # --- queue protocol ---------------------------------------------------------------------------------
 
 QueueState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED"]

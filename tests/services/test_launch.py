@@ -8,12 +8,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 from PIL import Image
 
 from services.container import Services, build_services
 from services.images import IntakeLimits, PreparedInputs, prepare_inputs
-from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, JobStatus
+from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, Job, JobStatus
 from services.launch import DraftOffered, FromJob, Launched, NewImages
 from services.refusals import (
     Banned,
@@ -31,7 +33,7 @@ from services.refusals import (
 from services.requester import Requester
 from tests.helpers.bot_env import KEY, bot_config
 from tests.helpers.fal_server import FalTestServer
-from tests.helpers.imagegen import box_mask, encode, photo
+from tests.helpers.imagegen import SHARED_EXAMPLES, box_mask, encode, photo
 from tests.helpers.listener import RecordingListener
 
 GUILD, CHANNEL = 1, 2
@@ -266,3 +268,61 @@ async def test_a_derived_job_whose_images_are_gone_leaves_nothing_behind(service
         await built.launcher.launch(ALICE, {}, FromJob(parent.id))
     assert refused.value.reason == ImagesGone(parent.id)
     assert [j.id for j in await built.store.jobs.for_user(10)] == [parent.id]
+
+
+class Upload(Images):
+    """A given picture and mask (PNG bytes), taken in when the launcher asks."""
+
+    def __init__(self, image: bytes, mask: bytes) -> None:
+        super().__init__()
+        self.image, self.mask = image, mask
+
+    async def prepare(self) -> PreparedInputs:
+        self.prepared += 1
+        return prepare_inputs(self.image, self.mask, limits=IntakeLimits())
+
+
+async def _posted_picture(built: Services, listener: RecordingListener, upload: Upload) -> tuple[Job, Image.Image]:
+    """Launch `upload`, let the backend answer, and return the job with the stored (posted) result."""
+    outcome = await built.launcher.launch(ALICE, {"prompt": "x"}, upload.source())
+    assert isinstance(outcome, Launched)
+    await listener.event(outcome.job.id).wait()
+    job = await built.store.jobs.get(outcome.job.id)
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    return job, Image.open(io.BytesIO((await built.store.jobs.blobs(job.id))["output_0"].data))
+
+
+def _outside(mask: Image.Image, feather: int) -> np.ndarray:
+    """Pixels farther than `feather` from the mask: the ones that must come back untouched."""
+    inside = (np.asarray(mask.convert("L")) >= 128).astype(np.uint8)
+    grown: np.ndarray = cv2.dilate(inside, np.ones((2 * feather + 1, 2 * feather + 1), np.uint8)) == 0
+    return grown
+
+
+async def test_a_large_upload_comes_back_at_its_size_changed_only_in_the_mask(services: Env,
+                                                                              server: FalTestServer) -> None:
+    built, listener = services
+    picture = photo(4000, 3000)
+    mask = box_mask((4000, 3000), (2500, 600, 2799, 799))
+    job, posted = await _posted_picture(built, listener, Upload(encode(picture), encode(mask)))
+    sent = next(iter(server.requests.values())).input.size_pixels()
+    assert sent[0] * sent[1] <= 1.1 * 1024 * 1024 and job.plan is not None and job.plan.sent == sent
+    assert posted.format == "PNG" and posted.size == (4000, 3000)
+    same = np.all(np.asarray(posted.convert("RGB")) == np.asarray(picture), axis=2)
+    assert same[_outside(mask, 4)].all()  # bit-identical outside the mask and its feather band
+    assert not same[600:800, 2500:2800].any()  # and the whole mask repainted
+
+
+@pytest.mark.skipif(not SHARED_EXAMPLES.is_dir(), reason=f"real example photos not found at {SHARED_EXAMPLES}")
+async def test_real_photos_come_back_untouched_outside_their_masks(services: Env) -> None:
+    built, listener = services
+    pairs = [(p, p.with_name(p.stem + "_mask.png")) for p in sorted(SHARED_EXAMPLES.glob("*.png"))
+             if not p.stem.endswith("_mask") and p.with_name(p.stem + "_mask.png").exists()]
+    assert pairs
+    for image_path, mask_path in pairs:
+        _, posted = await _posted_picture(built, listener, Upload(image_path.read_bytes(), mask_path.read_bytes()))
+        original = Image.open(image_path).convert("RGB")
+        assert posted.size == original.size, image_path.name
+        same = np.all(np.asarray(posted.convert("RGB")) == np.asarray(original), axis=2)
+        mask = Image.open(mask_path).convert("L").point(lambda v: 255 if v >= 128 else 0)
+        assert same[_outside(mask, 4)].all(), image_path.name
