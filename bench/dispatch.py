@@ -37,29 +37,30 @@ from tests.helpers.imagegen import box_mask, encode, photo
 
 
 class TimedBackend:
-    """Wraps the real client's calls (`submit`, `follow`), adding up the time spent in them (to subtract from the
-    dispatcher's)."""
+    """Wraps the real client's calls (`submit`, and `follow_as`, which `follow` goes through), adding up the time
+    spent in them (to subtract from the dispatcher's)."""
 
     def __init__(self, client: FalQueueClient) -> None:
         self.spent = 0.0
-        submit, follow = client.submit, client.follow
+        submit, follow_as = client.submit, client.follow_as
 
-        async def timed_submit(body: Any) -> Any:
+        async def timed_submit(body: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return await submit(body)
+                return await submit(body, **kwargs)
             finally:
                 self.spent += time.perf_counter() - start
 
-        async def timed_follow(handle: Any, on_update: Callable[[QueueUpdate], Awaitable[None]] | None = None) -> Any:
+        async def timed_follow_as(handle: Any, model: Any,
+                                  on_update: Callable[[QueueUpdate], Awaitable[None]] | None = None) -> Any:
             start = time.perf_counter()
             try:
-                return await follow(handle, on_update)
+                return await follow_as(handle, model, on_update)
             finally:
                 self.spent += time.perf_counter() - start
 
         client.submit = timed_submit  # type: ignore[method-assign]
-        client.follow = timed_follow  # type: ignore[method-assign]
+        client.follow_as = timed_follow_as  # type: ignore[method-assign]
 
 
 class Clock:

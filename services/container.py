@@ -30,6 +30,7 @@ from services.modlog import ModerationLog
 from services.painter.links import PainterLinks
 from services.quotas import Quotas
 from services.store import Store
+from services.upload_check import UploadCheck
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         modlog = ModerationLog(store.modlog)
         quotas = Quotas(store.usage)
         admissions = Admissions(store, quotas, modlog, backend=choice.name)
-        dispatcher = Dispatcher(store, backend, http, modlog, concurrency=config.dispatch_concurrency)
+        upload_check = UploadCheck(store, backend, threshold=config.nsfw_threshold)
+        dispatcher = Dispatcher(store, backend, http, modlog, upload_check=upload_check,
+                                concurrency=config.dispatch_concurrency)
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
         launcher = Launcher(store, admissions, dispatcher, choice)

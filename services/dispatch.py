@@ -40,6 +40,7 @@ from services.progress import Progress
 from services.schema import InpaintOutput, QueueHandle
 from services.stitch import stitch_encoded
 from services.store import Store
+from services.upload_check import UploadCheck
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ class Dispatcher:
     `concurrency` jobs at the backend in all."""
 
     def __init__(self, store: Store, backend: FalQueueClient, http: httpx.AsyncClient, modlog: ModerationLog, *,
-                 concurrency: int = 4, max_attempts: int = 3) -> None:
+                 upload_check: UploadCheck | None = None, concurrency: int = 4, max_attempts: int = 3) -> None:
         self.store = store
+        self.upload_check = upload_check
         self.jobs = store.jobs
         self.backend = backend
         self.http = http
@@ -235,6 +237,8 @@ class Dispatcher:
                     if job_id in self._cancel_requested:
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
                         return
+                    if not await self._upload_allowed(job):
+                        return
                     job, handle = await self._submit(job, progress)
                     if job_id in self._cancel_requested:  # cancelled while the submit was on its way
                         await self._cancel_at_backend(job)
@@ -249,6 +253,23 @@ class Dispatcher:
             except (FalError, UserError, ImageInputError) as exc:
                 await self._fail(job_id, exc)
                 return
+
+    async def _upload_allowed(self, job: Job) -> bool:
+        """The whole picture checked before (a crop of) it is sent, when the job runs with the safety checker;
+        a flagged picture blocks the job (`services/upload_check.py`)."""
+        if self.upload_check is None or not job.input.get("enable_safety_checker", True):
+            return True
+        verdict = await self.upload_check.verdict(job)
+        if verdict.verdict == "flagged":
+            await self._block_flagged_input(job.id, f"the whole upload: NSFW probability {verdict.probability:.2f}")
+            return False
+        if verdict.verdict == "unchecked":
+            await self.jobs.add_event(job.id, "note", f"the whole upload was not checked: {verdict.why}; the "
+                                      "server's settings decide, and the backend checks what it is sent")
+        else:
+            await self.jobs.add_event(job.id, "note", f"the whole upload was checked: NSFW probability "
+                                      f"{verdict.probability:.2f}")
+        return True
 
     async def _submit(self, job: Job, progress: Progress) -> tuple[Job, QueueHandle]:
         handle = await self.backend.submit(await self._request_body(job))

@@ -22,7 +22,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
-from pydantic import SecretStr, TypeAdapter, ValidationError
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
 
 from services.schema import (
     INPAINT_APP_ID,
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 RETRY_STATUSES: frozenset[int] = frozenset({408, 409, 429, 502, 503, 504})
 _KNOWN_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS", "COMPLETED"})
 _status_adapter: TypeAdapter[QueueStatus] = TypeAdapter(QueueStatus)
-_M = TypeVar("_M", QueueHandle, InpaintOutput)
+_M = TypeVar("_M", bound=BaseModel)
 _CANCEL_OUTCOMES: dict[Any, CancelOutcome] = {
     o: o for o in ("OK", "CANCELLATION_REQUESTED", "ALREADY_COMPLETED", "NOT_FOUND")}
 
@@ -183,10 +183,11 @@ class FalQueueClient:
 
     # --- protocol operations ------------------------------------------------------------------------
 
-    async def submit(self, body: InpaintInput | Mapping[str, Any]) -> QueueHandle:
-        """POST the input to `{base}/{app_id}`; returns the handle with the URLs to follow."""
+    async def submit(self, body: InpaintInput | Mapping[str, Any], *, app_id: str | None = None) -> QueueHandle:
+        """POST the input to `{base}/{app_id}` (this client's app unless another is named); returns the handle with
+        the URLs to follow."""
         payload = body.wire() if isinstance(body, InpaintInput) else dict(body)
-        resp = await self._request("POST", f"{self.base_url}/{self.app_id}", json=payload)
+        resp = await self._request("POST", f"{self.base_url}/{(app_id or self.app_id).strip('/')}", json=payload)
         handle = self._parse(resp, QueueHandle, "submit")
         log.info("submitted request %s to %s", handle.request_id, self.base_url)
         return handle
@@ -205,10 +206,14 @@ class FalQueueClient:
 
     async def result(self, handle: QueueHandle) -> InpaintOutput:
         """GET the response URL: the model output, or the backend's stored error raised as a `FalError`."""
+        return await self.result_as(handle, InpaintOutput)
+
+    async def result_as(self, handle: QueueHandle, model: type[_M]) -> _M:
+        """`result` for another app's output model."""
         resp = await self._request("GET", handle.response_url)
         if resp.status_code == 202:
             raise FalProtocolError("backend returned the result before the request completed")
-        return self._parse(resp, InpaintOutput, "result")
+        return self._parse(resp, model, "result")
 
     async def cancel(self, handle: QueueHandle) -> CancelOutcome:
         """PUT the cancel URL. Returns fal's outcome; never raises for 'already completed' or 'not found'."""
@@ -264,19 +269,24 @@ class FalQueueClient:
         A request that completed with an error raises `FalRequestFailed`, or `FalValidationError` with the
         field details when the backend stored a 422 for it (e.g. an image it could not read).
         """
+        return await self.follow_as(handle, InpaintOutput, on_update)
+
+    async def follow_as(self, handle: QueueHandle, model: type[_M],
+                        on_update: Callable[[QueueUpdate], Awaitable[None]] | None = None) -> _M:
+        """`follow` for another app's output model."""
         try:
             async for update in self.updates(handle):
                 if on_update is not None:
                     await on_update(update)
         except FalRequestFailed as failed:
             try:
-                await self.result(handle)
+                await self.result_as(handle, model)
             except FalValidationError as detailed:
                 raise detailed from failed
             except FalError:
                 pass
             raise
-        return await self.result(handle)
+        return await self.result_as(handle, model)
 
     async def run(self, body: InpaintInput | Mapping[str, Any], *,
                   on_submitted: Callable[[QueueHandle], Awaitable[None]] | None = None,

@@ -4,7 +4,8 @@
         job = await store.jobs.get(1)
 
 `store.jobs` (jobs and their events), `store.blobs`, `store.bans` and `store.modlog` (moderation),
-`store.usage` (quota counts), `store.painter_sessions`, `store.drafts`, `store.server_settings`.
+`store.usage` (quota counts), `store.painter_sessions`, `store.drafts`, `store.server_settings`,
+`store.upload_checks`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.store.jobs import Jobs
 from services.store.moderation import Bans, ModerationLogStore
 from services.store.painter_sessions import PainterSessions
 from services.store.server_settings import ServerSettingsStore
+from services.store.upload_checks import UploadChecks
 from services.store.usage import UsageCounts
 
 
@@ -35,6 +37,7 @@ class Store:
         self.painter_sessions = PainterSessions(db)
         self.drafts = Drafts(db)
         self.server_settings = ServerSettingsStore(db)
+        self.upload_checks = UploadChecks(db)
 
     @classmethod
     async def open(cls, path: str | Path) -> Self:

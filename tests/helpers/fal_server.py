@@ -6,7 +6,9 @@ down), then one new log line per poll while IN_PROGRESS, then COMPLETED. Faults 
 (`submit`, `status`, `result`, `cancel`, `file`) for a number of hits: slow answers, any HTTP status,
 dropped connections, malformed JSON, unknown status strings, an echo of the Authorization header.
 
-It also serves files (`/files/{name}`) so image intake can be tested over real HTTP.
+It also serves files (`/files/{name}`) so image intake can be tested over real HTTP, and fal's NSFW estimator
+`fal-ai/imageutils/nsfw` (operation `check`: every request under `/fal-ai/imageutils/`), which flags a picture
+holding `nsfw_marker`-coloured pixels; `serve_nsfw = False` makes it an unknown app (404), as on a backend without it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ from aiohttp import web
 from PIL import Image
 from pydantic import ValidationError
 
-from services.images import to_data_uri
-from services.schema import InpaintInput
+from services.images import parse_data_uri, to_data_uri
+from services.schema import NSFW_APP_ID, InpaintInput, NsfwCheckInput
 
-Op = Literal["submit", "status", "result", "cancel", "file"]
+Op = Literal["submit", "status", "result", "cancel", "file", "check"]
+NSFW_OWNER_ALIAS = NSFW_APP_ID.rsplit("/", 1)[0]
+#: how many pixels of the marker colour make a picture NSFW to the test estimator
+MARKER_PIXELS = 64
 FaultKind = Literal["status", "drop", "slow", "malformed", "unknown_status", "echo_auth", "foreign_urls"]
 
 
@@ -77,6 +82,9 @@ class FalTestServer:
         self.fail_next: tuple[str, str] | None = None
         self.flag_outputs = False  # the safety checker flags every output (images come back black, as on fal)
         self.flag_inputs = False  # the safety checker flags every uploaded image (a 422 content_policy_violation)
+        self.serve_nsfw = True  # serve fal-ai/imageutils/nsfw
+        self.nsfw_marker: tuple[int, int, int] | None = None  # the estimator flags pictures holding this colour
+        self.checks: dict[str, float] = {}  # the estimator's requests: id → the probability it answers
         self._outputs: dict[tuple[int, int, bool], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
         self.port = 0
@@ -128,6 +136,8 @@ class FalTestServer:
             return self._serve_file(request)
         if self.key is not None and request.headers.get("Authorization") != f"Key {self.key}":
             return self._json({"detail": "No user found for Key ID and Secret"}, 401)
+        if op == "check":
+            return await self._check(request)
         parts = request.path.strip("/").split("/")
         if op == "submit":
             return await self._submit(request, foreign=fault is not None and fault.kind == "foreign_urls")
@@ -180,9 +190,9 @@ class FalTestServer:
 
     # --- protocol -------------------------------------------------------------------------------------
 
-    def _urls(self, rid: str, *, foreign: bool = False) -> dict[str, str]:
+    def _urls(self, rid: str, *, foreign: bool = False, owner_alias: str | None = None) -> dict[str, str]:
         host = f"http://localhost:{self.port}" if foreign else self.base_url
-        base = f"{host}/{self.owner_alias}/requests/{rid}"
+        base = f"{host}/{owner_alias or self.owner_alias}/requests/{rid}"
         return {"request_id": rid, "response_url": base, "status_url": f"{base}/status",
                 "cancel_url": f"{base}/cancel"}
 
@@ -253,6 +263,41 @@ class FalTestServer:
                            "has_nsfw_concepts": [flagged] * job.input.num_images, "prompt": job.input.prompt},
                           200, job.id)
 
+    async def _check(self, request: web.Request) -> web.Response:
+        """fal-ai/imageutils/nsfw: answered at once (the first status poll is COMPLETED)."""
+        if not self.serve_nsfw:
+            return self._json({"detail": "Application not found"}, 404)
+        parts = request.path.strip("/").split("/")
+        if request.method == "POST" and request.path.strip("/") == NSFW_APP_ID:
+            try:
+                inp = NsfwCheckInput.model_validate(await request.json())
+                picture = Image.open(io.BytesIO(parse_data_uri(inp.image_url, max_bytes=64 * 1024 * 1024)))
+            except (ValueError, ValidationError, OSError) as exc:
+                return self._json({"detail": [{"loc": ["body", "image_url"], "msg": str(exc)[:200],
+                                               "type": "value_error"}]}, 422)
+            rid = str(uuid.uuid4())
+            self.checks[rid] = self._nsfw_probability(picture)
+            return self._json({**self._urls(rid, owner_alias=NSFW_OWNER_ALIAS), "status": "IN_QUEUE",
+                               "queue_position": 0}, 200, rid)
+        rid = parts[parts.index("requests") + 1] if "requests" in parts else ""
+        if rid not in self.checks:
+            return self._json({"detail": f"Request {rid} not found"}, 404)
+        if parts[-1] == "status":
+            return self._json({**self._urls(rid, owner_alias=NSFW_OWNER_ALIAS), "status": "COMPLETED", "logs": [],
+                               "metrics": {"inference_time": 0.001}}, 200, rid)
+        if parts[-1] == "cancel":
+            return self._json({"status": "ALREADY_COMPLETED"}, 400, rid)
+        return self._json({"nsfw_probability": self.checks[rid]}, 200, rid)
+
+    def _nsfw_probability(self, picture: Image.Image) -> float:
+        if self.nsfw_marker is None:
+            return 0.01
+        import numpy as np
+
+        pixels = np.asarray(picture.convert("RGB")).reshape(-1, 3)
+        marked = int(np.all(pixels == np.array(self.nsfw_marker), axis=1).sum())
+        return 0.98 if marked >= MARKER_PIXELS else 0.01
+
     def _cancel(self, job: FakeRequest) -> web.Response:
         if job.state == "COMPLETED":
             return self._json({"status": "ALREADY_COMPLETED"}, 400, job.id)
@@ -276,6 +321,8 @@ class FalTestServer:
 
 
 def _op_of(method: str, path: str) -> Op | None:
+    if path.startswith(f"/{NSFW_OWNER_ALIAS}/"):
+        return "check"
     parts = path.strip("/").split("/")
     if parts and parts[0] == "files" and method == "GET":
         return "file"

@@ -3,3 +3,10 @@
 -- back into the picture. Jobs from before keep NULL in both: they are posted as the backend returned them.
 ALTER TABLE jobs ADD COLUMN options_json TEXT;
 ALTER TABLE jobs ADD COLUMN plan_json TEXT;
+-- The whole upload is checked (fal-ai/imageutils/nsfw) before a crop of it is sent; a picture is checked once, by
+-- its content, however many jobs use it.
+CREATE TABLE upload_checks (
+    sha256            TEXT PRIMARY KEY,
+    nsfw_probability  REAL NOT NULL,
+    checked_at        REAL NOT NULL
+);

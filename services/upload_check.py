@@ -1,0 +1,83 @@
+"""Moderation stays whole: the whole upload is checked before a crop of it is sent.
+
+With crop and stitch the backend's safety checker sees only the crop, so a picture with NSFW content outside the
+mask would come back (untouched, but posted) unchecked. So before the first submission, the whole picture goes to
+the backend's NSFW estimator, fal's `fal-ai/imageutils/nsfw` (our worker serves the same app with its safety
+checker). A posted result is then made of checked input pixels plus checked output pixels. This also gives
+hosted-fal users the upload check hosted inpainting doesn't do.
+
+The estimator needs the picture's content, not its resolution: it gets a JPEG at most 1024 pixels on a side. Each
+picture is checked once, by its content (rerolls and variations reuse the answer). A backend with no estimator
+(our worker without a safety checker answers 422 naming it; an unknown app is a 404) leaves the server's existing
+policy to decide, and the job's history says the upload went unchecked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image
+
+from services.backends.fal_queue import FalNotFoundError, FalQueueClient, FalValidationError
+from services.images import encode_image, to_data_uri
+from services.job_state import Job
+from services.schema import NSFW_APP_ID, NsfwCheckOutput
+from services.store import Store
+
+#: At or above this probability an upload is treated as flagged.
+DEFAULT_THRESHOLD = 0.5
+CHECK_MAX_SIDE = 1024
+
+Verdict = Literal["clean", "flagged", "unchecked"]
+
+
+@dataclass(frozen=True)
+class UploadVerdict:
+    verdict: Verdict
+    probability: float | None = None
+    why: str = ""  # for "unchecked": why no check could run
+
+
+def check_image(data: bytes) -> str:
+    """The picture as the estimator gets it: a JPEG data URI at most `CHECK_MAX_SIDE` pixels on a side."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    image.thumbnail((CHECK_MAX_SIDE, CHECK_MAX_SIDE), Image.Resampling.BILINEAR)
+    return to_data_uri(encode_image(image, "jpeg", quality=90), "image/jpeg")
+
+
+class UploadCheck:
+    def __init__(self, store: Store, backend: FalQueueClient, *, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.store = store
+        self.backend = backend
+        self.threshold = threshold
+
+    async def verdict(self, job: Job) -> UploadVerdict:
+        """Whether the job's whole picture may be sent (asked of the backend once per picture)."""
+        blobs = await self.store.jobs.blobs(job.id)
+        picture = blobs.get("image")
+        if picture is None:
+            return UploadVerdict("unchecked", why="the picture is no longer stored")
+        probability = await self.store.upload_checks.probability(picture.sha256)
+        if probability is None:
+            try:
+                probability = await self._ask(picture.data)
+            except (FalNotFoundError, FalValidationError) as exc:
+                if isinstance(exc, FalValidationError) and not _no_checker(exc):
+                    raise
+                return UploadVerdict("unchecked", why=f"the backend has no NSFW estimator ({exc})")
+            await self.store.upload_checks.record(picture.sha256, probability)
+        return UploadVerdict("flagged" if probability >= self.threshold else "clean", probability)
+
+    async def _ask(self, data: bytes) -> float:
+        uri = await asyncio.to_thread(check_image, data)
+        handle = await self.backend.submit({"image_url": uri}, app_id=NSFW_APP_ID)
+        output = await self.backend.follow_as(handle, NsfwCheckOutput)
+        return output.nsfw_probability
+
+
+def _no_checker(exc: FalValidationError) -> bool:
+    """Our worker's 422 when it has no safety checker to serve the estimator with."""
+    return "SAFETY_CHECKER_PATH" in str(exc) or any("SAFETY_CHECKER_PATH" in message for _, message in exc.field_errors)
