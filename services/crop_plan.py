@@ -36,6 +36,7 @@ class CropPlan(BaseModel):
     crop: tuple[int, int, int, int]  # x, y, width, height in the picture
     sent: tuple[int, int]  # the working size the backend gets
     output_format: OutputFormat
+    keep: tuple[int, int, int, int] | None = None  # x, y, width, height that always come back untouched
 
     @property
     def box(self) -> tuple[int, int, int, int]:

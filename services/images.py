@@ -93,7 +93,7 @@ class MaskOptions:
     paint_colour: tuple[int, int, int] | None = None
 
 
-MaskSource = Literal["attachment", "alpha", "painted_copy", "colour"]
+MaskSource = Literal["attachment", "alpha", "painted_copy", "colour", "outpaint"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +108,9 @@ class PreparedInputs:
     mask_source: MaskSource
     source_format: str
     animated: bool
+    #: a rectangle (x, y, width, height) whose pixels must come back untouched whatever the mask says (the
+    #: picture inside an outpainting canvas)
+    keep: tuple[int, int, int, int] | None = None
 
     @property
     def size(self) -> tuple[int, int]:

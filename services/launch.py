@@ -58,10 +58,24 @@ async def prepare_stored(store: Store, limits: IntakeLimits, image_sha256: str, 
 @dataclass(frozen=True)
 class NewImages:
     """Images not stored as a job yet. `prepare` downloads and takes them in; it runs only after admission.
-    `may_draft`: a server that asks users to confirm their mask gets a draft instead of a job."""
+    `may_draft`: a server that asks users to confirm their mask gets a draft instead of a job. `parent_id`: the
+    job whose result these images come from (Zoom Out, Pan, Vary Region)."""
 
     prepare: Callable[[], Awaitable[PreparedInputs]]
     may_draft: bool = True
+    parent_id: int | None = None
+
+
+def from_result(store: Store, job_id: int, make: Callable[[Image.Image], PreparedInputs]) -> NewImages:
+    """A job's (first) result image, made into new inputs by `make` (in a thread), e.g. an expanded canvas."""
+
+    async def prepare() -> PreparedInputs:
+        blob = (await store.jobs.blobs(job_id)).get("output_0")
+        if blob is None:
+            raise Refused(ImagesGone(job_id))
+        return await asyncio.to_thread(lambda: make(Image.open(io.BytesIO(blob.data)).convert("RGB")))
+
+    return NewImages(prepare, may_draft=False, parent_id=job_id)
 
 
 @dataclass(frozen=True)
@@ -102,7 +116,7 @@ class Launcher:
             raise Refused(NotRunning())
         if isinstance(source, FromJob):
             return await self._derive(who, options, source.parent_id)
-        admission = await self.admissions.admit(who, options)
+        admission = await self.admissions.admit(who, options, parent_id=source.parent_id)
         stitching = _stitch_options(admission.options)
         request = self._request(admission, who, (CROP_IMAGE_REF, CROP_MASK_REF))
         prepared = await source.prepare()
@@ -110,13 +124,13 @@ class Launcher:
             return await self.offer_draft(who, options, prepared)
         output_format = _output_format(prepared.source_format, admission.options)
         plan, crop, crop_mask = await asyncio.to_thread(stage, prepared.image, prepared.mask, stitching,
-                                                        output_format=output_format,
+                                                        output_format=output_format, keep=prepared.keep,
                                                         target=_target_pixels(admission.options))
         request = request.model_copy(update={"image_size": ImageSize(width=plan.sent[0], height=plan.sent[1])})
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=who.guild_id, channel_id=who.channel_id, backend=self.backend.name,
             input=request.wire(), age_restricted=who.age_restricted, cost=request.cost, asked=admission.options,
-            plan=plan, blobs={"image": prepared.image_blob, "mask": prepared.mask_blob,
+            parent_job_id=source.parent_id, plan=plan, blobs={"image": prepared.image_blob, "mask": prepared.mask_blob,
                               "crop_image": Blob(crop, "image/png"), "crop_mask": Blob(crop_mask, "image/png")})
         await self.dispatcher.enqueue(job, JobImages(prepared.image, prepared.mask))
         return Launched(job, prepared.mask_source)

@@ -63,7 +63,7 @@ def _grow(start: int, length: int, wanted: int, limit: int) -> tuple[int, int]:
 
 
 def plan_crop(mask: Image.Image, options: StitchOptions, *, output_format: OutputFormat,
-              target: int = TARGET_PIXELS) -> CropPlan:
+              target: int = TARGET_PIXELS, keep: tuple[int, int, int, int] | None = None) -> CropPlan:
     """The crop for a binary mask (white = repaint) of the picture's size."""
     width, height = mask.size
     bbox = mask.point(lambda v: 255 if v >= MASK_THRESHOLD else 0).getbbox()
@@ -72,7 +72,7 @@ def plan_crop(mask: Image.Image, options: StitchOptions, *, output_format: Outpu
     else:
         crop = _context_box(bbox, (width, height), options, target)
     return CropPlan(options=options, image_size=(width, height), crop=crop,
-                    sent=working_size(crop[2], crop[3], target=target), output_format=output_format)
+                    sent=working_size(crop[2], crop[3], target=target), output_format=output_format, keep=keep)
 
 
 def _context_box(bbox: tuple[int, int, int, int], size: tuple[int, int], options: StitchOptions,
@@ -124,6 +124,9 @@ def stitch(original: Image.Image, mask: Image.Image, result: Image.Image, plan: 
     else:
         inside = np.asarray(mask.crop(plan.box).convert("L")) >= MASK_THRESHOLD
         alpha = blend_alpha(inside, plan.options.feather)
+    if plan.keep is not None:  # e.g. the picture inside an outpainting canvas: its pixels are never the model's
+        kx, ky, kw, kh = plan.keep
+        alpha[max(0, ky - y0):max(0, ky + kh - y0), max(0, kx - x0):max(0, kx + kw - x0)] = 0
     base = np.asarray(original.convert("RGB").crop(plan.box), dtype=np.uint16)
     model = np.asarray(back, dtype=np.uint16)
     a = alpha.astype(np.uint16)[:, :, None]
@@ -149,8 +152,8 @@ def stitch_encoded(original: bytes, mask: bytes, results: list[bytes], plan: Cro
 
 
 def stage(image: Image.Image, mask: Image.Image, options: StitchOptions, *, output_format: OutputFormat,
-          target: int = TARGET_PIXELS) -> tuple[CropPlan, bytes, bytes]:
+          target: int = TARGET_PIXELS, keep: tuple[int, int, int, int] | None = None) -> tuple[CropPlan, bytes, bytes]:
     """Plan the crop of a new job and encode what the backend gets: (plan, crop PNG, crop mask PNG)."""
-    plan = plan_crop(mask, options, output_format=output_format, target=target)
+    plan = plan_crop(mask, options, output_format=output_format, target=target, keep=keep)
     region, region_mask = crop_for_backend(image, mask, plan)
     return plan, encode_image(region, "png"), encode_image(region_mask, "png")
