@@ -5,18 +5,23 @@ new job goes through the launcher like every other entry point."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import discord
+from PIL import Image
 
 from cogs import render
 from cogs.errors import report_error
+from cogs.inpaint import offer_painter
 from cogs.interactions import is_moderator, requester_of, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
 from services.errors import UserError
+from services.images import PreparedInputs
 from services.job_state import Job, JobNotFound, JobStatus
-from services.launch import FromJob, Launched
-from services.refusals import JobGone, Refused
+from services.launch import FromJob, Launched, from_result
+from services.outpaint import OUTPAINT_STRENGTH, ZOOM_FACTORS, Direction, Expansion, expand, pan, zoom_out
+from services.refusals import ImagesGone, JobGone, Refused
 
 
 class JobButton(PersistentButton):
@@ -122,8 +127,82 @@ class ParamsButton(JobButton, DynamicButton, action="params"):
         await interaction.response.send_message(f"```json\n{render.params_json(job)}\n```", ephemeral=True)
 
 
-JOB_BUTTONS: tuple[type[DynamicButton], ...] = (CancelButton, RerollButton, VariationsButton, RetryButton,
-                                                EditButton, DeleteButton, ParamsButton)
+async def expand_result(interaction: discord.Interaction, job_id: int,
+                        expansion_for: Callable[[tuple[int, int]], Expansion], verb: str) -> None:
+    """A new job on job `job_id`'s (first) result, its canvas expanded: Zoom Out and Pan."""
+    services = services_of(interaction.client)
+    who = requester_of(interaction)
+    await interaction.response.defer(ephemeral=True, thinking=True)
+    parent = await job_or_refusal(interaction.client, job_id)
+    max_pixels = services.intake_limits.max_pixels
+
+    def canvas(image: Image.Image) -> PreparedInputs:
+        return expand(image, expansion_for(image.size), max_pixels=max_pixels)
+
+    options = {**parent.options(), "seed": None, "strength": OUTPAINT_STRENGTH}
+    outcome = await services.launcher.launch(who, options, from_result(services.store, job_id, canvas))
+    assert isinstance(outcome, Launched)
+    await interaction.followup.send(f"{verb} job #{job_id} as job #{outcome.job.id}.", ephemeral=True)
+
+
+class ZoomOut15Button(JobButton, DynamicButton, action="zoom15"):
+    label, emoji = "Zoom Out 1.5×", "🔍"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        await expand_result(interaction, self.job_id, lambda size: zoom_out(size, ZOOM_FACTORS[0]), "Zooming out")
+
+
+class ZoomOut2Button(JobButton, DynamicButton, action="zoom2"):
+    label, emoji = "Zoom Out 2×", "🔍"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        await expand_result(interaction, self.job_id, lambda size: zoom_out(size, ZOOM_FACTORS[1]), "Zooming out")
+
+
+class _PanButton(JobButton):
+    direction: ClassVar[Direction] = "left"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        direction = self.direction
+        await expand_result(interaction, self.job_id, lambda size: pan(size, direction), f"Panning {direction}")
+
+
+class PanLeftButton(_PanButton, DynamicButton, action="pan_left"):
+    emoji, direction = "⬅️", "left"
+
+
+class PanRightButton(_PanButton, DynamicButton, action="pan_right"):
+    emoji, direction = "➡️", "right"
+
+
+class PanUpButton(_PanButton, DynamicButton, action="pan_up"):
+    emoji, direction = "⬆️", "up"
+
+
+class PanDownButton(_PanButton, DynamicButton, action="pan_down"):
+    emoji, direction = "⬇️", "down"
+
+
+class VaryRegionButton(JobButton, DynamicButton, action="region"):
+    label, emoji = "Vary Region", "🖌️"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        services = services_of(interaction.client)
+        if services.painter is None:
+            raise UserError("Vary Region needs the mask painter, which is turned off on this bot.")
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        parent = await job_or_refusal(interaction.client, self.job_id)
+        result = (await services.store.jobs.blobs(parent.id)).get("output_0")
+        if result is None:
+            raise Refused(ImagesGone(parent.id))
+        link = await services.painter.offer(requester_of(interaction), result.data,
+                                            {**parent.options(), "seed": None}, parent_job_id=parent.id)
+        await offer_painter(interaction, link, f"Paint the area of job #{parent.id}'s result to vary on this page.")
+
+
+JOB_BUTTONS: tuple[type[DynamicButton], ...] = (
+    CancelButton, RerollButton, VariationsButton, RetryButton, EditButton, DeleteButton, ParamsButton,
+    ZoomOut15Button, ZoomOut2Button, PanLeftButton, PanRightButton, PanUpButton, PanDownButton, VaryRegionButton)
 
 
 async def record_deletion(client: discord.Client, job: Job, actor_id: int) -> None:
@@ -178,8 +257,13 @@ def progress_view(job_id: int) -> discord.ui.View:
 
 
 def result_view(job_id: int) -> discord.ui.View:
-    return view_of(*(button(job_id) for button in (RerollButton, VariationsButton, EditButton, DeleteButton,
-                                                   ParamsButton)))
+    """Row 1: run again (Reroll, Variations, Edit), Delete, Params. Row 2: Zoom Out and Vary Region. Row 3: Pan."""
+    rows: tuple[tuple[type[JobButton], ...], ...] = (
+        (RerollButton, VariationsButton, EditButton, DeleteButton, ParamsButton),
+        (ZoomOut15Button, ZoomOut2Button, VaryRegionButton),
+        (PanLeftButton, PanRightButton, PanUpButton, PanDownButton))
+    items: list[Any] = [button(job_id, row=row) for row, buttons in enumerate(rows) for button in buttons]
+    return view_of(*items)
 
 
 def ended_view(job: Job) -> discord.ui.View | None:

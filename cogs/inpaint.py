@@ -17,8 +17,9 @@ from cogs.errors import report_error
 from cogs.interactions import requester_of, services_of
 from cogs.items import view_of
 from services.errors import UserError
-from services.images import ImageInputError, MaskOptions, PreparedInputs, prepare_inputs_async
-from services.launch import DraftOffered, NewImages
+from services.images import ImageInputError, MaskOptions, PreparedInputs, normalized_image, prepare_inputs_async
+from services.launch import DraftOffered, Launched, NewImages
+from services.outpaint import OUTPAINT_STRENGTH, Expansion, expand
 from services.painter.links import PainterLink
 from services.preview import parse_colour, understood_jpeg
 
@@ -118,6 +119,51 @@ class Inpaint(commands.Cog):
         colour = parse_colour(mask_colour) if mask_colour else None
         await self.start(interaction, image, mask, options, MaskOptions(invert=invert_mask, paint_colour=colour))
 
+    @app_commands.command(name="outpaint", description="Extend a picture beyond its edges with SDXL")
+    @app_commands.guild_only()
+    @app_commands.describe(
+        image="The picture to extend",
+        left="Pixels to add on the left (0-4096)", right="Pixels to add on the right (0-4096)",
+        top="Pixels to add at the top (0-4096)", bottom="Pixels to add at the bottom (0-4096)",
+        prompt="What to paint in the new area (default: more of the same)",
+        negative_prompt="What to avoid",
+        seed="Seed for a repeatable result (default: random)",
+        num_images="How many images (1-8, default 1)",
+    )
+    async def outpaint(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        left: app_commands.Range[int, 0, 4096] = 0,
+        right: app_commands.Range[int, 0, 4096] = 0,
+        top: app_commands.Range[int, 0, 4096] = 0,
+        bottom: app_commands.Range[int, 0, 4096] = 0,
+        prompt: app_commands.Range[str, 0, 1000] | None = None,
+        negative_prompt: app_commands.Range[str, 0, 1000] | None = None,
+        seed: app_commands.Range[int, 0, 2**53 - 1] | None = None,
+        num_images: app_commands.Range[int, 1, 8] | None = None,
+    ) -> None:
+        services = services_of(self.bot)
+        limits = services.intake_limits
+        check_attachment(image, "image", limits.max_bytes)
+        expansion = Expansion(left=left, right=right, top=top, bottom=bottom)
+        if expansion.empty:
+            raise UserError("Give a number of pixels to add on at least one side.")
+        upload = _Upload(interaction, image, None)
+
+        async def prepare() -> PreparedInputs:
+            image_bytes, _ = await upload.read()
+            picture, _ = await asyncio.to_thread(normalized_image, image_bytes, limits)
+            return await asyncio.to_thread(expand, picture, expansion, max_pixels=limits.max_pixels)
+
+        options: dict[str, Any] = {"prompt": prompt or "", "negative_prompt": negative_prompt or None, "seed": seed,
+                                   "num_images": num_images, "strength": OUTPAINT_STRENGTH}
+        outcome = await services.launcher.launch(requester_of(interaction), options,
+                                                 NewImages(prepare, may_draft=False))
+        assert isinstance(outcome, Launched)
+        await interaction.followup.send(f"Queued as job #{outcome.job.id}: progress is in the channel.",
+                                        ephemeral=True)
+
     async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         image = first_image(message)
         check_attachment(image, "image", services_of(self.bot).intake_limits.max_bytes)
@@ -179,13 +225,15 @@ class _Upload:
         return self.image_bytes, self.mask_bytes
 
 
-async def offer_painter(interaction: discord.Interaction, link: PainterLink) -> None:
-    """Answer /inpaint (already deferred) with a personal link to paint the mask."""
+NO_MASK = "No mask was attached and the image has no transparent area, so paint the area to change on this page."
+
+
+async def offer_painter(interaction: discord.Interaction, link: PainterLink, intro: str = NO_MASK) -> None:
+    """Answer an interaction (already deferred) with a personal link to paint the mask."""
     button = discord.ui.Button[discord.ui.View](style=discord.ButtonStyle.link, label="Paint the mask", emoji="🖌️",
                                                 url=link.url)
     await interaction.followup.send(
-        "No mask was attached and the image has no transparent area, so paint the area to change on this page. "
-        f"The link is yours only and works once, for {link.ttl_s // 60} minutes.", view=view_of(button),
+        f"{intro} The link is yours only and works once, for {link.ttl_s // 60} minutes.", view=view_of(button),
         ephemeral=True)
 
 

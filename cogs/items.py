@@ -44,14 +44,14 @@ class PersistentButton:
         groups = ":".join(f"(?P<{name}>{_PATTERNS[kind]})" for name, kind in cls.fields)
         super().__init_subclass__(template=f"{cls.prefix}:{action}:{groups}", **kwargs)  # type: ignore[call-arg]
 
-    def __init__(self, *ids: int | str) -> None:
+    def __init__(self, *ids: int | str, row: int | None = None) -> None:
         if len(ids) != len(self.fields):
             raise TypeError(f"{type(self).__name__} takes {len(self.fields)} id(s), got {len(ids)}")
         self.ids = ids
         custom_id = ":".join((self.prefix, self.action, *map(str, ids)))
         button: discord.ui.Button[Any] = discord.ui.Button(label=self.label, emoji=self.emoji, style=self.style,
                                                            custom_id=custom_id)
-        super().__init__(button)  # type: ignore[call-arg]  # DynamicItem.__init__
+        super().__init__(button, row=row)  # type: ignore[call-arg]  # DynamicItem.__init__
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction[discord.Client], item: discord.ui.Item[Any],

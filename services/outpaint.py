@@ -21,6 +21,8 @@ from services.images import ImageInputError, PreparedInputs, encode_image, mask_
 
 #: How far the mask reaches into the picture, so the model sees (and continues) the picture's edge.
 OVERLAP = 16
+#: The new area's pre-fill is only context for the model, nothing to keep: outpainting repaints it fully.
+OUTPAINT_STRENGTH = 1.0
 #: Zoom Out factors the result buttons offer, and how far Pan extends the canvas (of the picture's side).
 ZOOM_FACTORS = (1.5, 2.0)
 PAN_FRACTION = 0.5
@@ -54,9 +56,9 @@ def zoom_out(size: tuple[int, int], factor: float) -> Expansion:
 
 def pan(size: tuple[int, int], direction: Direction, fraction: float = PAN_FRACTION) -> Expansion:
     """The canvas extended on one side by `fraction` of the picture's width or height."""
-    width, height = size
-    return {"left": Expansion(left=round(width * fraction)), "right": Expansion(right=round(width * fraction)),
-            "up": Expansion(top=round(height * fraction)), "down": Expansion(bottom=round(height * fraction))}[direction]
+    across, down = round(size[0] * fraction), round(size[1] * fraction)
+    return {"left": Expansion(left=across), "right": Expansion(right=across), "up": Expansion(top=down),
+            "down": Expansion(bottom=down)}[direction]
 
 
 def expand(picture: Image.Image, expansion: Expansion, *, max_pixels: int,

@@ -58,12 +58,14 @@ class PainterLinks:
         if self._server is not None:
             await self._server.stop()
 
-    async def offer(self, who: Requester, image_bytes: bytes, options: dict[str, Any]) -> PainterLink:
+    async def offer(self, who: Requester, image_bytes: bytes, options: dict[str, Any], *,
+                    parent_job_id: int | None = None) -> PainterLink:
         """A personal, single-use link to paint the mask of this image; the job gets `options` and the prompt
-        typed on the page."""
+        typed on the page (and is a child of `parent_job_id`: Vary Region on a result)."""
         _, blob = await asyncio.to_thread(normalized_image, image_bytes, self.limits)
         session = await self.store.painter_sessions.create(new_session_id(), who=who, image=blob, params=options,
-                                                           expires_at=self.clock() + self.ttl_s)
+                                                           expires_at=self.clock() + self.ttl_s,
+                                                           parent_job_id=parent_job_id)
         return PainterLink(f"{self.public_url}/paint/{sign(self.secret, session)}", self.ttl_s)
 
     async def submit(self, session: PainterSession, prompt: str, mask: bytes) -> int:
@@ -73,7 +75,7 @@ class PainterLinks:
             return await prepare_stored(self.store, self.limits, session.image_sha256, mask)
 
         outcome = await self.launcher.launch(session.requester, {**session.params, "prompt": prompt},
-                                             NewImages(prepare, may_draft=False))
+                                             NewImages(prepare, may_draft=False, parent_id=session.parent_job_id))
         assert isinstance(outcome, Launched)
         await self.store.jobs.add_event(outcome.job.id, "note", "mask painted in the web painter")
         return outcome.job.id

@@ -62,7 +62,10 @@ async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) ->
     assert result.field("Seed") == "`5`" and result.field("Steps") == "20" and result.field("Backend") == "fal"
     assert result.field("Negative prompt") == "blurry"
     assert job.plan is not None and result.field("Size") == f"256×192 (model {job.plan.sent[0]}×{job.plan.sent[1]})"
-    assert result.custom_ids() == [f"inpaint:{a}:1" for a in ("reroll", "vary", "edit", "delete", "params")]
+    assert result.custom_ids() == [f"inpaint:{a}:1" for a in ("reroll", "vary", "edit", "delete", "params", "zoom15",
+                                                              "zoom2", "region", "pan_left", "pan_right", "pan_up",
+                                                              "pan_down")]
+    assert [len(row["components"]) for row in result.components] == [5, 3, 4]  # three rows of buttons
 
     # the progress message: posted with the preview, edited with progress, finally marked done without buttons
     progress = progress_message(fake, job.status_message_id)

@@ -10,3 +10,5 @@ CREATE TABLE upload_checks (
     nsfw_probability  REAL NOT NULL,
     checked_at        REAL NOT NULL
 );
+-- Vary Region: a painter link opened on a job's result makes a child of that job.
+ALTER TABLE painter_sessions ADD COLUMN parent_job_id INTEGER REFERENCES jobs(id);
