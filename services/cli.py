@@ -1,0 +1,178 @@
+"""One job without Discord, through the very same services path as the bot (intake → admission → crop → backend →
+stitch → checks), for operators smoke-testing a backend and for benchmarks:
+
+    python -m services.cli inpaint --image IN --mask MASK --prompt TEXT --out OUT [--area masked|whole]
+        [--feather PX] [--padding PX] [--seed N] [--format png|jpeg]
+    python -m services.cli outpaint --image IN [--prompt TEXT] --left PX --right PX --top PX --bottom PX --out OUT
+
+The backend comes from the bot's own configuration (FAL_KEY, WORKER_URL, or the embedded worker when neither is
+set). Jobs go into a throwaway database, never the bot's. The image is written to OUT, and one line of JSON is
+printed: {"width", "height", "crop": [x, y, w, h], "sent": [w, h], "seed", "backend", "seconds"}. Errors are one
+line on stderr, with exit code 2 for bad input and 1 for a backend failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from services.blob import Blob
+from services.config import BotConfig, load_config
+from services.container import build_services
+from services.dispatch import JobImages
+from services.errors import UserError
+from services.images import ImageInputError, IntakeLimits, PreparedInputs, normalized_image, prepare_inputs
+from services.job_state import Job, JobStatus
+from services.launch import Launched, NewImages
+from services.outpaint import OUTPAINT_STRENGTH, Expansion, expand
+from services.progress import Progress
+from services.refusals import Refused
+from services.requester import Requester
+from services.schema import InpaintOutput
+
+BAD_INPUT, BACKEND_FAILED = 2, 1
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _OneJob:
+    """The dispatcher's listener for one job: it only waits for the end."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+
+    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
+        return None
+
+    async def job_progress(self, job: Job, progress: Progress) -> None:
+        return None
+
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
+                            spoiler: bool = False) -> None:
+        self.ended.set()
+
+    async def job_ended(self, job: Job) -> None:
+        self.ended.set()
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m services.cli", description=__doc__.split("\n\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    inpaint = commands.add_parser("inpaint", help="repaint the masked area of a picture")
+    inpaint.add_argument("--image", type=Path, required=True)
+    inpaint.add_argument("--mask", type=Path, required=True, help="white = repaint")
+    inpaint.add_argument("--prompt", required=True)
+    inpaint.add_argument("--area", choices=("masked", "whole"))
+    inpaint.add_argument("--feather", type=int)
+    inpaint.add_argument("--padding", type=int)
+    inpaint.add_argument("--seed", type=int)
+    inpaint.add_argument("--format", choices=("png", "jpeg"))
+    outpaint = commands.add_parser("outpaint", help="extend a picture beyond its edges")
+    outpaint.add_argument("--image", type=Path, required=True)
+    outpaint.add_argument("--prompt", default="")
+    for side in ("left", "right", "top", "bottom"):
+        outpaint.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    outpaint.add_argument("--seed", type=int)
+    for command in (inpaint, outpaint):
+        command.add_argument("--out", type=Path, required=True)
+    return top
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"can't read {path}: {exc.strerror or exc}", BAD_INPUT) from exc
+
+
+def _job(args: argparse.Namespace, config: BotConfig) -> tuple[dict[str, Any], NewImages]:
+    """The options and the images of the job the command line asks for."""
+    image = _read(args.image)
+    if args.command == "inpaint":
+        mask = _read(args.mask)
+        options = {"prompt": args.prompt, "area": args.area, "feather": args.feather, "padding": args.padding,
+                   "seed": args.seed, "format": args.format}
+        limits = config_limits(config)
+
+        async def inpaint() -> PreparedInputs:
+            return await asyncio.to_thread(prepare_inputs, image, mask, limits=limits)
+
+        return options, NewImages(inpaint, may_draft=False)
+    expansion = Expansion(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
+    if min(args.left, args.right, args.top, args.bottom) < 0:
+        raise CliError("--left, --right, --top and --bottom can't be negative", BAD_INPUT)
+
+    async def outpaint() -> PreparedInputs:
+        limits = config_limits(config)
+        picture, _ = await asyncio.to_thread(normalized_image, image, limits)
+        return await asyncio.to_thread(expand, picture, expansion, max_pixels=limits.max_pixels)
+
+    return {"prompt": args.prompt, "seed": args.seed, "strength": OUTPAINT_STRENGTH}, NewImages(outpaint,
+                                                                                                may_draft=False)
+
+
+def config_limits(config: BotConfig) -> IntakeLimits:
+    return IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+
+
+async def run(args: argparse.Namespace, config: BotConfig) -> dict[str, Any]:
+    """Run the job; returns the summary line (and writes the image to `args.out`)."""
+    options, source = _job(args, config)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="inpaint-cli-") as tmp:
+        config = config.model_copy(update={"database_path": Path(tmp) / "cli.sqlite3", "painter_enabled": False})
+        async with build_services(config) as services:
+            listener = _OneJob()
+            await services.dispatcher.start(listener)
+            try:
+                outcome = await services.launcher.launch(Requester(guild_id=None, channel_id=None, user_id=0),
+                                                         options, source)
+            except (Refused, UserError, ImageInputError) as exc:
+                raise CliError(_message(exc), BAD_INPUT) from exc
+            assert isinstance(outcome, Launched)
+            await asyncio.wait_for(listener.ended.wait(), config.backend_total_timeout_s + 60)
+            job = await services.store.jobs.get(outcome.job.id)
+            if job.status is not JobStatus.SUCCEEDED:
+                raise CliError(f"the job {job.status.value}: {job.error}", BACKEND_FAILED)
+            result = (await services.store.jobs.blobs(job.id))["output_0"]
+    args.out.write_bytes(result.data)
+    plan = job.plan
+    assert plan is not None and job.result is not None
+    return {"width": plan.image_size[0], "height": plan.image_size[1], "crop": list(plan.crop),
+            "sent": list(plan.sent), "seed": job.result.get("seed"), "backend": job.backend,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, Refused):
+        return exc.reason.plain()
+    if isinstance(exc, UserError | ImageInputError):
+        return exc.message
+    return str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = asyncio.run(run(args, load_config()))
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
