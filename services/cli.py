@@ -2,7 +2,7 @@
 stitch → checks), for operators smoke-testing a backend and for benchmarks:
 
     python -m services.cli inpaint --image IN --mask MASK --prompt TEXT --out OUT [--area masked|whole]
-        [--feather PX] [--padding PX] [--seed N] [--format png|jpeg]
+        [--feather PX] [--padding PX] [--seed N] [--format png|jpeg] [--no-keep-unmasked] [--steps N] [--size S]
     python -m services.cli outpaint --image IN [--prompt TEXT] --left PX --right PX --top PX --bottom PX --out OUT
 
 The backend comes from the bot's own configuration (FAL_KEY, WORKER_URL, or the embedded worker when neither is
@@ -35,7 +35,7 @@ from services.outpaint import OUTPAINT_STRENGTH, Expansion, expand
 from services.progress import Progress
 from services.refusals import Refused
 from services.requester import Requester
-from services.schema import InpaintOutput
+from services.schema import IMAGE_SIZE_PRESETS, InpaintOutput
 
 BAD_INPUT, BACKEND_FAILED = 2, 1
 
@@ -78,6 +78,8 @@ def parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--padding", type=int)
     inpaint.add_argument("--seed", type=int)
     inpaint.add_argument("--format", choices=("png", "jpeg"))
+    inpaint.add_argument("--no-keep-unmasked", dest="keep_unmasked", action="store_false", default=None,
+                         help="with --area whole: keep the model's whole output, unmasked pixels included")
     outpaint = commands.add_parser("outpaint", help="extend a picture beyond its edges")
     outpaint.add_argument("--image", type=Path, required=True)
     outpaint.add_argument("--prompt", default="")
@@ -86,6 +88,9 @@ def parser() -> argparse.ArgumentParser:
     outpaint.add_argument("--seed", type=int)
     for command in (inpaint, outpaint):
         command.add_argument("--out", type=Path, required=True)
+        command.add_argument("--steps", type=int, help="denoising steps (fal's default when not given)")
+        command.add_argument("--size", choices=("auto", *IMAGE_SIZE_PRESETS),
+                             help="the model's working resolution: the preset's pixel count (default about 1 MP)")
     return top
 
 
@@ -102,7 +107,8 @@ def _job(args: argparse.Namespace, config: BotConfig) -> tuple[dict[str, Any], N
     if args.command == "inpaint":
         mask = _read(args.mask)
         options = {"prompt": args.prompt, "area": args.area, "feather": args.feather, "padding": args.padding,
-                   "seed": args.seed, "format": args.format}
+                   "seed": args.seed, "format": args.format, "keep_unmasked": args.keep_unmasked,
+                   "num_inference_steps": args.steps, "image_size": args.size}
         limits = config_limits(config)
 
         async def inpaint() -> PreparedInputs:
@@ -118,8 +124,9 @@ def _job(args: argparse.Namespace, config: BotConfig) -> tuple[dict[str, Any], N
         picture, _ = await asyncio.to_thread(normalized_image, image, limits)
         return await asyncio.to_thread(expand, picture, expansion, max_pixels=limits.max_pixels)
 
-    return {"prompt": args.prompt, "seed": args.seed, "strength": OUTPAINT_STRENGTH}, NewImages(outpaint,
-                                                                                                may_draft=False)
+    options = {"prompt": args.prompt, "seed": args.seed, "strength": OUTPAINT_STRENGTH,
+               "num_inference_steps": args.steps, "image_size": args.size}
+    return options, NewImages(outpaint, may_draft=False)
 
 
 def config_limits(config: BotConfig) -> IntakeLimits:

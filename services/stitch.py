@@ -41,6 +41,9 @@ MULTIPLE = 8
 MIN_AUTO_PADDING = 32
 #: SDXL's trained aspect ratios span about 1:4 to 4:1; a crop is kept within them where the picture allows.
 MAX_ASPECT = 4.0
+#: Scaling the crop to the working size and the result back: bicubic (antialiased when shrinking) is a third
+#: cheaper than Lanczos here, and the difference is below what SDXL's own VAE round trip changes.
+RESAMPLE = Image.Resampling.BICUBIC
 
 
 def working_size(width: int, height: int, *, target: int = TARGET_PIXELS) -> tuple[int, int]:
@@ -98,7 +101,7 @@ def crop_for_backend(image: Image.Image, mask: Image.Image, plan: CropPlan) -> t
     region = image.crop(plan.box)
     mask_region = mask.crop(plan.box)
     if region.size != plan.sent:
-        region = region.resize(plan.sent, Image.Resampling.LANCZOS)
+        region = region.resize(plan.sent, RESAMPLE)
         mask_region = mask_region.resize(plan.sent, Image.Resampling.BILINEAR)
     return region, mask_region.point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
 
@@ -118,7 +121,7 @@ def stitch(original: Image.Image, mask: Image.Image, result: Image.Image, plan: 
     """`result` (the backend's output for the crop) put back into a copy of `original` through the feathered
     mask. Outside the crop nothing is even touched."""
     x0, y0, x1, y1 = plan.box
-    back = result.convert("RGB").resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS)
+    back = result.convert("RGB").resize((x1 - x0, y1 - y0), RESAMPLE)
     if plan.options.area == "whole" and not plan.options.keep_unmasked:
         alpha = np.full((y1 - y0, x1 - x0), 255, np.uint8)
     else:
@@ -127,11 +130,12 @@ def stitch(original: Image.Image, mask: Image.Image, result: Image.Image, plan: 
     if plan.keep is not None:  # e.g. the picture inside an outpainting canvas: its pixels are never the model's
         kx, ky, kw, kh = plan.keep
         alpha[max(0, ky - y0):max(0, ky + kh - y0), max(0, kx - x0):max(0, kx + kw - x0)] = 0
-    base = np.asarray(original.convert("RGB").crop(plan.box), dtype=np.uint16)
+    picture = original if original.mode == "RGB" else original.convert("RGB")
+    base = np.asarray(picture.crop(plan.box), dtype=np.uint16)
     model = np.asarray(back, dtype=np.uint16)
     a = alpha.astype(np.uint16)[:, :, None]
     mixed = ((model * a + base * (255 - a) + 127) // 255).astype(np.uint8)
-    out = original.convert("RGB").copy()
+    out = picture.copy()
     out.paste(Image.fromarray(mixed, "RGB"), (x0, y0))
     return out
 
