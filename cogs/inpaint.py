@@ -87,6 +87,7 @@ class Inpaint(commands.Cog):
         area="What the model sees: the area around the mask (default) or the whole picture",
         padding="Context around the mask, in pixels (default: a quarter of the mask's size)",
         keep_unmasked="With the whole picture: keep the unmasked pixels as they were (default yes)",
+        expand_prompt="Let the backend enrich your prompt (hosted fal; workers with a prompt expander)",
         mask_colour="No mask? The colour you painted over the image with (a name or #hex), e.g. magenta",
     )
     @app_commands.choices(size=SIZE_CHOICES, format=FORMAT_CHOICES, area=AREA_CHOICES)
@@ -110,12 +111,14 @@ class Inpaint(commands.Cog):
         area: str | None = None,
         padding: app_commands.Range[int, 0, 4096] | None = None,
         keep_unmasked: bool | None = None,
+        expand_prompt: bool | None = None,
     ) -> None:
         # options left empty fall back to the server's defaults, then fal's (and crop and stitch's)
         options: dict[str, Any] = {"prompt": prompt, "negative_prompt": negative_prompt or None, "image_size": size,
                                    "num_inference_steps": steps, "guidance_scale": guidance, "strength": strength,
                                    "seed": seed, "num_images": num_images, "format": format, "area": area,
-                                   "padding": padding, "feather": feather, "keep_unmasked": keep_unmasked}
+                                   "padding": padding, "feather": feather, "keep_unmasked": keep_unmasked,
+                                   "expand_prompt": expand_prompt}
         colour = parse_colour(mask_colour) if mask_colour else None
         await self.start(interaction, image, mask, options, MaskOptions(invert=invert_mask, paint_colour=colour))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import httpx
 from pydantic import SecretStr
 
 from services.config import BotConfig
@@ -20,6 +21,27 @@ class BackendChoice:
     base_url: str | None  # None for "embedded" until it has started
     key: SecretStr | None
     safety_checker: bool = True
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the backend does beyond fal's basic inpainting request."""
+
+    expand_prompt: bool = False
+
+
+async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.AsyncClient) -> Capabilities:
+    """Hosted fal does everything its schema offers; our worker says what it can in `/health` (read once, at
+    start: a worker that changes later still refuses what it can't do, with a 422 naming the setting)."""
+    if choice.name == "fal":
+        return Capabilities(expand_prompt=True)
+    try:
+        response = await http.get(f"{base_url.rstrip('/')}/health", timeout=10.0)
+        health = response.json()
+    except (httpx.HTTPError, ValueError):
+        log.warning("could not read the worker's /health at %s: assuming it can't expand prompts", base_url)
+        return Capabilities()
+    return Capabilities(expand_prompt=isinstance(health, dict) and health.get("expand_prompt") is True)
 
 
 def choose_backend(config: BotConfig) -> BackendChoice:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import httpx
 
 from services.admission import Admissions
-from services.backend_select import BackendChoice, EmbeddedWorker, choose_backend
+from services.backend_select import BackendChoice, EmbeddedWorker, choose_backend, probe_capabilities
 from services.backends.fal_queue import FalQueueClient
 from services.config import BotConfig
 from services.dispatch import Dispatcher
@@ -72,7 +72,8 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
                                 concurrency=config.dispatch_concurrency)
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
-        launcher = Launcher(store, admissions, dispatcher, choice)
+        capabilities = await probe_capabilities(choice, base_url, http)
+        launcher = Launcher(store, admissions, dispatcher, choice, capabilities)
         painter = None
         if config.painter_enabled:
             painter = await stack.enter_async_context(PainterLinks(

@@ -23,7 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from services.admission import Admission, Admissions
-from services.backend_select import BackendChoice
+from services.backend_select import BackendChoice, Capabilities
 from services.blob import Blob
 from services.crop_plan import STITCH_OPTION_NAMES, OutputFormat, StitchOptions
 from services.dispatch import Dispatcher, JobImages
@@ -31,7 +31,7 @@ from services.errors import validation_problems
 from services.images import IntakeLimits, MaskSource, PreparedInputs, prepare_inputs
 from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, IMAGE_REF, MASK_REF, Job, JobNotFound
 from services.preview import mask_overlay_jpeg
-from services.refusals import ImagesGone, InvalidOptions, JobGone, NotRunning, Refused
+from services.refusals import ImagesGone, InvalidOptions, JobGone, NotRunning, Refused, Unsupported
 from services.requester import Requester
 from services.schema import IMAGE_SIZE_PRESETS, ImageSize, InpaintInput
 from services.stitch import TARGET_PIXELS, stage
@@ -103,11 +103,13 @@ class DraftOffered:
 
 
 class Launcher:
-    def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: BackendChoice) -> None:
+    def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: BackendChoice,
+                 capabilities: Capabilities | None = None) -> None:
         self.store = store
         self.admissions = admissions
         self.dispatcher = dispatcher
         self.backend = backend
+        self.capabilities = capabilities or Capabilities()
 
     async def launch(self, who: Requester, options: dict[str, Any],
                      source: NewImages | FromJob) -> Launched | DraftOffered:
@@ -174,6 +176,8 @@ class Launcher:
             body.update(image_size="square_hd", format=INTERMEDIATE_FORMAT)  # the size: a placeholder till planned
         body["enable_safety_checker"] = (self.backend.safety_checker
                                          and admission.settings.safety_checker_required(who.age_restricted))
+        if body.get("expand_prompt") and not self.capabilities.expand_prompt:
+            raise Refused(Unsupported("expand_prompt", "its worker has no prompt expander (PROMPT_EXPANDER_PATH)"))
         try:
             return InpaintInput.model_validate(body)
         except ValidationError as exc:

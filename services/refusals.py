@@ -116,6 +116,17 @@ class DraftGone:
 
 
 @dataclass(frozen=True)
+class Unsupported:
+    """The backend can't do what an option asks."""
+
+    option: str
+    why: str
+
+    def plain(self) -> str:
+        return f"This bot's backend can't do `{self.option}`: {self.why}."
+
+
+@dataclass(frozen=True)
 class NotRunning:
     """The bot is starting or stopping: jobs can't be queued right now."""
 
@@ -124,7 +135,7 @@ class NotRunning:
 
 
 Refusal = (Banned | ChannelNotAllowed | RoleNotAllowed | PromptBlocked | Cooldown | UserQuotaUsed | ServerQuotaUsed
-           | StepBudgetExceeded | InvalidOptions | JobGone | ImagesGone | DraftGone | NotRunning)
+           | StepBudgetExceeded | InvalidOptions | JobGone | ImagesGone | DraftGone | Unsupported | NotRunning)
 
 
 class Refused(Exception):

@@ -31,7 +31,7 @@ from tests.helpers.bot_env import (
     wait_for_final_message,
 )
 from tests.helpers.discord_harness import ALL_PERMISSIONS, FakeDiscord
-from tests.helpers.fal_server import FalTestServer
+from tests.helpers.fal_server import EXPANSION, FalTestServer
 from tests.helpers.imagegen import encode, photo
 from tests.helpers.waits import wait_until
 
@@ -437,3 +437,20 @@ async def test_buttons_on_old_messages_work_after_a_restart(tmp_path: Path, serv
             await driver.click(BOB, old, "inpaint:reroll:1")
             await result_message(fake, 2, bot)
             assert (await bot.services.store.jobs.get(2)).parent_job_id == 1
+
+
+async def test_expand_prompt_where_the_backend_can_and_a_clear_no_where_it_cant(discord_env: BotEnv,
+                                                                               tmp_path: Path) -> None:
+    bot, fake, driver = discord_env  # hosted fal (the test server): it expands prompts
+    await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a boat", expand_prompt=True)
+    result = await result_message(fake, 1, bot)
+    assert (await bot.services.store.jobs.get(1)).input["expand_prompt"] is True
+    assert result.embeds[0]["description"] == "a boat" + EXPANSION  # the prompt the backend really used
+    async with FalTestServer(key=None) as worker:  # a worker whose /health doesn't offer it
+        fake2 = FakeDiscord()
+        with fake2.installed():
+            config = bot_config(tmp_path / "second", worker, fal_key=None, worker_url=worker.base_url)
+            async with running_bot(config, fake2) as (bot2, driver2):
+                record = await driver2.slash(ALICE, "inpaint", **uploads(fake2), prompt="a boat", expand_prompt=True)
+                assert "This bot's backend can't do `expand_prompt`" in ephemeral_text(record)
+                assert await bot2.services.store.jobs.for_user(10) == [] and worker.requests == {}

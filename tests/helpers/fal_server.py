@@ -31,6 +31,8 @@ Op = Literal["submit", "status", "result", "cancel", "file", "check"]
 NSFW_OWNER_ALIAS = NSFW_APP_ID.rsplit("/", 1)[0]
 #: how many pixels of the marker colour make a picture NSFW to the test estimator
 MARKER_PIXELS = 64
+#: what the server adds to a prompt it is asked to expand
+EXPANSION = ", intricate, highly detailed, golden hour"
 FaultKind = Literal["status", "drop", "slow", "malformed", "unknown_status", "echo_auth", "foreign_urls"]
 
 
@@ -85,6 +87,7 @@ class FalTestServer:
         self.serve_nsfw = True  # serve fal-ai/imageutils/nsfw
         self.nsfw_marker: tuple[int, int, int] | None = None  # the estimator flags pictures holding this colour
         self.checks: dict[str, float] = {}  # the estimator's requests: id → the probability it answers
+        self.health: dict[str, Any] | None = None  # served at /health (as our worker does) when set
         self._outputs: dict[tuple[int, int, bool], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
         self.port = 0
@@ -124,6 +127,8 @@ class FalTestServer:
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         self.recorded.append(RecordedRequest(request.method, request.path, dict(request.query),
                                              {k.lower(): v for k, v in request.headers.items()}))
+        if request.path == "/health" and self.health is not None:
+            return self._json(self.health, 200)
         op = _op_of(request.method, request.path)
         if op is None:
             return self._json({"detail": "Not Found"}, 404)
@@ -259,9 +264,9 @@ class FalTestServer:
         images = [{"url": self._outputs[key], "width": width, "height": height,
                    "content_type": "image/png"} for _ in range(job.input.num_images)]
         seed = job.input.seed if job.input.seed is not None else 17454220438242315174
+        prompt = job.input.prompt + (EXPANSION if job.input.expand_prompt else "")  # as fal returns an expanded one
         return self._json({"images": images, "timings": {"inference": 0.01}, "seed": seed,
-                           "has_nsfw_concepts": [flagged] * job.input.num_images, "prompt": job.input.prompt},
-                          200, job.id)
+                           "has_nsfw_concepts": [flagged] * job.input.num_images, "prompt": prompt}, 200, job.id)
 
     async def _check(self, request: web.Request) -> web.Response:
         """fal-ai/imageutils/nsfw: answered at once (the first status poll is COMPLETED)."""

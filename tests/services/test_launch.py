@@ -326,3 +326,18 @@ async def test_real_photos_come_back_untouched_outside_their_masks(services: Env
         same = np.all(np.asarray(posted.convert("RGB")) == np.asarray(original), axis=2)
         mask = Image.open(mask_path).convert("L").point(lambda v: 255 if v >= 128 else 0)
         assert same[_outside(mask, 4)].all(), image_path.name
+
+
+async def test_capabilities_come_from_the_backend(tmp_path: Path) -> None:
+    import httpx
+
+    from services.backend_select import BackendChoice, probe_capabilities
+
+    async with FalTestServer(key=None) as worker, httpx.AsyncClient() as http:
+        choice = BackendChoice("worker", worker.base_url, None)
+        assert not (await probe_capabilities(choice, worker.base_url, http)).expand_prompt  # no /health at all
+        worker.health = {"ready": True, "expand_prompt": True}
+        assert (await probe_capabilities(choice, worker.base_url, http)).expand_prompt
+        worker.health = {"ready": True, "expand_prompt": False}
+        assert not (await probe_capabilities(choice, worker.base_url, http)).expand_prompt
+        assert (await probe_capabilities(BackendChoice("fal", "https://queue.fal.run", None), "", http)).expand_prompt
