@@ -15,7 +15,7 @@ import pytest
 from services.schema import InpaintOutput
 from services.worker.config import WorkerConfig
 from services.worker.queue import QueueFull, RequestQueue
-from services.worker.records import RequestRecord
+from services.worker.records import InpaintRecord, RequestRecord
 from tests.worker.fakes import DEFAULT_STEPS, FakePipeline, inpaint_input
 
 
@@ -29,7 +29,7 @@ def _queue(http: httpx.AsyncClient, pipeline: FakePipeline | None = None, **conf
     return RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", **config), http, pipeline or FakePipeline())
 
 
-def _submit(queue: RequestQueue, **overrides: Any) -> RequestRecord:
+def _submit(queue: RequestQueue, **overrides: Any) -> InpaintRecord:
     return queue.submit(inpaint_input(**overrides), "http://worker")
 
 

@@ -6,12 +6,12 @@ import asyncio
 import threading
 from datetime import datetime
 
-from services.worker.records import RequestRecord
+from services.worker.records import InpaintRecord
 from tests.worker.fakes import inpaint_input
 
 
-def _record() -> RequestRecord:
-    return RequestRecord(id="r1", input=inpaint_input(), seed=7, base_url="http://worker")
+def _record() -> InpaintRecord:
+    return InpaintRecord(id="r1", input=inpaint_input(), seed=7, base_url="http://worker")
 
 
 async def test_a_change_wakes_the_waiters_and_nothing_times_out() -> None:
