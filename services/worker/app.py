@@ -1,17 +1,26 @@
 """The worker's HTTP app: fal's queue protocol (https://docs.fal.ai/model-apis/model-endpoints/queue) on Starlette.
 
-Routes (each with or without a trailing slash; `{app}` is `fal-ai/fast-sdxl`, and the full id
-`fal-ai/fast-sdxl/inpainting` is accepted before `/requests/` too):
+It serves two fal apps (`{app id}` below), through the same routes and the same protocol:
 
-    POST /fal-ai/fast-sdxl/inpainting                 submit → 200 {request_id, *_url, status, queue_position}
+- `fal-ai/fast-sdxl/inpainting`: inpainting with the configured pipeline (`InpaintInput` → `InpaintOutput`);
+- `fal-ai/imageutils/nsfw`: fal's NSFW estimator, answered by the safety checker (`NsfwCheckInput` →
+  `NsfwCheckOutput`; `services.worker.checks`). Without a checker its submit is refused (422 naming
+  SAFETY_CHECKER_PATH).
+
+Routes (each with or without a trailing slash; `{app}` is the app id's `owner/alias` — `fal-ai/fast-sdxl`,
+`fal-ai/imageutils` — and the full app id is accepted before `/requests/` too; a request is found only under its
+own app):
+
+    POST /{app id}                                     submit → 200 {request_id, *_url, status, queue_position}
     GET  /{app}/requests/{id}/status?logs=1           202 while queued/running, 200 when completed
     GET  /{app}/requests/{id}/status/stream?logs=1    SSE: status events with new logs, ": ping", closes at the end
     GET  /{app}/requests/{id}                          the output (200), the stored error, or 202 + status
     PUT  /{app}/requests/{id}/cancel                   OK 200 | CANCELLATION_REQUESTED 202 | ALREADY_COMPLETED 400
                                                        | NOT_FOUND 404
-    POST /sync/fal-ai/fast-sdxl/inpainting            synchronous: waits and returns the output
+    POST /sync/{app id}                                synchronous: waits and returns the output
     GET  /files/{id}/{name}                            result images (when sync_mode is false)
-    GET  /health                                       readiness, pipeline, model, device, queue length
+    GET  /health                                       readiness, pipeline, model, device, queue length, which
+                                                       optional models are loaded (safety checker, prompt expander)
 
 The handlers are plain functions of the request. What they share — the configuration and the request queue — is
 the app's lifespan state (`WorkerState`): the lifespan loads the pipeline, starts the queue and yields the state, and
@@ -23,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import TypedDict
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypedDict
 
 import httpx
 from pydantic import ValidationError
@@ -37,16 +47,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from services.schema import INPAINT_APP_ID, CancelOutcome, InpaintInput
+from services.schema import INPAINT_APP_ID, NSFW_APP_ID, CancelOutcome, InpaintInput, NsfwCheckInput
 from services.worker.config import WorkerConfig
+from services.worker.expander import PromptExpander, load_prompt_expander
 from services.worker.inputs import RequestError, check_request
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Pipeline
 from services.worker.protocol import (
-    ALIAS,
-    OWNER,
     REQUEST_ID_HEADER,
-    SUBPATH,
     FalProtocolMiddleware,
     json_response,
     request_urls,
@@ -71,37 +79,51 @@ class WorkerState(TypedDict):
     queue: RequestQueue
 
 
-def create_app(config: WorkerConfig, *, pipeline: Pipeline | None = None,
-               safety: SafetyChecker | None = None) -> Starlette:
+def create_app(config: WorkerConfig, *, pipeline: Pipeline | None = None, safety: SafetyChecker | None = None,
+               expander: PromptExpander | None = None) -> Starlette:
     """The worker app. Without `pipeline`, the one the configuration chooses is loaded (and warmed up) at startup;
-    without `safety`, the checker at SAFETY_CHECKER_PATH is, when that is set."""
+    without `safety`, the checker at SAFETY_CHECKER_PATH is, when that is set; without `expander`, the prompt
+    expander at PROMPT_EXPANDER_PATH is, when that is set."""
     key = config.worker_key.get_secret_value() if config.worker_key else None
     return Starlette(routes=_ROUTES, middleware=[Middleware(FalProtocolMiddleware, key=key)],
-                     lifespan=functools.partial(lifespan, config=config, pipeline=pipeline, safety=safety))
+                     lifespan=functools.partial(lifespan, config=config, pipeline=pipeline, safety=safety,
+                                                expander=expander))
 
 
 @contextlib.asynccontextmanager
-async def lifespan(app: Starlette, *, config: WorkerConfig, pipeline: Pipeline | None,
-                   safety: SafetyChecker | None) -> AsyncIterator[WorkerState]:
+async def lifespan(app: Starlette, *, config: WorkerConfig, pipeline: Pipeline | None, safety: SafetyChecker | None,
+                   expander: PromptExpander | None) -> AsyncIterator[WorkerState]:
     """Load the models, then run the queue (its runner and reaper) for as long as the app serves."""
-    loaded, checker = await load_models(config, pipeline, safety)
+    models = await load_models(config, pipeline, safety, expander)
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as http:
-        queue = RequestQueue(config, http, loaded, checker)
+        queue = RequestQueue(config, http, models.pipeline, models.safety, models.expander)
         async with queue.background_tasks():
             yield {"config": config, "queue": queue}
 
 
-async def load_models(config: WorkerConfig, pipeline: Pipeline | None,
-                      safety: SafetyChecker | None) -> tuple[Pipeline, SafetyChecker | None]:
-    """The pipeline and safety checker given, or those the configuration names, loaded and warmed up in threads."""
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """What the worker runs requests with: the pipeline, and the optional safety checker and prompt expander."""
+
+    pipeline: Pipeline
+    safety: SafetyChecker | None
+    expander: PromptExpander | None
+
+
+async def load_models(config: WorkerConfig, pipeline: Pipeline | None, safety: SafetyChecker | None,
+                      expander: PromptExpander | None = None) -> Models:
+    """The models given, or those the configuration names, loaded (on the pipeline's device) and warmed up in
+    threads."""
     loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, config)
     if safety is None and config.safety_checker_path is not None:
         safety = await asyncio.to_thread(load_safety_checker, config.safety_checker_path, loaded.device)
+    if expander is None and config.prompt_expander_path is not None:
+        expander = await asyncio.to_thread(load_prompt_expander, config.prompt_expander_path, loaded.device)
     if config.warmup:
         await asyncio.to_thread(loaded.warmup)
-    log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s", loaded.name, loaded.model,
-             loaded.device, "on" if safety else "off")
-    return loaded, safety
+    log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s, prompt expander %s", loaded.name,
+             loaded.model, loaded.device, "on" if safety else "off", "on" if expander else "off")
+    return Models(loaded, safety, expander)
 
 
 # --- handlers -------------------------------------------------------------------------------------------
@@ -111,7 +133,7 @@ async def submit(request: Request[WorkerState]) -> Response:
     if isinstance(record, Response):
         return record
     queue = request.state["queue"]
-    log.info("queued %s (%d waiting)", record.id, len(queue.pending))
+    log.info("queued %s for %s (queue length %d)", record.id, record.app_id, queue.queue_length)
     return json_response({**request_urls(record), "status": "IN_QUEUE", "queue_position": queue.position(record)},
                          200, record.id)
 
@@ -163,7 +185,9 @@ async def result(request: Request[WorkerState]) -> Response:
 
 async def cancel(request: Request[WorkerState]) -> Response:
     rid = request.path_params["rid"]
-    outcome = request.state["queue"].cancel(rid)
+    queue = request.state["queue"]
+    record = queue.get(rid)
+    outcome: CancelOutcome = queue.cancel(rid) if record and _under_its_app(request, record) else "NOT_FOUND"
     return json_response({"status": outcome}, _CANCEL_STATUS[outcome], rid)
 
 
@@ -194,56 +218,77 @@ async def health(request: Request[WorkerState]) -> Response:
     pipeline = queue.pipeline
     return json_response({"ready": True, "pipeline": pipeline.name, "model": pipeline.model,
                           "device": pipeline.device, "queue_length": queue.queue_length,
-                          "safety_checker": queue.safety is not None}, 200)
+                          "safety_checker": queue.safety is not None, "expand_prompt": queue.expander is not None},
+                         200)
 
 
 # --- helpers --------------------------------------------------------------------------------------------
 
+def _submit_inpaint(request: Request[WorkerState], body: Any) -> RequestRecord:
+    """Validate an inpainting request, refuse what this worker can't serve, and queue it."""
+    inp = InpaintInput.model_validate(body)
+    queue = request.state["queue"]
+    check_request(inp, request.state["config"], safety_available=queue.safety is not None,
+                  expander_available=queue.expander is not None)
+    return queue.submit(inp, _base_url(request))
+
+
+def _submit_check(request: Request[WorkerState], body: Any) -> RequestRecord:
+    """Validate an NSFW check and start it; refused when this worker has no safety checker to answer it with."""
+    inp = NsfwCheckInput.model_validate(body)
+    queue = request.state["queue"]
+    if queue.safety is None:
+        raise RequestError("", f"{NSFW_APP_ID} needs a safety checker and this worker has none configured "
+                           "(set SAFETY_CHECKER_PATH)")
+    return queue.submit_check(inp, _base_url(request))
+
+
+#: the apps this worker serves: app id → how a submitted body becomes a queued request (raising pydantic's
+#: `ValidationError` or `RequestError` for a 422, `QueueFull` for a 503)
+_APPS: dict[str, Callable[[Request[WorkerState], Any], RequestRecord]] = {
+    INPAINT_APP_ID: _submit_inpaint, NSFW_APP_ID: _submit_check}
+
+
 async def _accept(request: Request[WorkerState]) -> RequestRecord | Response:
     """Check the app id, validate the body and queue it; or the error response to send instead."""
-    if not _is_inpaint(request):
-        return json_response({"detail": f"unknown app; this worker serves {INPAINT_APP_ID}"}, 404)
-    inp = await _parse_input(request)
-    if isinstance(inp, Response):
-        return inp
-    try:
-        return request.state["queue"].submit(inp, _base_url(request))
-    except QueueFull as exc:
-        return json_response({"detail": str(exc), "error_type": "queue_full"}, 503)
-
-
-async def _parse_input(request: Request[WorkerState]) -> InpaintInput | Response:
-    """The validated request body, refused (422) when this worker can't serve it; or the 422 response."""
+    p = request.path_params
+    submit_to = _APPS.get(f"{p['owner']}/{p['alias']}/{p['sub']}")
+    if submit_to is None:
+        return json_response({"detail": f"unknown app; this worker serves {' and '.join(_APPS)}"}, 404)
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
         return json_response(
             {"detail": [{"loc": ["body"], "msg": "the body is not valid JSON", "type": "json_invalid"}]}, 422)
     try:
-        inp = InpaintInput.model_validate(body)
-        check_request(inp, request.state["config"], safety_available=request.state["queue"].safety is not None)
+        return submit_to(request, body)
     except ValidationError as exc:
         return json_response({"detail": validation_detail(exc)}, 422)
     except RequestError as exc:
         return json_response({"detail": exc.detail}, 422)
-    return inp
+    except QueueFull as exc:
+        return json_response({"detail": str(exc), "error_type": "queue_full"}, 503)
 
 
 def _record_or_404(request: Request[WorkerState]) -> RequestRecord | Response:
+    """The request the path names, if it exists under the app the path names."""
     rid = request.path_params["rid"]
     record = request.state["queue"].get(rid)
-    if record is None:
+    if record is None or not _under_its_app(request, record):
         return json_response({"detail": f"Request {rid} not found"}, 404, rid)
     return record
 
 
+def _under_its_app(request: Request[WorkerState], record: RequestRecord) -> bool:
+    """Whether the path's `{owner}/{alias}` (and `{sub}`, in the full-id form) are the record's app's."""
+    p = request.path_params
+    if f"{p['owner']}/{p['alias']}" != record.url_prefix:
+        return False
+    return "sub" not in p or f"{p['owner']}/{p['alias']}/{p['sub']}" == record.app_id
+
+
 def _base_url(request: Request[WorkerState]) -> str:
     return (request.state["config"].public_url or str(request.base_url)).rstrip("/")
-
-
-def _is_inpaint(request: Request[WorkerState]) -> bool:
-    p = request.path_params
-    return (p["owner"], p["alias"], p["sub"]) == (OWNER, ALIAS, SUBPATH)
 
 
 def _wants_logs(request: Request[WorkerState]) -> bool:

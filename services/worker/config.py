@@ -1,5 +1,5 @@
 """The worker's configuration, `WorkerConfig`: read from the environment and `.env`, one variable per field (its
-name in upper case: PIPELINE, MODEL_PATH, WORKER_KEY, MAX_QUEUE, …)."""
+name in upper case: PIPELINE, MODEL_PATH, SAFETY_CHECKER_PATH, PROMPT_EXPANDER_PATH, WORKER_KEY, MAX_QUEUE, …)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ class WorkerConfig(BaseSettings):
         default=None, description="For a single-file checkpoint: a diffusers folder holding the component configs")
     safety_checker_path: Path | None = Field(default=None, description="Folder of a StableDiffusionSafetyChecker")
     check_inputs: bool = Field(default=True, description="Run the safety checker on uploaded images too")
+    prompt_expander_path: Path | None = Field(
+        default=None, description="Folder of a causal text-generation model (a MagicPrompt-style GPT-2, loaded "
+        "with transformers' AutoModelForCausalLM, nothing downloaded) that serves requests' `expand_prompt`; "
+        "without it such requests are refused with a 422")
     lora_dir: Path | None = Field(default=None, description="LoRA paths in requests resolve inside this folder")
     embedding_dir: Path | None = Field(default=None, description="Embedding paths resolve inside this folder")
     device: str | None = Field(default=None, description="torch device; default cuda when available, else cpu")

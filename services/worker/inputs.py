@@ -1,6 +1,7 @@
-"""From a validated fal request to a `PipelineJob`: checks that need the worker's configuration, output size,
-seeds, image and mask fetched and fitted to the size (the upload safety-checked), LoRA and embedding paths resolved
-inside their folders, and which requests can share a batch."""
+"""From a validated fal request to a `PipelineJob`: checks that need the worker's configuration (the models a request
+asks for among them), output size, seeds, image and mask fetched and fitted to the size (the upload safety-checked),
+LoRA and embedding paths resolved inside their folders, and which requests can share a batch. Also the image intake
+limits every app of the worker fetches its images with (`intake_limits`)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,15 @@ class RequestError(ValueError):
     """A request the worker cannot serve, reported as fal's 422 `detail` list."""
 
     def __init__(self, field: str, message: str, type_: str = "value_error") -> None:
+        """`field`: the dotted path of the field at fault; empty when the request as a whole can't be served."""
         super().__init__(message)
-        self.detail: list[dict[str, Any]] = [{"loc": ["body", *field.split(".")], "msg": message, "type": type_}]
+        loc = ["body", *field.split(".")] if field else ["body"]
+        self.detail: list[dict[str, Any]] = [{"loc": loc, "msg": message, "type": type_}]
+
+    @classmethod
+    def from_image_error(cls, exc: ImageInputError, field: str) -> RequestError:
+        """An image the intake code could not use (`services.images`), blamed on `field`."""
+        return cls(field, exc.message, f"image_error.{exc.code}")
 
     @property
     def error_type(self) -> str:
@@ -42,7 +50,13 @@ def output_size(inp: InpaintInput) -> tuple[int, int]:
     return max(8, round(width / 8) * 8), max(8, round(height / 8) * 8)
 
 
-def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: bool) -> None:
+def intake_limits(config: WorkerConfig) -> IntakeLimits:
+    """The limits every image the worker fetches is held to (8 pixels: the smallest output side)."""
+    return IntakeLimits(max_bytes=config.max_image_bytes, min_side=8)
+
+
+def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: bool,
+                  expander_available: bool) -> None:
     """Refuse at submit time what this worker can't do, so nobody waits in the queue for an error."""
     width, height = output_size(inp)
     if width * height > config.max_output_pixels:
@@ -51,6 +65,9 @@ def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: 
     if inp.enable_safety_checker and not safety_available:
         raise RequestError("enable_safety_checker", "the safety checker was requested but this worker has none "
                            "configured (set SAFETY_CHECKER_PATH), or send enable_safety_checker=false")
+    if inp.expand_prompt and not expander_available:
+        raise RequestError("expand_prompt", "prompt expansion was requested but this worker has no prompt expander "
+                           "configured (set PROMPT_EXPANDER_PATH), or send expand_prompt=false")
     for i, lora in enumerate(inp.loras):
         resolve_asset(lora.path, config.lora_dir, f"loras.{i}.path", "LORA_DIR")
     for i, emb in enumerate(inp.embeddings):
@@ -111,12 +128,10 @@ async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *, htt
     """Fetch and decode the request's image and mask, build its job and, when the request wants the safety
     checker and the worker checks inputs, check the upload too (nobody gets to launder an image through the bot).
     Decoding and checking run in threads. Raises `RequestError` for what the client must fix."""
-    limits = IntakeLimits(max_bytes=config.max_image_bytes, min_side=8)  # 8: the smallest output side
     try:
-        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, http=http, limits=limits)
+        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, http=http, limits=intake_limits(config))
     except ImageInputError as exc:
-        field = "mask_url" if exc.role == "mask" else "image_url"
-        raise RequestError(field, exc.message, f"image_error.{exc.code}") from exc
+        raise RequestError.from_image_error(exc, "mask_url" if exc.role == "mask" else "image_url") from exc
     job = await asyncio.to_thread(build_job, inp, prepared, seed, config)
     if inp.enable_safety_checker and safety is not None and config.check_inputs and (
             await asyncio.to_thread(safety, [prepared.image]))[0]:

@@ -1,6 +1,7 @@
 """From a pipeline's images to a request's output body (`InpaintOutput`): the safety checker's verdict on each image
 (flagged images are replaced with black), the encoding the request asked for, and where each image is found — a
-data URI with `sync_mode`, else a file this worker serves at `/files/{request id}/{name}`."""
+data URI with `sync_mode`, else a file this worker serves at `/files/{request id}/{name}`. The output's `prompt` is
+the one the images were made from (the expanded one, when the request asked for `expand_prompt`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from PIL import Image
 
 from services.images import CONTENT_TYPES, encode_image, to_data_uri
 from services.schema import InpaintOutput, OutputImage
-from services.worker.records import RequestRecord
+from services.worker.records import InpaintRecord
 from services.worker.safety import SafetyChecker
 
 JPEG_QUALITY = 90
 FILE_EXTENSIONS = {"jpeg": "jpg", "png": "png"}
 
 
-async def build_output(record: RequestRecord, images: list[Image.Image],
+async def build_output(record: InpaintRecord, images: list[Image.Image],
                        safety: SafetyChecker | None) -> dict[str, Any]:
     """The output body for `record`'s images: safety-checked when the request asks for it, then encoded (both in
     threads). Encoded files are kept on the record."""
@@ -29,7 +30,7 @@ async def build_output(record: RequestRecord, images: list[Image.Image],
     return await asyncio.to_thread(encode_output, record, images, nsfw)
 
 
-async def check_safety(record: RequestRecord, images: list[Image.Image],
+async def check_safety(record: InpaintRecord, images: list[Image.Image],
                        safety: SafetyChecker) -> tuple[list[bool], list[Image.Image]]:
     """The checker's flag per image, and the images with each flagged one replaced by black."""
     if record.input.safety_checker_version == "v2":
@@ -42,7 +43,7 @@ async def check_safety(record: RequestRecord, images: list[Image.Image],
     return flags, checked
 
 
-def encode_output(record: RequestRecord, images: list[Image.Image], nsfw: list[bool]) -> dict[str, Any]:
+def encode_output(record: InpaintRecord, images: list[Image.Image], nsfw: list[bool]) -> dict[str, Any]:
     """Encode the images in the requested format and build the output body (CPU work: call it in a thread)."""
     fmt = record.input.format
     content_type = CONTENT_TYPES[fmt]
@@ -58,5 +59,5 @@ def encode_output(record: RequestRecord, images: list[Image.Image], nsfw: list[b
         outputs.append(OutputImage(url=url, width=image.width, height=image.height, content_type=content_type))
     timings = {"inference": record.inference_time or 0.0, "total": record.running_for_s()}
     output = InpaintOutput(images=outputs, timings=timings, seed=record.seed, has_nsfw_concepts=nsfw,
-                           prompt=record.input.prompt)
+                           prompt=record.prompt)
     return output.model_dump(mode="json")

@@ -1,7 +1,8 @@
 """fal's queue protocol on the wire, as the worker speaks it (https://docs.fal.ai/model-apis/model-endpoints/queue):
 the bodies its routes answer with (a request's URLs, its status, its result or stored error, 422 details), JSON
 responses carrying `x-fal-request-id`, and the middleware every route runs behind (trailing slashes ignored, the
-`Authorization: Key …` check, a request id on every response)."""
+`Authorization: Key …` check, a request id on every response). The bodies take the base `RequestRecord`: every app
+the worker serves answers the same way."""
 
 from __future__ import annotations
 
@@ -13,17 +14,15 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.schema import INPAINT_APP_ID
 from services.worker.queue import RequestQueue
 from services.worker.records import RequestRecord
 
-OWNER, ALIAS, SUBPATH = INPAINT_APP_ID.split("/")
 REQUEST_ID_HEADER = "x-fal-request-id"
 
 
 def request_urls(record: RequestRecord) -> dict[str, str]:
-    """The request id and the URLs a client follows it at (under `/{owner}/{alias}`, as fal's are)."""
-    root = f"{record.base_url}/{OWNER}/{ALIAS}/requests/{record.id}"
+    """The request id and the URLs a client follows it at (under its app's `/{owner}/{alias}`, as fal's are)."""
+    root = f"{record.base_url}/{record.url_prefix}/requests/{record.id}"
     return {"request_id": record.id, "response_url": root, "status_url": f"{root}/status",
             "cancel_url": f"{root}/cancel"}
 

@@ -1,6 +1,12 @@
 """One request on the worker, from submit until its result expires: its fal state, the log lines clients see, its
 result or error, and the image files it serves.
 
+Every app the worker serves speaks the same queue protocol, so what the protocol needs lives in one base class,
+`RequestRecord` (id, base URL, app id and its URL prefix, state, logs, result or error, files, change
+notification); each app's record adds only what its requests carry: `InpaintRecord` for
+`fal-ai/fast-sdxl/inpainting`, `CheckRecord` for `fal-ai/imageutils/nsfw`. The protocol functions
+(`services.worker.protocol`) and the queue's client-facing operations work on the base.
+
 Whoever follows a request (an SSE stream, a synchronous caller) waits with `wait_changed`; every change to a record
 wakes them. The queue (`services.worker.queue`) owns the records and moves them from state to state.
 """
@@ -11,26 +17,27 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
-from services.schema import InpaintInput, QueueState
+from services.schema import INPAINT_APP_ID, NSFW_APP_ID, InpaintInput, NsfwCheckInput, QueueState
 from services.worker.pipelines.base import RunContext
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RequestRecord:
-    """One request: what was asked, where it stands, and what came of it."""
+    """One request of any app: where it stands and what came of it. Subclasses name their app (`app_id`)."""
+
+    #: the app's full id (`owner/alias/path`); set by each subclass
+    app_id: ClassVar[str]
 
     id: str
-    input: InpaintInput
-    seed: int
     #: the base URL the client reached us at: the request's status, result and file URLs start with it
     base_url: str
     state: QueueState = "IN_QUEUE"
     logs: list[dict[str, Any]] = field(default_factory=list)
     started_at: float | None = None  # time.monotonic()
     finished_at: float | None = None
-    inference_time: float | None = None  # seconds in the pipeline (shared by every request of its batch)
+    inference_time: float | None = None  # seconds in the model (shared by every request of an inpainting batch)
     result: dict[str, Any] | None = None  # the output body, once completed without error
     error: str | None = None
     error_type: str | None = None
@@ -39,6 +46,12 @@ class RequestRecord:
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name → (data, content type)
     ctx: RunContext | None = None  # from `start()` on
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url_prefix(self) -> str:
+        """`owner/alias` of the app: fal's request URLs live under `/{owner}/{alias}/requests/{id}`."""
+        owner, alias = self.app_id.split("/")[:2]
+        return f"{owner}/{alias}"
 
     def add_log(self, message: str, level: str = "INFO") -> None:
         self.logs.append({"message": message, "level": level, "source": "USER",
@@ -60,8 +73,8 @@ class RequestRecord:
         return True
 
     def start(self) -> RunContext:
-        """IN_PROGRESS from now (call it on the event loop). Returns the context its pipeline run gets: log lines
-        the pipeline writes from its thread are added here, in order, on the event loop."""
+        """IN_PROGRESS from now (call it on the event loop). Returns the context its run gets: log lines written
+        from a worker thread are added here, in order, on the event loop."""
         loop = asyncio.get_running_loop()
 
         def log_from_thread(message: str) -> None:
@@ -100,3 +113,29 @@ class RequestRecord:
     def fail_internal(self, exc: Exception) -> None:
         """Complete with the worker's own failure (fal's 500 `runner_error`)."""
         self.fail(f"the worker failed: {type(exc).__name__}: {exc}", "runner_error", 500)
+
+
+@dataclass(kw_only=True)
+class InpaintRecord(RequestRecord):
+    """A `fal-ai/fast-sdxl/inpainting` request: its input, its seed (resolved at submit) and, when the request
+    asked for `expand_prompt`, the expanded prompt the pipeline ran with."""
+
+    app_id: ClassVar[str] = INPAINT_APP_ID
+
+    input: InpaintInput
+    seed: int
+    expanded_prompt: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The prompt the images were made from: the expanded one when there is one (the output's `prompt`)."""
+        return self.expanded_prompt if self.expanded_prompt is not None else self.input.prompt
+
+
+@dataclass(kw_only=True)
+class CheckRecord(RequestRecord):
+    """A `fal-ai/imageutils/nsfw` request: one image to estimate."""
+
+    app_id: ClassVar[str] = NSFW_APP_ID
+
+    input: NsfwCheckInput

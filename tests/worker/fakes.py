@@ -1,16 +1,18 @@
 """Stand-ins for the worker's unit tests: a pipeline that records what it was asked and returns flat images at
-once (or when a test lets it), safety checkers with fixed verdicts, and requests made from the schema's defaults."""
+once (or when a test lets it), safety checkers with fixed verdicts (or one that flags red images, when a test lets
+it), a prompt expander that says what it was given, requests made from the schema's defaults, and flat images."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageStat
 
+from services.images import to_data_uri
 from services.schema import InpaintInput
 from services.worker.pipelines.base import Cancelled, PipelineJob, RunContext
-from tests.helpers.imagegen import image_pair_uris
+from tests.helpers.imagegen import encode, image_pair_uris
 
 IMAGE_URI, MASK_URI = image_pair_uris((64, 64))
 #: the schema's default step count, read from the schema (a request with other steps can't share its batch)
@@ -70,3 +72,45 @@ def flag_none(images: list[Image.Image]) -> list[bool]:
 
 def must_not_run(images: list[Image.Image]) -> list[bool]:
     raise AssertionError("the safety checker ran")
+
+
+def solid_uri(colour: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> str:
+    """A PNG data URI of one flat colour."""
+    return to_data_uri(encode(Image.new("RGB", size, colour)), "image/png")
+
+
+RED_URI = solid_uri((220, 30, 30))
+BLUE_URI = solid_uri((30, 30, 220))
+
+
+def flag_red(images: list[Image.Image]) -> list[bool]:
+    """Flags the images whose mean colour is mostly red."""
+    flags = []
+    for im in images:
+        r, g, b = ImageStat.Stat(im.convert("RGB")).mean
+        flags.append(r > g + 60 and r > b + 60)
+    return flags
+
+
+class GatedChecker:
+    """`flag_red` once the test opens `gate`; `entered` counts the calls that have started."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def __call__(self, images: list[Image.Image]) -> list[bool]:
+        self.entered.release()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return flag_red(images)
+
+
+class FakeExpander:
+    """Appends `, by seed {seed}` to the prompt; every call is kept in `calls`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def __call__(self, prompt: str, seed: int) -> str:
+        self.calls.append((prompt, seed))
+        return f"{prompt}, by seed {seed}"

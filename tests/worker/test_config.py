@@ -16,7 +16,7 @@ ENVIRONMENT = {
     "EMBEDDING_DIR": "/embeddings", "DEVICE": "cuda:1", "DTYPE": "float16", "FAST_PATH": "on", "FAST_COMPILE": "auto",
     "MAX_BATCH_IMAGES": "4", "HOST": "0.0.0.0", "PORT": "9000", "PUBLIC_URL": "https://worker.example",
     "WORKER_KEY": "id:secret", "MAX_QUEUE": "5", "RESULT_TTL_S": "90", "MAX_OUTPUT_PIXELS": "1048576",
-    "MAX_IMAGE_BYTES": "1000000", "SSE_PING_S": "2.5", "WARMUP": "0",
+    "MAX_IMAGE_BYTES": "1000000", "SSE_PING_S": "2.5", "WARMUP": "0", "PROMPT_EXPANDER_PATH": "/models/magicprompt",
 }
 
 
@@ -28,7 +28,8 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
     assert config.worker_key is not None and config.worker_key.get_secret_value() == "id:secret"
     assert config.model_dump(exclude={"worker_key"}) == {
         "pipeline": "classic", "model_path": Path("/models/sdxl"), "model_config_path": Path("/models/config"),
-        "safety_checker_path": Path("/models/checker"), "check_inputs": False, "lora_dir": Path("/loras"),
+        "safety_checker_path": Path("/models/checker"), "check_inputs": False,
+        "prompt_expander_path": Path("/models/magicprompt"), "lora_dir": Path("/loras"),
         "embedding_dir": Path("/embeddings"), "device": "cuda:1", "dtype": "float16", "fast_path": "on",
         "fast_compile": "auto", "max_batch_images": 4, "host": "0.0.0.0", "port": 9000,
         "public_url": "https://worker.example", "max_queue": 5, "result_ttl_s": 90.0, "max_output_pixels": 1048576,

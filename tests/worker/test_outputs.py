@@ -11,12 +11,12 @@ from PIL import Image
 
 from services.schema import InpaintOutput
 from services.worker.outputs import build_output, encode_output
-from services.worker.records import RequestRecord
+from services.worker.records import InpaintRecord
 from tests.worker.fakes import flag_all, inpaint_input, must_not_run
 
 
-def _record(**overrides: Any) -> RequestRecord:
-    record = RequestRecord(id="r1", input=inpaint_input(**overrides), seed=11, base_url="http://worker:8000")
+def _record(**overrides: Any) -> InpaintRecord:
+    record = InpaintRecord(id="r1", input=inpaint_input(**overrides), seed=11, base_url="http://worker:8000")
     record.started_at = 0.0
     record.inference_time = 1.5
     return record

@@ -128,7 +128,8 @@ async def test_auth_is_required_when_a_key_is_set(classic: str) -> None:
         health = await http.get("/health")  # liveness probes need no key
         assert health.status_code == 200
         assert health.json() | {"queue_length": 0} == {"ready": True, "pipeline": "classic", "model": "opencv-inpaint",
-                                                        "device": "cpu", "queue_length": 0, "safety_checker": False}
+                                                        "device": "cpu", "queue_length": 0, "safety_checker": False,
+                                                        "expand_prompt": False}
 
 
 @pytest.mark.parametrize(

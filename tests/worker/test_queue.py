@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from services.schema import InpaintOutput
+from services.schema import InpaintOutput, NsfwCheckInput
 from services.worker.config import WorkerConfig
 from services.worker.queue import QueueFull, RequestQueue
-from services.worker.records import RequestRecord
-from tests.worker.fakes import DEFAULT_STEPS, FakePipeline, inpaint_input
+from services.worker.records import InpaintRecord, RequestRecord
+from tests.worker.fakes import BLUE_URI, DEFAULT_STEPS, RED_URI, FakePipeline, flag_red, inpaint_input
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def _queue(http: httpx.AsyncClient, pipeline: FakePipeline | None = None, **conf
     return RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", **config), http, pipeline or FakePipeline())
 
 
-def _submit(queue: RequestQueue, **overrides: Any) -> RequestRecord:
+def _submit(queue: RequestQueue, **overrides: Any) -> InpaintRecord:
     return queue.submit(inpaint_input(**overrides), "http://worker")
 
 
@@ -190,3 +190,39 @@ async def test_reap_frees_completed_requests_past_the_ttl(http: httpx.AsyncClien
     assert queue.reap() == 1
     assert queue.get(old.id) is None and queue.get(recent.id) is recent and queue.get(waiting.id) is waiting
     assert queue.reap() == 0
+
+
+async def test_checks_run_beside_the_batch_and_expire_like_the_others(http: httpx.AsyncClient) -> None:
+    gate = threading.Event()
+    pipeline = FakePipeline(gate=gate)
+    queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", result_ttl_s=60), http, pipeline,
+                         safety=flag_red)
+    async with queue.background_tasks():
+        inpaint = _submit(queue)
+        assert await asyncio.to_thread(pipeline.entered.wait, 30)
+        red = queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
+        blue = queue.submit_check(NsfwCheckInput(image_url=BLUE_URI), "http://worker")
+        assert red.url_prefix == "fal-ai/imageutils" and inpaint.url_prefix == "fal-ai/fast-sdxl"
+        await _until_completed(red, blue)
+        assert inpaint.state == "IN_PROGRESS" and queue.queue_length == 1
+        assert (red.result, blue.result) == ({"nsfw_probability": 1.0}, {"nsfw_probability": 0.0})
+        assert red.inference_time is not None and _messages(red)[-1].endswith(": flagged")
+        gate.set()
+        await _until_completed(inpaint)
+    assert queue.cancel(red.id) == "ALREADY_COMPLETED"
+    assert red.finished_at is not None
+    red.finished_at = time.monotonic() - 61
+    assert queue.reap() == 1 and queue.get(red.id) is None and queue.get(blue.id) is blue
+
+
+async def test_a_failing_checker_fails_only_its_check(http: httpx.AsyncClient) -> None:
+    def broken(images: list[Any]) -> list[bool]:
+        raise RuntimeError("no memory")
+
+    queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic"), http, FakePipeline(), safety=broken)
+    record = queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
+    await _until_completed(record)
+    assert (record.error_type, record.error_status) == ("runner_error", 500)
+    assert record.error == "the worker failed: RuntimeError: no memory"
+    assert _messages(record)[-1] == "internal error: RuntimeError: no memory"
+    assert queue.queue_length == 0

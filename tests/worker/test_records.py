@@ -1,4 +1,5 @@
-"""A request record on its own: log lines, change notification, the start of a run, and how it completes."""
+"""A request record on its own: log lines, change notification, the start of a run, how it completes, and the
+record of each app."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import asyncio
 import threading
 from datetime import datetime
 
-from services.worker.records import RequestRecord
+from services.schema import NsfwCheckInput
+from services.worker.protocol import request_urls
+from services.worker.records import CheckRecord, InpaintRecord
 from tests.worker.fakes import inpaint_input
 
 
-def _record() -> RequestRecord:
-    return RequestRecord(id="r1", input=inpaint_input(), seed=7, base_url="http://worker")
+def _record() -> InpaintRecord:
+    return InpaintRecord(id="r1", input=inpaint_input(), seed=7, base_url="http://worker")
 
 
 async def test_a_change_wakes_the_waiters_and_nothing_times_out() -> None:
@@ -86,3 +89,15 @@ async def test_cancelled_and_internal_failures() -> None:
     assert (crashed.error, crashed.error_type, crashed.error_status) == (
         "the worker failed: RuntimeError: out of memory", "runner_error", 500)
     assert crashed.logs == []  # the caller decides whether clients see a log line
+
+
+async def test_each_app_has_its_record_under_its_own_urls() -> None:
+    inpaint = _record()
+    check = CheckRecord(id="c1", input=NsfwCheckInput(image_url="data:,"), base_url="http://worker")
+    assert (inpaint.app_id, inpaint.url_prefix) == ("fal-ai/fast-sdxl/inpainting", "fal-ai/fast-sdxl")
+    assert (check.app_id, check.url_prefix) == ("fal-ai/imageutils/nsfw", "fal-ai/imageutils")
+    assert request_urls(check)["status_url"] == "http://worker/fal-ai/imageutils/requests/c1/status"
+    # the output's prompt is the expanded one once there is one
+    assert inpaint.prompt == inpaint.input.prompt
+    inpaint.expanded_prompt = f"{inpaint.input.prompt}, oil painting"
+    assert inpaint.prompt == "a red door, oil painting"
