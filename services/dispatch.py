@@ -37,6 +37,7 @@ from services.images import ImageInputError, IntakeLimits, fetch_source, to_data
 from services.job_state import BLOB_REFS, IllegalTransition, Job, JobStatus
 from services.modlog import ModerationLog
 from services.progress import Progress
+from services.prompt_filter import PromptFilter
 from services.schema import InpaintOutput, QueueHandle
 from services.stitch import stitch_encoded
 from services.store import Store
@@ -347,6 +348,7 @@ class Dispatcher:
         job = await self.jobs.get(job_id)
         if job.plan is not None:
             blobs, output = await self._stitched(job, job.plan, blobs, output)
+        output = await self._filtered_prompt(job, output)
         result = output.model_dump(mode="json")
         for stored_image in result["images"]:
             if stored_image["url"].startswith("data:"):
@@ -384,6 +386,20 @@ class Dispatcher:
                   for image, (_, content_type) in zip(output.images, stitched, strict=True)]
         blobs = {role: Blob(data, content_type) for role, (data, content_type) in zip(outputs, stitched, strict=True)}
         return blobs, output.model_copy(update={"images": images})
+
+    async def _filtered_prompt(self, job: Job, output: InpaintOutput) -> InpaintOutput:
+        """A prompt the backend expanded (`expand_prompt`) is a model's text: it goes through the server's prompt
+        filters before anyone sees it, and is not shown when it breaks them."""
+        asked = str(job.input.get("prompt", ""))
+        if output.prompt == asked:
+            return output
+        settings = await self.store.server_settings.load(job.guild_id)
+        hit = PromptFilter(settings).check({"prompt": output.prompt})
+        if hit is None:
+            return output
+        await self.jobs.add_event(job.id, "moderation", f"the backend's expanded prompt broke this server's filters "
+                                  f"({hit.rule}): it is not shown", {"rule": hit.rule})
+        return output.model_copy(update={"prompt": asked})
 
     async def _block_flagged_input(self, job_id: int, detail: str) -> None:
         job = await self.jobs.get(job_id)

@@ -53,6 +53,7 @@ class UploadCheck:
         self.store = store
         self.backend = backend
         self.threshold = threshold
+        self._asking: dict[str, asyncio.Future[float]] = {}
 
     async def verdict(self, job: Job) -> UploadVerdict:
         """Whether the job's whole picture may be sent (asked of the backend once per picture)."""
@@ -63,13 +64,27 @@ class UploadCheck:
         probability = await self.store.upload_checks.probability(picture.sha256)
         if probability is None:
             try:
-                probability = await self._ask(picture.data)
+                probability = await self._ask_once(picture.sha256, picture.data)
             except (FalNotFoundError, FalValidationError) as exc:
                 if isinstance(exc, FalValidationError) and not _no_checker(exc):
                     raise
                 return UploadVerdict("unchecked", why=f"the backend has no NSFW estimator ({exc})")
-            await self.store.upload_checks.record(picture.sha256, probability)
         return UploadVerdict("flagged" if probability >= self.threshold else "clean", probability)
+
+    async def _ask_once(self, sha256: str, data: bytes) -> float:
+        """Ask about a picture, and store the answer; jobs asking about the same picture at the same time (a burst
+        of variations) share one request."""
+        pending = self._asking.get(sha256)
+        if pending is None:
+            pending = asyncio.ensure_future(self._ask(data))
+            self._asking[sha256] = pending
+            try:
+                probability = await asyncio.shield(pending)
+                await self.store.upload_checks.record(sha256, probability)
+                return probability
+            finally:
+                self._asking.pop(sha256, None)
+        return await asyncio.shield(pending)
 
     async def _ask(self, data: bytes) -> float:
         uri = await asyncio.to_thread(check_image, data)

@@ -33,7 +33,7 @@ from tests.helpers.bot_env import (
 from tests.helpers.discord_harness import ALL_PERMISSIONS, FakeDiscord
 from tests.helpers.fal_server import EXPANSION, FalTestServer
 from tests.helpers.imagegen import encode, photo
-from tests.helpers.waits import wait_until
+from tests.helpers.waits import wait_for, wait_until
 
 
 async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) -> None:
@@ -222,8 +222,15 @@ async def test_restart_mid_job_resumes_and_posts_once(tmp_path: Path) -> None:
                 await driver.slash(BOB, "inpaint", **uploads(fake), prompt="lost by the backend", seed=78)
                 await wait_until(lambda: len(server.requests) == 2, what="both submits")
                 await wait_until(lambda: len(server.hits("status")) >= 4, what="polling")
+                jobs = bot.services.store.jobs
+
+                async def both_recorded() -> bool:
+                    return all([(await jobs.get(1)).backend_request_id, (await jobs.get(2)).backend_request_id])
+
+                await wait_for(both_recorded, what="both submissions recorded")
+                first_rid, second_rid = (await jobs.get(1)).backend_request_id, (await jobs.get(2)).backend_request_id
             # the bot is down; meanwhile the backend finishes the first request and forgets the second
-            first_rid, second_rid = list(server.requests)
+            assert first_rid is not None and second_rid is not None
             server.requests[first_rid].queue_polls_left = 0
             del server.requests[second_rid]
             server.queue_polls = 1  # new submissions run promptly now
@@ -446,6 +453,13 @@ async def test_expand_prompt_where_the_backend_can_and_a_clear_no_where_it_cant(
     result = await result_message(fake, 1, bot)
     assert (await bot.services.store.jobs.get(1)).input["expand_prompt"] is True
     assert result.embeds[0]["description"] == "a boat" + EXPANSION  # the prompt the backend really used
+    # …unless that text breaks the server's filters: the model wrote it, nobody asked for it
+    await bot.services.store.server_settings.save(PLACE.guild_id, {"filter_words": ["golden"]})
+    await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a boat", expand_prompt=True)
+    hidden = await result_message(fake, 2, bot)
+    assert hidden.embeds[0]["description"] == "a boat"
+    assert any("expanded prompt broke this server's filters" in e.message
+               for e in await bot.services.store.jobs.events(2))
     async with FalTestServer(key=None) as worker:  # a worker whose /health doesn't offer it
         fake2 = FakeDiscord()
         with fake2.installed():

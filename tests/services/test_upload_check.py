@@ -3,6 +3,7 @@ only a crop of it is sent; a flagged area outside the mask blocks the job."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -101,3 +102,42 @@ def test_the_estimator_gets_the_whole_picture_small() -> None:
     uri = check_image(encode(photo(4000, 3000)))
     picture = Image.open(io.BytesIO(parse_data_uri(uri, max_bytes=10 * 1024 * 1024)))
     assert picture.format == "JPEG" and picture.size == (CHECK_MAX_SIDE, 768)
+
+
+async def test_with_our_worker_the_whole_upload_goes_to_its_safety_checker(tmp_path: Path) -> None:
+    """The bot and the worker across real HTTP: the worker serves fal-ai/imageutils/nsfw with its checker."""
+    import numpy as np
+
+    from services.worker.app import create_app
+    from services.worker.config import WorkerConfig
+    from tests.helpers.worker_harness import serve
+
+    seen: list[tuple[int, int]] = []
+
+    def checker(images: list[Image.Image]) -> list[bool]:  # flags pictures holding the marker colour
+        seen.extend(image.size for image in images)
+        return [bool(np.all(np.asarray(image.convert("RGB")) == MARKER, axis=2).sum() >= 64) for image in images]
+
+    app = create_app(WorkerConfig(_env_file=None, pipeline="classic", warmup=False), safety=checker)
+    async with serve(app) as base_url, FalTestServer(key=None) as unused:
+        config = bot_config(tmp_path, unused, fal_key=None, worker_url=base_url, painter_enabled=False)
+        async with build_services(config) as built:
+            listener = RecordingListener()
+            await built.dispatcher.start(listener)
+            blocked = await _run(built, listener, _upload(marked=True))
+            assert (await built.store.jobs.get(blocked)).status is JobStatus.BLOCKED
+            clean = await _run(built, listener, _upload(marked=False))
+            assert (await built.store.jobs.get(clean)).status is JobStatus.SUCCEEDED
+    assert (1024, 768) in seen  # the whole picture, made small for the checker, was checked
+
+
+async def test_jobs_launched_together_on_one_picture_share_one_check(env: Env) -> None:
+    built, listener, server = env
+    outcomes = await asyncio.gather(*(built.launcher.launch(Requester(guild_id=1, channel_id=2, user_id=10 + i),
+                                                            {"prompt": "a boat"}, _upload(marked=False))
+                                      for i in range(3)))
+    for outcome in outcomes:
+        assert isinstance(outcome, Launched)
+        await listener.event(outcome.job.id).wait()
+        assert (await built.store.jobs.get(outcome.job.id)).status is JobStatus.SUCCEEDED
+    assert len(server.checks) == 1 and len(server.requests) == 3
