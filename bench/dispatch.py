@@ -27,10 +27,9 @@ from services.backends.fal_queue import FalQueueClient, QueueUpdate
 from services.blob import Blob
 from services.config import BotConfig
 from services.container import build_services
-from services.dispatch import JobImages
+from services.dispatch import QuietListener
 from services.fairqueue import FairQueue, QueuedJob
 from services.job_state import Job
-from services.progress import Progress
 from services.schema import InpaintOutput
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
@@ -63,19 +62,13 @@ class TimedBackend:
         client.follow_as = timed_follow_as  # type: ignore[method-assign]
 
 
-class Clock:
+class Clock(QuietListener):
     def __init__(self, backend: TimedBackend, total: int) -> None:
         self.backend = backend
         self.total = total
         self.last = time.perf_counter()
         self.overheads: list[float] = []
         self.done = asyncio.Event()
-
-    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
-        return None
-
-    async def job_progress(self, job: Job, progress: Progress) -> None:
-        return None
 
     async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None:

@@ -26,13 +26,12 @@ from typing import Any
 from services.blob import Blob
 from services.config import BotConfig, load_config
 from services.container import build_services
-from services.dispatch import JobImages
+from services.dispatch import QuietListener
 from services.errors import UserError
 from services.images import ImageInputError, IntakeLimits, PreparedInputs, normalized_image, prepare_inputs
 from services.job_state import Job, JobStatus
 from services.launch import Launched, NewImages
 from services.outpaint import OUTPAINT_STRENGTH, Expansion, expand
-from services.progress import Progress
 from services.refusals import Refused
 from services.requester import Requester
 from services.schema import IMAGE_SIZE_PRESETS, InpaintOutput
@@ -46,17 +45,11 @@ class CliError(Exception):
         self.code = code
 
 
-class _OneJob:
+class _OneJob(QuietListener):
     """The dispatcher's listener for one job: it only waits for the end."""
 
     def __init__(self) -> None:
         self.ended = asyncio.Event()
-
-    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
-        return None
-
-    async def job_progress(self, job: Job, progress: Progress) -> None:
-        return None
 
     async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None:

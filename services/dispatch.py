@@ -72,6 +72,24 @@ class JobListener(Protocol):
         """A job ended without a result: failed, cancelled or blocked (`job.error` says why)."""
 
 
+class QuietListener:
+    """A listener that shows nothing: a base for listeners that care about some of what happens (the command line
+    waits for the end; benchmarks time it)."""
+
+    async def job_queued(self, job: Job, images: JobImages, position: int | None) -> None:
+        return None
+
+    async def job_progress(self, job: Job, progress: Progress) -> None:
+        return None
+
+    async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
+                            spoiler: bool = False) -> None:
+        return None
+
+    async def job_ended(self, job: Job) -> None:
+        return None
+
+
 class Dispatcher:
     """Runs jobs fairly: users take turns, each user and each server under its concurrency cap, and at most
     `concurrency` jobs at the backend in all."""

@@ -11,8 +11,8 @@ from PIL import Image
 
 from services.images import to_data_uri
 from tests.conftest import BotEnv
-from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, message_with, result_message
-from tests.helpers.discord_harness import FakeMessage, InteractionRecord
+from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, link_url, message_with, result_message
+from tests.helpers.discord_harness import FakeMessage
 from tests.helpers.imagegen import encode, photo
 
 MODEL = np.array([40, 120, 200])  # what the fal test server paints
@@ -60,7 +60,7 @@ async def test_vary_region_opens_the_painter_on_the_result(discord_env: BotEnv) 
     posted = _posted(result)
     record = await driver.click(ALICE, result, "inpaint:region:1")
     assert "Paint the area of job #1's result to vary on this page." in ephemeral_text(record)
-    url = _link(record)
+    url = link_url(record)
     async with httpx.AsyncClient() as browser:
         shown = await browser.get(url)
         assert shown.status_code == 200 and "a kite" in shown.text  # the prompt carried over
@@ -80,12 +80,3 @@ def _mask(size: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
     mask = Image.new("L", size, 0)
     mask.paste(255, box)
     return mask
-
-
-def _link(record: InteractionRecord) -> str:
-    for message in record.followups:
-        for row in message.components:
-            for component in row.get("components", []):
-                if component.get("style") == 5:
-                    return str(component["url"])
-    raise AssertionError("no link button")

@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BotEnv
-from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, result_message
-from tests.helpers.discord_harness import Driver, FakeDiscord, InteractionRecord
+from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, link_url, result_message
+from tests.helpers.discord_harness import Driver, FakeDiscord
 from tests.helpers.imagegen import encode, photo
 
 CHROMIUM = "/usr/bin/chromium"
@@ -36,13 +36,6 @@ def _browser_missing() -> str | None:
     return None
 
 
-def _link(record: InteractionRecord) -> str:
-    for message in record.followups:
-        for row in message.components:
-            for component in row.get("components", []):
-                if component.get("style") == 5:
-                    return str(component["url"])
-    raise AssertionError(f"no link button in {record.texts()}")
 
 
 async def _ask_for_link(fake: FakeDiscord, driver: Driver, size: tuple[int, int] = (320, 240),
@@ -52,7 +45,7 @@ async def _ask_for_link(fake: FakeDiscord, driver: Driver, size: tuple[int, int]
     record = await driver.slash(ALICE, "inpaint", image=upload, prompt=prompt)
     assert "paint the area to change on this page" in ephemeral_text(record)
     assert "works once, for 30 minutes" in ephemeral_text(record)
-    return _link(record), image
+    return link_url(record), image
 
 
 def _painted_mask(width: int, height: int, box: tuple[int, int, int, int]) -> str:

@@ -112,3 +112,13 @@ async def wait_for_final_message(fake: FakeDiscord, bot: InpaintBot, job_id: int
     await wait_until(lambda: not any(c.startswith("inpaint:cancel") for c in message.custom_ids()),
                      what="the cancel button to go")
     return message
+
+
+def link_url(record: InteractionRecord) -> str:
+    """The URL of the link button the bot answered `record` with (the mask painter's)."""
+    for message in record.followups:
+        for row in message.components:
+            for component in row.get("components", []):
+                if component.get("style") == 5:
+                    return str(component["url"])
+    raise AssertionError(f"no link button in {record.texts()}")
