@@ -366,7 +366,8 @@ class Dispatcher:
         job = await self.jobs.get(job_id)
         if job.plan is not None:
             blobs, output = await self._stitched(job, job.plan, blobs, output)
-        output = await self._filtered_prompt(job, output)
+        if await self._expansion_blocked(job, output, blobs):
+            return
         result = output.model_dump(mode="json")
         for stored_image in result["images"]:
             if stored_image["url"].startswith("data:"):
@@ -405,19 +406,21 @@ class Dispatcher:
         blobs = {role: Blob(data, content_type) for role, (data, content_type) in zip(outputs, stitched, strict=True)}
         return blobs, output.model_copy(update={"images": images})
 
-    async def _filtered_prompt(self, job: Job, output: InpaintOutput) -> InpaintOutput:
-        """A prompt the backend expanded (`expand_prompt`) is a model's text: it goes through the server's prompt
-        filters before anyone sees it, and is not shown when it breaks them."""
-        asked = str(job.input.get("prompt", ""))
-        if output.prompt == asked:
-            return output
+    async def _expansion_blocked(self, job: Job, output: InpaintOutput, blobs: dict[str, Blob]) -> bool:
+        """A prompt the backend expanded (`expand_prompt`) is a model's text, and the picture was painted from it:
+        it goes through the server's prompt filters like the user's own, and a job whose expansion breaks them is
+        blocked (nothing posted, the moderation log told) as if the user had written it."""
+        if output.prompt == str(job.input.get("prompt", "")):
+            return False
         settings = await self.store.server_settings.load(job.guild_id)
         hit = PromptFilter(settings).check({"prompt": output.prompt})
         if hit is None:
-            return output
-        await self.jobs.add_event(job.id, "moderation", f"the backend's expanded prompt broke this server's filters "
-                                  f"({hit.rule}): it is not shown", {"rule": hit.rule})
-        return output.model_copy(update={"prompt": asked})
+            return False
+        rule = f"{hit.rule} in the expanded prompt"
+        await self._log(job, "prompt_blocked", f"{rule}: {output.prompt}"[:1000])
+        await self.jobs.attach_blobs(job.id, blobs)
+        await self._end(job.id, JobStatus.BLOCKED, f"Blocked: {rule}", data={"rule": rule})
+        return True
 
     async def _block_flagged_input(self, job_id: int, detail: str) -> None:
         job = await self.jobs.get(job_id)

@@ -271,7 +271,9 @@ class RequestQueue:
         assert self.expander is not None, "requests asking for expand_prompt are refused at submit without one"
         record.add_log("expanding the prompt")
         record.expanded_prompt = await asyncio.to_thread(self.expander, record.input.prompt, record.seed)
-        record.add_log(f"expanded the prompt to: {record.expanded_prompt}")
+        # not the text itself: logs are shown as the job runs, and a client filters the prompt it gets back first
+        added = len(record.expanded_prompt.split()) - len(record.input.prompt.split())
+        record.add_log(f"expanded the prompt (+{max(0, added)} words)")
         return dataclasses.replace(job, prompt=record.expanded_prompt)
 
     async def _finish(self, record: InpaintRecord, images: list[Image.Image]) -> None:

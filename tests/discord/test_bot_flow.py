@@ -453,13 +453,15 @@ async def test_expand_prompt_where_the_backend_can_and_a_clear_no_where_it_cant(
     result = await result_message(fake, 1, bot)
     assert (await bot.services.store.jobs.get(1)).input["expand_prompt"] is True
     assert result.embeds[0]["description"] == "a boat" + EXPANSION  # the prompt the backend really used
-    # …unless that text breaks the server's filters: the model wrote it, nobody asked for it
+    # …unless that text breaks the server's filters: then the job is blocked, as if the user had written it
     await bot.services.store.server_settings.save(PLACE.guild_id, {"filter_words": ["golden"]})
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a boat", expand_prompt=True)
-    hidden = await result_message(fake, 2, bot)
-    assert hidden.embeds[0]["description"] == "a boat"
-    assert any("expanded prompt broke this server's filters" in e.message
-               for e in await bot.services.store.jobs.events(2))
+    final = await wait_for_final_message(fake, bot, 2, JobStatus.BLOCKED)
+    assert final.field("Status") == "⛔ Blocked"
+    job = await bot.services.store.jobs.get(2)
+    assert job.error == "Blocked: server word 'golden' in the expanded prompt"
+    assert not any("inpaint:reroll:2" in m.custom_ids() for m in fake.channel_messages(PLACE.channel_id))
+    assert [e.action for e in await bot.services.store.modlog.entries(PLACE.guild_id)] == ["prompt_blocked"]
     async with FalTestServer(key=None) as worker:  # a worker whose /health doesn't offer it
         fake2 = FakeDiscord()
         with fake2.installed():
