@@ -20,7 +20,7 @@ from services.errors import UserError
 from services.images import PreparedInputs
 from services.job_state import Job, JobNotFound, JobStatus
 from services.launch import FromJob, Launched, from_result
-from services.outpaint import OUTPAINT_STRENGTH, ZOOM_FACTORS, Direction, Expansion, expand, pan, zoom_out
+from services.outpaint import ZOOM_FACTORS, Direction, Expansion, expand, outpaint_options, pan, zoom_out
 from services.refusals import ImagesGone, JobGone, Refused
 
 
@@ -139,7 +139,7 @@ async def expand_result(interaction: discord.Interaction, job_id: int,
     def canvas(image: Image.Image) -> PreparedInputs:
         return expand(image, expansion_for(image.size), max_pixels=max_pixels)
 
-    options = {**parent.options(), "seed": None, "strength": OUTPAINT_STRENGTH}
+    options = outpaint_options({**parent.options(), "seed": None, "num_images": None})  # one image, of image 1
     outcome = await services.launcher.launch(who, options, from_result(services.store, job_id, canvas))
     assert isinstance(outcome, Launched)
     await interaction.followup.send(f"{verb} job #{job_id} as job #{outcome.job.id}.", ephemeral=True)
@@ -196,7 +196,8 @@ class VaryRegionButton(JobButton, DynamicButton, action="region"):
         if result is None:
             raise Refused(ImagesGone(parent.id))
         link = await services.painter.offer(requester_of(interaction), result.data,
-                                            {**parent.options(), "seed": None}, parent_job_id=parent.id)
+                                            {**parent.options(), "seed": None, "num_images": None},
+                                            parent_job_id=parent.id)
         await offer_painter(interaction, link, f"Paint the area of job #{parent.id}'s result to vary on this page.")
 
 

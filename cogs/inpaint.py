@@ -17,9 +17,9 @@ from cogs.errors import report_error
 from cogs.interactions import requester_of, services_of
 from cogs.items import view_of
 from services.errors import UserError
-from services.images import ImageInputError, MaskOptions, PreparedInputs, normalized_image, prepare_inputs_async
-from services.launch import DraftOffered, Launched, NewImages
-from services.outpaint import OUTPAINT_STRENGTH, Expansion, expand
+from services.images import ImageInputError, MaskOptions, PreparedInputs, prepare_inputs_async
+from services.launch import DraftOffered, Launched, NewImages, expanded_upload
+from services.outpaint import Expansion, outpaint_options
 from services.painter.links import PainterLink
 from services.preview import parse_colour, understood_jpeg
 
@@ -154,15 +154,13 @@ class Inpaint(commands.Cog):
             raise UserError("Give a number of pixels to add on at least one side.")
         upload = _Upload(interaction, image, None)
 
-        async def prepare() -> PreparedInputs:
-            image_bytes, _ = await upload.read()
-            picture, _ = await asyncio.to_thread(normalized_image, image_bytes, limits)
-            return await asyncio.to_thread(expand, picture, expansion, max_pixels=limits.max_pixels)
+        async def read() -> bytes:
+            return (await upload.read())[0]
 
-        options: dict[str, Any] = {"prompt": prompt or "", "negative_prompt": negative_prompt or None, "seed": seed,
-                                   "num_images": num_images, "strength": OUTPAINT_STRENGTH}
+        options = outpaint_options({"prompt": prompt or "", "negative_prompt": negative_prompt or None, "seed": seed,
+                                    "num_images": num_images})
         outcome = await services.launcher.launch(requester_of(interaction), options,
-                                                 NewImages(prepare, may_draft=False))
+                                                 expanded_upload(read, expansion, limits))
         assert isinstance(outcome, Launched)
         await interaction.followup.send(f"Queued as job #{outcome.job.id}: progress is in the channel.",
                                         ephemeral=True)

@@ -117,8 +117,14 @@ def result_embed(job: Job, output: InpaintOutput, attached: ResultFiles, *, spoi
 
 
 def params_json(job: Job) -> str:
+    """What the user asked (after the server's defaults), where the model worked (the crop and its working size),
+    and the request the backend got."""
     shown: dict[str, Any] = {"job": job.id, "parent": job.parent_job_id, "status": job.status.value,
-                             "backend": job.backend, "input": job.input}
+                             "backend": job.backend, "asked": job.options()}
+    if job.plan is not None:
+        shown["picture"] = list(job.plan.image_size)
+        shown["crop"], shown["sent"] = list(job.plan.crop), list(job.plan.sent)
+    shown["request"] = {k: v for k, v in job.input.items() if k not in ("image_url", "mask_url")}
     if job.result:
         shown["seed"] = job.result.get("seed")
         shown["timings"] = job.result.get("timings")

@@ -4,6 +4,8 @@ app started inside the bot's own process on 127.0.0.1 (still over HTTP, so there
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
@@ -30,9 +32,30 @@ class Capabilities:
     expand_prompt: bool = False
 
 
+class CapabilityProbe:
+    """What the backend can do, as it last said. A "no" older than `recheck_s` is asked again before it refuses
+    a user (the worker may have been down, or reconfigured, since)."""
+
+    def __init__(self, choice: BackendChoice, base_url: str, http: httpx.AsyncClient, *, recheck_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.choice, self.base_url, self.http = choice, base_url, http
+        self.recheck_s = recheck_s
+        self.clock = clock
+        self._known: Capabilities | None = None
+        self._asked_at = 0.0
+
+    async def current(self, *, recheck_no: bool = False) -> Capabilities:
+        stale = self._known is None or (recheck_no and self.clock() - self._asked_at >= self.recheck_s)
+        if stale:
+            self._known = await probe_capabilities(self.choice, self.base_url, self.http)
+            self._asked_at = self.clock()
+        assert self._known is not None
+        return self._known
+
+
 async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.AsyncClient) -> Capabilities:
-    """Hosted fal does everything its schema offers; our worker says what it can in `/health` (read once, at
-    start: a worker that changes later still refuses what it can't do, with a 422 naming the setting)."""
+    """Hosted fal does everything its schema offers; our worker says what it can in `/health` (a worker that
+    can't do something it is asked still refuses it with a 422 naming the setting)."""
     if choice.name == "fal":
         return Capabilities(expand_prompt=True)
     try:

@@ -8,7 +8,7 @@ stitch → checks), for operators smoke-testing a backend and for benchmarks:
 The backend comes from the bot's own configuration (FAL_KEY, WORKER_URL, or the embedded worker when neither is
 set). Jobs go into a throwaway database, never the bot's. The image is written to OUT, and one line of JSON is
 printed: {"width", "height", "crop": [x, y, w, h], "sent": [w, h], "seed", "backend", "seconds"}. Errors are one
-line on stderr, with exit code 2 for bad input and 1 for a backend failure.
+line on stderr, with exit code 2 for bad input (a job blocked by moderation included) and 1 for a backend failure.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from services.blob import Blob
 from services.config import BotConfig, load_config
 from services.container import build_services
 from services.dispatch import QuietListener
-from services.errors import UserError
-from services.images import ImageInputError, IntakeLimits, PreparedInputs, normalized_image, prepare_inputs
+from services.errors import UserError, validation_problems
+from services.images import ImageInputError, IntakeLimits, PreparedInputs, prepare_inputs
 from services.job_state import Job, JobStatus
-from services.launch import Launched, NewImages
-from services.outpaint import OUTPAINT_STRENGTH, Expansion, expand
+from services.launch import Launched, NewImages, expanded_upload
+from services.outpaint import Expansion, outpaint_options
 from services.refusals import Refused
 from services.requester import Requester
 from services.schema import IMAGE_SIZE_PRESETS, InpaintOutput
@@ -94,45 +96,35 @@ def _read(path: Path) -> bytes:
         raise CliError(f"can't read {path}: {exc.strerror or exc}", BAD_INPUT) from exc
 
 
-def _job(args: argparse.Namespace, config: BotConfig) -> tuple[dict[str, Any], NewImages]:
+def _job(args: argparse.Namespace, limits: IntakeLimits) -> tuple[dict[str, Any], NewImages]:
     """The options and the images of the job the command line asks for."""
     image = _read(args.image)
+    common = {"prompt": args.prompt, "seed": args.seed, "num_inference_steps": args.steps, "image_size": args.size}
     if args.command == "inpaint":
         mask = _read(args.mask)
-        options = {"prompt": args.prompt, "area": args.area, "feather": args.feather, "padding": args.padding,
-                   "seed": args.seed, "format": args.format, "keep_unmasked": args.keep_unmasked,
-                   "num_inference_steps": args.steps, "image_size": args.size}
-        limits = config_limits(config)
 
         async def inpaint() -> PreparedInputs:
             return await asyncio.to_thread(prepare_inputs, image, mask, limits=limits)
 
-        return options, NewImages(inpaint, may_draft=False)
-    expansion = Expansion(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
+        return {**common, "area": args.area, "feather": args.feather, "padding": args.padding, "format": args.format,
+                "keep_unmasked": args.keep_unmasked}, NewImages(inpaint, may_draft=False)
     if min(args.left, args.right, args.top, args.bottom) < 0:
         raise CliError("--left, --right, --top and --bottom can't be negative", BAD_INPUT)
 
-    async def outpaint() -> PreparedInputs:
-        limits = config_limits(config)
-        picture, _ = await asyncio.to_thread(normalized_image, image, limits)
-        return await asyncio.to_thread(expand, picture, expansion, max_pixels=limits.max_pixels)
+    async def read() -> bytes:
+        return image
 
-    options = {"prompt": args.prompt, "seed": args.seed, "strength": OUTPAINT_STRENGTH,
-               "num_inference_steps": args.steps, "image_size": args.size}
-    return options, NewImages(outpaint, may_draft=False)
-
-
-def config_limits(config: BotConfig) -> IntakeLimits:
-    return IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
+    expansion = Expansion(left=args.left, right=args.right, top=args.top, bottom=args.bottom)
+    return outpaint_options(common), expanded_upload(read, expansion, limits)
 
 
 async def run(args: argparse.Namespace, config: BotConfig) -> dict[str, Any]:
     """Run the job; returns the summary line (and writes the image to `args.out`)."""
-    options, source = _job(args, config)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="inpaint-cli-") as tmp:
         config = config.model_copy(update={"database_path": Path(tmp) / "cli.sqlite3", "painter_enabled": False})
         async with build_services(config) as services:
+            options, source = _job(args, services.intake_limits)
             listener = _OneJob()
             await services.dispatcher.start(listener)
             try:
@@ -141,12 +133,21 @@ async def run(args: argparse.Namespace, config: BotConfig) -> dict[str, Any]:
             except (Refused, UserError, ImageInputError) as exc:
                 raise CliError(_message(exc), BAD_INPUT) from exc
             assert isinstance(outcome, Launched)
-            await asyncio.wait_for(listener.ended.wait(), config.backend_total_timeout_s + 60)
+            limit = config.backend_total_timeout_s + 60
+            try:
+                await asyncio.wait_for(listener.ended.wait(), limit)
+            except TimeoutError as exc:
+                raise CliError(f"the backend did not finish the job within {limit:g} s", BACKEND_FAILED) from exc
             job = await services.store.jobs.get(outcome.job.id)
+            if job.status is JobStatus.BLOCKED:  # what was sent, or what came back, was refused
+                raise CliError(f"the job was blocked: {job.error}", BAD_INPUT)
             if job.status is not JobStatus.SUCCEEDED:
                 raise CliError(f"the job {job.status.value}: {job.error}", BACKEND_FAILED)
             result = (await services.store.jobs.blobs(job.id))["output_0"]
-    args.out.write_bytes(result.data)
+    try:
+        args.out.write_bytes(result.data)
+    except OSError as exc:
+        raise CliError(f"can't write {args.out}: {exc.strerror or exc}", BAD_INPUT) from exc
     plan = job.plan
     assert plan is not None and job.result is not None
     return {"width": plan.image_size[0], "height": plan.image_size[1], "crop": list(plan.crop),
@@ -166,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = asyncio.run(run(args, load_config()))
+        config = load_config()
+    except ValidationError as exc:
+        print(f"error: the configuration isn't valid: {'; '.join(validation_problems(exc))}", file=sys.stderr)
+        return BAD_INPUT
+    try:
+        summary = asyncio.run(run(args, config))
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.code

@@ -12,6 +12,7 @@ listener, and subscribes to the moderation log.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 
 from services.admission import Admissions
-from services.backend_select import BackendChoice, EmbeddedWorker, choose_backend, probe_capabilities
+from services.backend_select import BackendChoice, CapabilityProbe, EmbeddedWorker, choose_backend
 from services.backends.fal_queue import FalQueueClient
 from services.config import BotConfig
 from services.dispatch import Dispatcher
@@ -31,6 +32,8 @@ from services.painter.links import PainterLinks
 from services.quotas import Quotas
 from services.store import Store
 from services.upload_check import UploadCheck
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
                                 concurrency=config.dispatch_concurrency)
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
-        capabilities = await probe_capabilities(choice, base_url, http)
+        capabilities = CapabilityProbe(choice, base_url, http)
+        log.info("backend %s at %s: %s", choice.name, base_url, await capabilities.current())
         launcher = Launcher(store, admissions, dispatcher, choice, capabilities)
         painter = None
         if config.painter_enabled:

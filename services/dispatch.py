@@ -398,7 +398,8 @@ class Dispatcher:
         inputs = await self.jobs.blobs(job.id)
         if "image" not in inputs or "mask" not in inputs:
             raise UserError(f"Job #{job.id}'s picture is no longer stored, so its result can't be put back.")
-        stitched = await asyncio.to_thread(stitch_encoded, inputs["image"].data, inputs["mask"].data,
+        picture = inputs.get("original", inputs["image"])  # with its transparency, when it had any
+        stitched = await asyncio.to_thread(stitch_encoded, picture.data, inputs["mask"].data,
                                            [blob.data for blob in outputs.values()], plan)
         width, height = plan.image_size
         images = [image.model_copy(update={"width": width, "height": height, "content_type": content_type})

@@ -60,4 +60,5 @@ class DraftReview:
         await self.store.drafts.take(draft_id)
 
     async def _prepared(self, draft: Draft) -> PreparedInputs:
-        return await prepare_stored(self.store, self.limits, draft.image_sha256, draft.mask_sha256)
+        return await prepare_stored(self.store, self.limits, draft.image_sha256, draft.mask_sha256,
+                                    source_format=draft.source_format)

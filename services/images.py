@@ -52,6 +52,7 @@ ErrorCode = Literal[
     "empty_mask",
     "full_mask",
     "no_mask",
+    "bad_shape",
 ]
 
 
@@ -111,6 +112,9 @@ class PreparedInputs:
     #: a rectangle (x, y, width, height) whose pixels must come back untouched whatever the mask says (the
     #: picture inside an outpainting canvas)
     keep: tuple[int, int, int, int] | None = None
+    #: the upload with its transparency (RGBA PNG), when it had any: the model gets `image` (flattened onto white)
+    #: and the result is put back into this, so transparent pixels come back as they were
+    original: Blob | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -381,6 +385,15 @@ def _image_blob(decoded: DecodedImage, rgb: Image.Image, raw: bytes) -> Blob:
     return Blob(encode_image(rgb, "png"), "image/png")
 
 
+def sniff_format(data: bytes) -> str | None:
+    """The image format of some bytes, from their header alone (None when Pillow doesn't know them)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format
+    except (UnidentifiedImageError, OSError):
+        return None
+
+
 def normalized_image(data: bytes, limits: IntakeLimits) -> tuple[Image.Image, Blob]:
     """A decoded RGB image and the bytes to keep for it (the user's own file when it is a plain RGB PNG/JPEG)."""
     decoded = decode_image(data, limits, role="image")
@@ -408,10 +421,11 @@ def assemble_inputs(decoded: DecodedImage, image_bytes: bytes, mask_l: Image.Ima
     mask, source = understood_mask(decoded, rgb, mask_l, options, mask_rgb=mask_rgb)
     coverage = mask_coverage(mask)
     check_coverage(coverage)
+    original = Blob(encode_image(decoded.image.convert("RGBA"), "png"), "image/png") if decoded.has_alpha else None
     return PreparedInputs(
         image=rgb, mask=mask, image_blob=_image_blob(decoded, rgb, image_bytes),
         mask_blob=Blob(encode_image(mask, "png"), "image/png"), coverage=coverage, mask_source=source,
-        source_format=decoded.source_format, animated=decoded.animated)
+        source_format=decoded.source_format, animated=decoded.animated, original=original)
 
 
 def understood_mask(decoded: DecodedImage, rgb: Image.Image, mask_l: Image.Image | None,

@@ -13,6 +13,7 @@ job; if it can't, the job is cancelled before it costs anything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import secrets
 from collections.abc import Awaitable, Callable
@@ -23,13 +24,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from services.admission import Admission, Admissions
-from services.backend_select import BackendChoice, Capabilities
+from services.backend_select import BackendChoice, CapabilityProbe
 from services.blob import Blob
 from services.crop_plan import STITCH_OPTION_NAMES, OutputFormat, StitchOptions
 from services.dispatch import Dispatcher, JobImages
 from services.errors import validation_problems
-from services.images import IntakeLimits, MaskSource, PreparedInputs, prepare_inputs
+from services.images import IntakeLimits, MaskSource, PreparedInputs, normalized_image, prepare_inputs
 from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, IMAGE_REF, MASK_REF, Job, JobNotFound
+from services.outpaint import Expansion, expand
 from services.preview import mask_overlay_jpeg
 from services.refusals import ImagesGone, InvalidOptions, JobGone, NotRunning, Refused, Unsupported
 from services.requester import Requester
@@ -39,20 +41,23 @@ from services.store import Store
 from services.store.drafts import Draft
 
 #: Source formats that lose nothing: their pictures come back as PNG, untouched pixels bit for bit.
-LOSSLESS_SOURCES = frozenset({"PNG", "BMP", "GIF", "TIFF"})
+LOSSLESS_SOURCES = frozenset({"PNG", "BMP", "GIF"})
 #: What the backend is asked for: the crop's result is an intermediate, so it should lose nothing.
 INTERMEDIATE_FORMAT = "png"
 
 
-async def prepare_stored(store: Store, limits: IntakeLimits, image_sha256: str, mask: str | bytes) -> PreparedInputs:
-    """Take in a stored image with a mask (a stored one by its sha256, or new bytes) as for a new job."""
+async def prepare_stored(store: Store, limits: IntakeLimits, image_sha256: str, mask: str | bytes, *,
+                         source_format: str | None = None) -> PreparedInputs:
+    """Take in a stored image with a mask (a stored one by its sha256, or new bytes) as for a new job; the stored
+    copy may be a PNG made from the upload, so `source_format` says what the upload was."""
     image = await store.blobs.get(image_sha256)
     stored_mask = await store.blobs.get(mask) if isinstance(mask, str) else None
     if image is None or (isinstance(mask, str) and stored_mask is None):
         raise Refused(ImagesGone(None))
     mask_bytes = stored_mask.data if stored_mask is not None else mask
     assert isinstance(mask_bytes, bytes)
-    return await asyncio.to_thread(prepare_inputs, image.data, mask_bytes, limits=limits)
+    prepared = await asyncio.to_thread(prepare_inputs, image.data, mask_bytes, limits=limits)
+    return dataclasses.replace(prepared, source_format=source_format) if source_format else prepared
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,21 @@ class NewImages:
     prepare: Callable[[], Awaitable[PreparedInputs]]
     may_draft: bool = True
     parent_id: int | None = None
+
+
+def expanded_upload(read: Callable[[], Awaitable[bytes]], expansion: Expansion, limits: IntakeLimits) -> NewImages:
+    """An uploaded picture on an expanded canvas (/outpaint, the command line): read, taken in, expanded."""
+
+    async def prepare() -> PreparedInputs:
+        data = await read()
+
+        def make() -> PreparedInputs:
+            picture, _ = normalized_image(data, limits)
+            return expand(picture, expansion, max_pixels=limits.max_pixels)
+
+        return await asyncio.to_thread(make)
+
+    return NewImages(prepare, may_draft=False)
 
 
 def from_result(store: Store, job_id: int, make: Callable[[Image.Image], PreparedInputs]) -> NewImages:
@@ -104,12 +124,12 @@ class DraftOffered:
 
 class Launcher:
     def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: BackendChoice,
-                 capabilities: Capabilities | None = None) -> None:
+                 capabilities: CapabilityProbe) -> None:
         self.store = store
         self.admissions = admissions
         self.dispatcher = dispatcher
         self.backend = backend
-        self.capabilities = capabilities or Capabilities()
+        self.capabilities = capabilities
 
     async def launch(self, who: Requester, options: dict[str, Any],
                      source: NewImages | FromJob) -> Launched | DraftOffered:
@@ -119,12 +139,14 @@ class Launcher:
         if isinstance(source, FromJob):
             return await self._derive(who, options, source.parent_id)
         admission = await self.admissions.admit(who, options, parent_id=source.parent_id)
+        await self._check_capabilities(admission.options)
         stitching = _stitch_options(admission.options)
         request = self._request(admission, who, (CROP_IMAGE_REF, CROP_MASK_REF))
         prepared = await source.prepare()
         if source.may_draft and admission.settings.confirm_masks:
             return await self.offer_draft(who, options, prepared)
-        output_format = _output_format(prepared.source_format, admission.options)
+        output_format = "png" if prepared.original is not None else _output_format(prepared.source_format,
+                                                                                    admission.options)
         plan, crop, crop_mask = await asyncio.to_thread(stage, prepared.image, prepared.mask, stitching,
                                                         output_format=output_format, keep=prepared.keep,
                                                         target=_target_pixels(admission.options))
@@ -132,15 +154,18 @@ class Launcher:
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=who.guild_id, channel_id=who.channel_id, backend=self.backend.name,
             input=request.wire(), age_restricted=who.age_restricted, cost=request.cost, asked=admission.options,
-            parent_job_id=source.parent_id, plan=plan, blobs={"image": prepared.image_blob, "mask": prepared.mask_blob,
-                              "crop_image": Blob(crop, "image/png"), "crop_mask": Blob(crop_mask, "image/png")})
+            parent_job_id=source.parent_id, plan=plan, blobs={
+                "image": prepared.image_blob, "mask": prepared.mask_blob, "crop_image": Blob(crop, "image/png"),
+                "crop_mask": Blob(crop_mask, "image/png"),
+                **({"original": prepared.original} if prepared.original is not None else {})})
         await self.dispatcher.enqueue(job, JobImages(prepared.image, prepared.mask))
         return Launched(job, prepared.mask_source)
 
     async def offer_draft(self, who: Requester, options: dict[str, Any], prepared: PreparedInputs) -> DraftOffered:
         """Keep the prepared images as a draft for `who` to confirm; nothing runs until they do."""
         draft = await self.store.drafts.create(secrets.token_urlsafe(12), who=who, image=prepared.image_blob,
-                                               mask=prepared.mask_blob, params=options)
+                                               mask=prepared.mask_blob, params=options,
+                                               source_format=prepared.source_format)
         preview = await asyncio.to_thread(mask_overlay_jpeg, prepared.image, prepared.mask)
         return DraftOffered(draft, preview, prepared.coverage)
 
@@ -163,9 +188,14 @@ class Launcher:
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=parent.guild_id, channel_id=who.channel_id or parent.channel_id,
             backend=self.backend.name, input=request.wire(), parent_job_id=parent.id, age_restricted=who.age_restricted,
-            cost=request.cost, asked=admission.options, plan=plan, blob_refs={r: blobs[r].sha256 for r in roles})
+            cost=request.cost, asked=admission.options, plan=plan,
+            blob_refs={r: blobs[r].sha256 for r in (*roles, "original") if r in blobs})
         await self.dispatcher.enqueue(job, images)
         return Launched(job)
+
+    async def _check_capabilities(self, options: dict[str, Any]) -> None:
+        if options.get("expand_prompt") and not (await self.capabilities.current(recheck_no=True)).expand_prompt:
+            raise Refused(Unsupported("expand_prompt", "its worker has no prompt expander (PROMPT_EXPANDER_PATH)"))
 
     def _request(self, admission: Admission, who: Requester, refs: tuple[str, str]) -> InpaintInput:
         """The backend request for admitted options, images as blob references: the one validation. With a crop
@@ -176,8 +206,6 @@ class Launcher:
             body.update(image_size="square_hd", format=INTERMEDIATE_FORMAT)  # the size: a placeholder till planned
         body["enable_safety_checker"] = (self.backend.safety_checker
                                          and admission.settings.safety_checker_required(who.age_restricted))
-        if body.get("expand_prompt") and not self.capabilities.expand_prompt:
-            raise Refused(Unsupported("expand_prompt", "its worker has no prompt expander (PROMPT_EXPANDER_PATH)"))
         try:
             return InpaintInput.model_validate(body)
         except ValidationError as exc:

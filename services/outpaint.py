@@ -1,6 +1,6 @@
 """Canvas expansion: outpainting, Zoom Out and Pan. The picture is put on a larger canvas, the new area is pre-filled
 with plausible colour so the model has context (the picture's edges mirrored outwards, then blurred: colour and
-light, no copied detail), and the new area plus a small overlap into the picture becomes the mask. The job then
+light, no copied detail), and the new area becomes the mask (see `OVERLAP` for why not more). The job then
 runs through crop and stitch like any other, with the picture's own rectangle kept: its pixels come back bit for
 bit, and only the new area is the model's.
 
@@ -19,8 +19,11 @@ from PIL import Image, ImageFilter
 from services.blob import Blob
 from services.images import ImageInputError, PreparedInputs, encode_image, mask_coverage
 
-#: How far the mask reaches into the picture, so the model sees (and continues) the picture's edge.
-OVERLAP = 16
+#: How far the mask reaches into the picture. None: an inpainting model is shown the picture *except* its masked
+#: pixels, so a mask reaching into the picture would hide the very edge the new area must continue; and those
+#: pixels are kept anyway (the picture comes back bit for bit). With no overlap the model sees the picture up to
+#: its edge and paints outwards from it; the seam is where the picture ends.
+OVERLAP = 0
 #: The new area's pre-fill is only context for the model, nothing to keep: outpainting repaints it fully.
 OUTPAINT_STRENGTH = 1.0
 #: Zoom Out factors the result buttons offer, and how far Pan extends the canvas (of the picture's side).
@@ -45,6 +48,11 @@ class Expansion:
     @property
     def empty(self) -> bool:
         return not (self.left or self.right or self.top or self.bottom)
+
+
+def outpaint_options(options: dict[str, object]) -> dict[str, object]:
+    """The options of an outpainting job: the new area is repainted fully (its pre-fill is only context)."""
+    return {**options, "strength": OUTPAINT_STRENGTH}
 
 
 def zoom_out(size: tuple[int, int], factor: float) -> Expansion:

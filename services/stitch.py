@@ -31,7 +31,8 @@ import numpy as np
 from PIL import Image
 
 from services.crop_plan import CropPlan, OutputFormat, StitchOptions
-from services.images import MASK_THRESHOLD, encode_image
+from services.images import MASK_THRESHOLD, ImageInputError, encode_image
+from services.schema import MAX_IMAGE_SIDE
 
 #: SDXL works best near one megapixel.
 TARGET_PIXELS = 1024 * 1024
@@ -74,8 +75,12 @@ def plan_crop(mask: Image.Image, options: StitchOptions, *, output_format: Outpu
         crop = (0, 0, width, height)
     else:
         crop = _context_box(bbox, (width, height), options, target)
-    return CropPlan(options=options, image_size=(width, height), crop=crop,
-                    sent=working_size(crop[2], crop[3], target=target), output_format=output_format, keep=keep)
+    sent = working_size(crop[2], crop[3], target=target)
+    if max(sent) > MAX_IMAGE_SIDE:
+        raise ImageInputError("bad_shape", f"That area is too long and thin for the model ({crop[2]}×{crop[3]} "
+                              "pixels): mask a shorter stretch, or crop the picture first.")
+    return CropPlan(options=options, image_size=(width, height), crop=crop, sent=sent, output_format=output_format,
+                    keep=keep)
 
 
 def _context_box(bbox: tuple[int, int, int, int], size: tuple[int, int], options: StitchOptions,
@@ -97,62 +102,102 @@ def _context_box(bbox: tuple[int, int, int, int], size: tuple[int, int], options
 
 
 def crop_for_backend(image: Image.Image, mask: Image.Image, plan: CropPlan) -> tuple[Image.Image, Image.Image]:
-    """The picture's crop and the mask's, at the working size (the mask stays binary)."""
+    """The picture's crop and the mask's, at the working size. The mask stays binary, and any pixel the user marked
+    stays marked however far the crop is shrunk (a 1-pixel stroke on a 6000-pixel picture included): the
+    stitch puts the model's pixels there, so the model must have been asked to paint them."""
     region = image.crop(plan.box)
     mask_region = mask.crop(plan.box)
-    if region.size != plan.sent:
-        region = region.resize(plan.sent, RESAMPLE)
-        mask_region = mask_region.resize(plan.sent, Image.Resampling.BILINEAR)
-    return region, mask_region.point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
+    if region.size == plan.sent:
+        return region, mask_region.point(lambda v: 255 if v >= MASK_THRESHOLD else 0)
+    shrinking = plan.sent[0] < region.width
+    region = region.resize(plan.sent, RESAMPLE)
+    mask_region = mask_region.resize(plan.sent, Image.Resampling.BILINEAR)
+    threshold = 1 if shrinking else MASK_THRESHOLD  # shrinking: any part of a marked pixel marks the new one
+    return region, mask_region.point(lambda v: 255 if v >= threshold else 0)
 
 
 def blend_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
-    """The weight of the model's pixels (0–255): 255 in the mask, falling linearly to 0 over `feather` pixels
-    outside it, 0 beyond. `mask` is a boolean array."""
-    if feather <= 0:
+    """The weight of the model's pixels (0–255): 255 in the mask, falling linearly outside it to 0 at `feather` + 1
+    pixels away (a `feather`-pixel ramp), 0 beyond. `mask` is a boolean array."""
+    if feather <= 0 or not mask.any():
         return np.where(mask, 255, 0).astype(np.uint8)
-    outside = np.where(mask, 0, 255).astype(np.uint8)
+    alpha = np.zeros(mask.shape, np.uint8)
+    rows, cols = np.nonzero(mask)
+    reach = feather + 1  # only the mask's box and the band around it need a distance at all
+    top, left = max(0, int(rows.min()) - reach), max(0, int(cols.min()) - reach)
+    bottom, right = min(mask.shape[0], int(rows.max()) + reach + 1), min(mask.shape[1], int(cols.max()) + reach + 1)
+    outside = np.where(mask[top:bottom, left:right], 0, 255).astype(np.uint8)
     distance = cv2.distanceTransform(outside, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    weight = np.clip(1.0 - distance / (feather + 1), 0.0, 1.0)
-    return np.rint(weight * 255).astype(np.uint8)
+    weight = np.clip(1.0 - distance / reach, 0.0, 1.0)
+    alpha[top:bottom, left:right] = np.rint(weight * 255).astype(np.uint8)
+    return alpha
+
+
+def stitch_alpha(mask: Image.Image, plan: CropPlan) -> Image.Image:
+    """The weight of the model's pixels over the crop (L, 0–255): the mask feathered outwards; everything under
+    `area whole` without `keep_unmasked`; never inside the plan's `keep` rectangle."""
+    x0, y0, x1, y1 = plan.box
+    if plan.options.area == "whole" and not plan.options.keep_unmasked:
+        alpha = np.full((y1 - y0, x1 - x0), 255, np.uint8)
+    else:
+        alpha = blend_alpha(np.asarray(mask.crop(plan.box).convert("L")) >= MASK_THRESHOLD, plan.options.feather)
+    if plan.keep is not None:  # e.g. the picture inside an outpainting canvas: its pixels are never the model's
+        kx, ky, kw, kh = plan.keep
+        alpha[max(0, ky - y0):max(0, ky + kh - y0), max(0, kx - x0):max(0, kx + kw - x0)] = 0
+    return Image.fromarray(alpha, "L")
 
 
 def stitch(original: Image.Image, mask: Image.Image, result: Image.Image, plan: CropPlan) -> Image.Image:
     """`result` (the backend's output for the crop) put back into a copy of `original` through the feathered
-    mask. Outside the crop nothing is even touched."""
+    mask. An RGBA original keeps its alpha (the model's pixels are opaque)."""
+    canvas = _canvas(original)
+    _paste(canvas, original, stitch_alpha(mask, plan), result, plan)
+    return canvas
+
+
+def _canvas(original: Image.Image) -> Image.Image:
+    return original.copy() if original.mode in ("RGB", "RGBA") else original.convert("RGB")
+
+
+def _paste(canvas: Image.Image, original: Image.Image, alpha: Image.Image, result: Image.Image,
+           plan: CropPlan) -> None:
+    """Blend `result` into `canvas` where `alpha` says, from the original's pixels: only the part of the crop the
+    weight reaches is touched (a result pasted into the same canvas again replaces the previous one exactly)."""
     x0, y0, x1, y1 = plan.box
-    back = result.convert("RGB").resize((x1 - x0, y1 - y0), RESAMPLE)
-    if plan.options.area == "whole" and not plan.options.keep_unmasked:
-        alpha = np.full((y1 - y0, x1 - x0), 255, np.uint8)
-    else:
-        inside = np.asarray(mask.crop(plan.box).convert("L")) >= MASK_THRESHOLD
-        alpha = blend_alpha(inside, plan.options.feather)
-    if plan.keep is not None:  # e.g. the picture inside an outpainting canvas: its pixels are never the model's
-        kx, ky, kw, kh = plan.keep
-        alpha[max(0, ky - y0):max(0, ky + kh - y0), max(0, kx - x0):max(0, kx + kw - x0)] = 0
-    picture = original if original.mode == "RGB" else original.convert("RGB")
-    base = np.asarray(picture.crop(plan.box), dtype=np.uint16)
-    model = np.asarray(back, dtype=np.uint16)
-    a = alpha.astype(np.uint16)[:, :, None]
-    mixed = ((model * a + base * (255 - a) + 127) // 255).astype(np.uint8)
-    out = picture.copy()
-    out.paste(Image.fromarray(mixed, "RGB"), (x0, y0))
-    return out
+    reach = alpha.getbbox()
+    if reach is None:
+        return
+    back = result.convert(canvas.mode).resize((x1 - x0, y1 - y0), RESAMPLE).crop(reach)
+    if canvas.mode == "RGBA":
+        back.putalpha(255)
+    box = (x0 + reach[0], y0 + reach[1], x0 + reach[2], y0 + reach[3])
+    base = original.crop(box)
+    base = base if base.mode == canvas.mode else base.convert(canvas.mode)
+    canvas.paste(Image.composite(back, base, alpha.crop(reach)), box[:2])
 
 
 def stitch_encoded(original: bytes, mask: bytes, results: list[bytes], plan: CropPlan) -> list[tuple[bytes, str]]:
     """`stitch` from and to encoded images: each result put back into the original, encoded in the plan's
-    output format (PNG keeps the untouched pixels bit-identical). The original is decoded once for all."""
-    picture = Image.open(io.BytesIO(original)).convert("RGB")
+    output format (PNG keeps the untouched pixels bit-identical, and an RGBA original's alpha). The original is
+    decoded and copied once for all the results: each is pasted over the same area of one canvas in turn."""
+    opened = Image.open(io.BytesIO(original))
+    picture: Image.Image = opened if opened.mode in ("RGB", "RGBA") else opened.convert(
+        "RGBA" if _has_alpha(opened) else "RGB")
     area = Image.open(io.BytesIO(mask)).convert("L")
+    alpha = stitch_alpha(area, plan)
+    canvas = _canvas(picture)
     encoded = []
     for data in results:
-        stitched = stitch(picture, area, Image.open(io.BytesIO(data)), plan)
+        _paste(canvas, picture, alpha, Image.open(io.BytesIO(data)), plan)
         if plan.output_format == "png":
-            encoded.append((encode_image(stitched, "png"), "image/png"))
+            encoded.append((encode_image(canvas, "png"), "image/png"))
         else:
-            encoded.append((encode_image(stitched, "jpeg", quality=92), "image/jpeg"))
+            encoded.append((encode_image(canvas, "jpeg", quality=92), "image/jpeg"))
     return encoded
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("LA", "PA", "La") or (image.mode == "P" and "transparency" in image.info)
 
 
 def stage(image: Image.Image, mask: Image.Image, options: StitchOptions, *, output_format: OutputFormat,

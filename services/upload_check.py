@@ -6,6 +6,9 @@ the backend's NSFW estimator, fal's `fal-ai/imageutils/nsfw` (our worker serves 
 checker). A posted result is then made of checked input pixels plus checked output pixels. This also gives
 hosted-fal users the upload check hosted inpainting doesn't do.
 
+Where the server turned the checker off (age-restricted channels, if it allows that) or the backend has no
+estimator, no such check runs: the server's settings decide, and the job's history says so.
+
 The estimator needs the picture's content, not its resolution: it gets a JPEG at most 1024 pixels on a side. Each
 picture is checked once, by its content (rerolls and variations reuse the answer). A backend with no estimator
 (our worker without a safety checker answers 422 naming it; an unknown app is a 404) leaves the server's existing
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +30,8 @@ from services.images import encode_image, to_data_uri
 from services.job_state import Job
 from services.schema import NSFW_APP_ID, NsfwCheckOutput
 from services.store import Store
+
+log = logging.getLogger(__name__)
 
 #: At or above this probability an upload is treated as flagged.
 DEFAULT_THRESHOLD = 0.5
@@ -73,24 +79,26 @@ class UploadCheck:
 
     async def _ask_once(self, sha256: str, data: bytes) -> float:
         """Ask about a picture, and store the answer; jobs asking about the same picture at the same time (a burst
-        of variations) share one request."""
+        of variations) share one request, which finishes (and is stored) even if the job that started it is
+        cancelled meanwhile."""
         pending = self._asking.get(sha256)
         if pending is None:
-            pending = asyncio.ensure_future(self._ask(data))
+            pending = asyncio.ensure_future(self._ask(sha256, data))
             self._asking[sha256] = pending
-            try:
-                probability = await asyncio.shield(pending)
-                await self.store.upload_checks.record(sha256, probability)
-                return probability
-            finally:
-                self._asking.pop(sha256, None)
+            pending.add_done_callback(lambda done: self._settle(sha256, done))
         return await asyncio.shield(pending)
 
-    async def _ask(self, data: bytes) -> float:
+    def _settle(self, sha256: str, done: asyncio.Future[float]) -> None:
+        self._asking.pop(sha256, None)
+        if not done.cancelled() and done.exception() is not None:  # retrieved here: the waiters re-raise it
+            log.info("the NSFW estimator failed for %s: %s", sha256[:12], done.exception())
+
+    async def _ask(self, sha256: str, data: bytes) -> float:
         uri = await asyncio.to_thread(check_image, data)
         handle = await self.backend.submit({"image_url": uri}, app_id=NSFW_APP_ID)
-        output = await self.backend.follow_as(handle, NsfwCheckOutput)
-        return output.nsfw_probability
+        probability = (await self.backend.follow_as(handle, NsfwCheckOutput)).nsfw_probability
+        await self.store.upload_checks.record(sha256, probability)
+        return probability
 
 
 def _no_checker(exc: FalValidationError) -> bool:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from services.http_server import LoopServer
-from services.images import IntakeLimits, PreparedInputs, normalized_image
+from services.images import IntakeLimits, PreparedInputs, normalized_image, sniff_format
 from services.launch import Launched, Launcher, NewImages, prepare_stored
 from services.painter.app import PainterConfig, create_painter_app
 from services.painter.tokens import new_session_id, sign
@@ -65,14 +65,16 @@ class PainterLinks:
         _, blob = await asyncio.to_thread(normalized_image, image_bytes, self.limits)
         session = await self.store.painter_sessions.create(new_session_id(), who=who, image=blob, params=options,
                                                            expires_at=self.clock() + self.ttl_s,
-                                                           parent_job_id=parent_job_id)
+                                                           parent_job_id=parent_job_id,
+                                                           source_format=sniff_format(image_bytes))
         return PainterLink(f"{self.public_url}/paint/{sign(self.secret, session)}", self.ttl_s)
 
     async def submit(self, session: PainterSession, prompt: str, mask: bytes) -> int:
         """A painted mask arrived: start the job in its channel; returns the job id (or raises `Refused`)."""
 
         async def prepare() -> PreparedInputs:
-            return await prepare_stored(self.store, self.limits, session.image_sha256, mask)
+            return await prepare_stored(self.store, self.limits, session.image_sha256, mask,
+                                        source_format=session.source_format)
 
         outcome = await self.launcher.launch(session.requester, {**session.params, "prompt": prompt},
                                              NewImages(prepare, may_draft=False, parent_id=session.parent_job_id))

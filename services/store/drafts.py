@@ -14,7 +14,7 @@ from services.requester import Requester
 from services.store.blobs import put_blob
 from services.store.database import Database, Row, as_dict
 
-_COLUMNS = "id, user_id, image_sha256, mask_sha256, requester_json, params_json, created_at"
+_COLUMNS = "id, user_id, image_sha256, mask_sha256, requester_json, params_json, created_at, source_format"
 
 
 class Draft(BaseModel):
@@ -27,6 +27,7 @@ class Draft(BaseModel):
     requester: Requester
     params: dict[str, Any]  # the options the user gave /inpaint
     created_at: float
+    source_format: str | None = None  # the upload's format (None: a draft from before it was kept)
 
 
 def _draft(row: Row) -> Draft:
@@ -39,17 +40,17 @@ class Drafts:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def create(self, draft_id: str, *, who: Requester, image: Blob, mask: Blob,
-                     params: dict[str, Any]) -> Draft:
+    async def create(self, draft_id: str, *, who: Requester, image: Blob, mask: Blob, params: dict[str, Any],
+                     source_format: str | None = None) -> Draft:
         now = time.time()
         async with self.db.transaction() as conn:
             await put_blob(conn, image, now)
             await put_blob(conn, mask, now)
-            await conn.execute(f"INSERT INTO drafts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            await conn.execute(f"INSERT INTO drafts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                (draft_id, who.user_id, image.sha256, mask.sha256, who.model_dump_json(),
-                                json.dumps(params), now))
+                                json.dumps(params), now, source_format))
         return Draft(id=draft_id, user_id=who.user_id, image_sha256=image.sha256, mask_sha256=mask.sha256,
-                     requester=who, params=params, created_at=now)
+                     requester=who, params=params, created_at=now, source_format=source_format)
 
     async def get(self, draft_id: str) -> Draft | None:
         row = await self.db.fetch_one(f"SELECT {_COLUMNS} FROM drafts WHERE id = ?", (draft_id,))

@@ -15,7 +15,7 @@ from services.store.blobs import put_blob
 from services.store.database import Database, Row, as_dict
 
 _COLUMNS = ("id, user_id, guild_id, channel_id, image_sha256, requester_json, params_json, created_at, expires_at, "
-            "browser_key, used_at, job_id, parent_job_id")
+            "browser_key, used_at, job_id, parent_job_id, source_format")
 
 
 class PainterSession(BaseModel):
@@ -35,6 +35,7 @@ class PainterSession(BaseModel):
     used_at: float | None
     job_id: int | None
     parent_job_id: int | None = None  # Vary Region: the job whose result is being repainted
+    source_format: str | None = None  # the picture's format as uploaded
 
 
 def _session(row: Row) -> PainterSession:
@@ -48,14 +49,15 @@ class PainterSessions:
         self.db = db
 
     async def create(self, session_id: str, *, who: Requester, image: Blob, params: dict[str, Any],
-                     expires_at: float, parent_job_id: int | None = None) -> PainterSession:
+                     expires_at: float, parent_job_id: int | None = None,
+                     source_format: str | None = None) -> PainterSession:
         now = time.time()
         async with self.db.transaction() as conn:
             await put_blob(conn, image, now)
             await conn.execute(
-                f"INSERT INTO painter_sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)",
+                f"INSERT INTO painter_sessions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?)",
                 (session_id, who.user_id, who.guild_id, who.channel_id, image.sha256, who.model_dump_json(),
-                 json.dumps(params), now, expires_at, parent_job_id))
+                 json.dumps(params), now, expires_at, parent_job_id, source_format))
         found = await self.get(session_id)
         assert found is not None
         return found

@@ -104,6 +104,7 @@ async def test_buttons_reroll_params_delete(discord_env: BotEnv) -> None:
     params = await driver.click(BOB, first, "inpaint:params:1")
     shown = params.responses[0]["data"]
     assert shown["flags"] & 64 and '"prompt": "a lighthouse"' in shown["content"]
+    assert '"crop": [' in shown["content"] and '"picture": [\n    256,\n    192\n  ]' in shown["content"]
 
     refused = await driver.click(BOB, first, "inpaint:delete:1")
     assert "Only the person who started job #1 or a moderator can delete it." in ephemeral_text(refused)

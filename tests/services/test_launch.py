@@ -341,3 +341,74 @@ async def test_capabilities_come_from_the_backend(tmp_path: Path) -> None:
         worker.health = {"ready": True, "expand_prompt": False}
         assert not (await probe_capabilities(choice, worker.base_url, http)).expand_prompt
         assert (await probe_capabilities(BackendChoice("fal", "https://queue.fal.run", None), "", http)).expand_prompt
+
+
+async def test_a_transparent_upload_keeps_its_transparency_outside_the_mask(services: Env) -> None:
+    built, listener = services
+    rgba = photo(320, 240).convert("RGBA")
+    rgba.paste((255, 0, 0, 0), (0, 0, 60, 40))  # a fully transparent corner holding red
+    rgba.paste((10, 200, 30, 128), (260, 200, 320, 240))  # and a half-transparent one
+    mask = box_mask((320, 240), (120, 90, 199, 149))
+    _, posted = await _posted_picture(built, listener, Upload(encode(rgba), encode(mask)))
+    assert posted.mode == "RGBA" and posted.format == "PNG"
+    out = np.asarray(posted)
+    assert (out[_outside(mask, 4)] == np.asarray(rgba)[_outside(mask, 4)]).all()  # RGBA, bit for bit
+    assert (out[95:145, 125:195, 3] == 255).all()  # the model's pixels are opaque
+    reroll = await built.launcher.launch(ALICE, {"seed": None}, FromJob(1))
+    assert isinstance(reroll, Launched)
+    await listener.event(reroll.job.id).wait()
+    again = Image.open(io.BytesIO((await built.store.jobs.blobs(reroll.job.id))["output_0"].data))
+    assert again.mode == "RGBA" and (np.asarray(again)[0:40, 0:60] == [255, 0, 0, 0]).all()
+
+
+def test_a_one_pixel_stroke_survives_shrinking_and_a_hair_thin_picture_is_refused() -> None:
+    from services.crop_plan import StitchOptions
+    from services.images import ImageInputError
+    from services.stitch import crop_for_backend, plan_crop
+
+    mask = Image.new("L", (6000, 4000), 0)
+    mask.paste(255, (100, 100, 5900, 101))  # a 1-pixel line across the picture
+    mask.paste(255, (3000, 100, 3001, 3900))
+    plan = plan_crop(mask, StitchOptions(), output_format="png")
+    assert plan.sent[0] < 6000 / 4
+    _, sent = crop_for_backend(Image.new("RGB", (6000, 4000)), mask, plan)
+    sent_mask = np.asarray(sent) > 0
+    assert sent_mask.any(axis=1).sum() >= 1 and sent_mask.any(axis=0).sum() >= 1
+    scale = plan.sent[0] / plan.crop[2]
+    row, first, last = (round(v * scale) for v in (100 - plan.crop[1], 100 - plan.crop[0], 5900 - plan.crop[0]))
+    assert sent_mask[max(0, row - 1):row + 2, first + 1:last - 1].any(axis=0).all()  # the whole line, unbroken
+    strip = Image.new("L", (20000, 64), 0)
+    strip.paste(255, (0, 10, 20000, 50))
+    with pytest.raises(ImageInputError, match="long and thin"):
+        plan_crop(strip, StitchOptions(), output_format="png")
+
+
+async def test_a_no_from_the_backend_is_asked_again_once_it_is_old(tmp_path: Path) -> None:
+    import httpx
+
+    from services.backend_select import BackendChoice, CapabilityProbe
+
+    now = [0.0]
+    async with FalTestServer(key=None) as worker, httpx.AsyncClient() as http:
+        probe = CapabilityProbe(BackendChoice("worker", worker.base_url, None), worker.base_url, http,
+                                recheck_s=60, clock=lambda: now[0])
+        assert not (await probe.current()).expand_prompt  # the worker is down (no /health) at start
+        worker.health = {"expand_prompt": True}
+        assert not (await probe.current(recheck_no=True)).expand_prompt  # asked a moment ago: no again
+        now[0] = 61
+        assert (await probe.current(recheck_no=True)).expand_prompt  # a minute later it is asked, and says yes
+
+
+async def test_a_confirmed_draft_of_a_rotated_jpeg_comes_back_as_jpeg(services: Env) -> None:
+    built, _ = services
+    await built.store.server_settings.save(GUILD, {"confirm_masks": True})
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90°": intake turns it, so the stored copy is a PNG of the turned picture
+    photo(640, 480).save(rotated, format="JPEG", exif=exif)
+    upload = Upload(rotated.getvalue(), encode(box_mask((480, 640), (100, 100, 300, 260))))
+    offered = await built.launcher.launch(ALICE, {"prompt": "x"}, upload.source())
+    assert isinstance(offered, DraftOffered) and offered.draft.source_format == "JPEG"
+    confirmed = await built.launcher.launch(ALICE, {"prompt": "x"}, built.drafts.confirmed(offered.draft.id))
+    assert isinstance(confirmed, Launched) and confirmed.job.plan is not None
+    assert confirmed.job.plan.output_format == "jpeg" and confirmed.job.plan.image_size == (480, 640)

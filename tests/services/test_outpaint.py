@@ -33,15 +33,17 @@ def test_zoom_and_pan_sizes() -> None:
     assert pan((1000, 600), "down").canvas((1000, 600)) == (1000, 900)
 
 
-def test_the_canvas_keeps_the_picture_and_masks_the_new_area_with_an_overlap() -> None:
+def test_the_canvas_keeps_the_picture_and_masks_the_new_area() -> None:
     picture = photo(400, 300)
     prepared = expand(picture, Expansion(left=100, bottom=50), max_pixels=LIMIT)
     assert prepared.size == (500, 350) and prepared.keep == (100, 0, 400, 300)
     canvas = np.asarray(prepared.image)
     assert (canvas[0:300, 100:500] == np.asarray(picture)).all()  # the picture, untouched
     mask = np.asarray(prepared.mask)
-    assert (mask[:, :100 + OVERLAP] == 255).all() and (mask[300 - OVERLAP:, :] == 255).all()  # new area + overlap
-    assert (mask[:300 - OVERLAP, 100 + OVERLAP:] == 0).all()  # the rest of the picture is kept
+    assert (mask[:, :100 + OVERLAP] == 255).all() and (mask[300 - OVERLAP:, :] == 255).all()  # the new area
+    assert (mask[:300 - OVERLAP, 100 + OVERLAP:] == 0).all()  # the picture, shown to the model in full
+    with_overlap = np.asarray(expand(picture, Expansion(left=100), max_pixels=LIMIT, overlap=8).mask)
+    assert (with_overlap[:, :108] == 255).all() and (with_overlap[:, 108:] == 0).all()
     assert canvas[:, :100].std() > 0  # pre-filled with the picture's colours, not a flat block
     with pytest.raises(ImageInputError, match="megapixels"):
         expand(picture, Expansion(left=200_000), max_pixels=LIMIT)  # 200,400 × 300 = 60 MP

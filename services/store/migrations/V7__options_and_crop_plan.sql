@@ -12,3 +12,7 @@ CREATE TABLE upload_checks (
 );
 -- Vary Region: a painter link opened on a job's result makes a child of that job.
 ALTER TABLE painter_sessions ADD COLUMN parent_job_id INTEGER REFERENCES jobs(id);
+-- Drafts and painter links remember the format the picture was uploaded in (their stored copy may be a PNG made
+-- from a rotated JPEG): the result comes back in the upload's format.
+ALTER TABLE drafts ADD COLUMN source_format TEXT;
+ALTER TABLE painter_sessions ADD COLUMN source_format TEXT;
