@@ -4,6 +4,7 @@ new job goes through the launcher like every other entry point."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -11,7 +12,7 @@ from typing import Any, ClassVar
 import discord
 from PIL import Image
 
-from cogs import render
+from cogs import fit, render
 from cogs.errors import report_error
 from cogs.inpaint import offer_painter
 from cogs.interactions import is_moderator, requester_of, services_of
@@ -124,7 +125,14 @@ class ParamsButton(JobButton, DynamicButton, action="params"):
 
     async def run(self, interaction: discord.Interaction) -> None:
         job = await self.job(interaction)
-        await interaction.response.send_message(f"```json\n{render.params_json(job)}\n```", ephemeral=True)
+        shown = render.params_json(job)
+        text = f"```json\n{shown}\n```"
+        if len(text) <= fit.CONTENT:
+            await interaction.response.send_message(text, ephemeral=True)
+            return
+        await interaction.response.send_message(  # too long to read in a message: all of it, as a file
+            f"Job #{job.id}'s parameters are attached.", ephemeral=True,
+            file=discord.File(io.BytesIO(shown.encode()), filename=f"job-{job.id}-params.json"))
 
 
 async def expand_result(interaction: discord.Interaction, job_id: int,
@@ -221,13 +229,16 @@ class EditModal(discord.ui.Modal):
     def __init__(self, job: Job) -> None:
         super().__init__(title=f"Edit job #{job.id}", timeout=600)
         self.job_id = job.id
+        asked = job.options()
         self.prompt: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
-            label="Prompt", style=discord.TextStyle.paragraph, default=job.input.get("prompt", ""), max_length=1000)
+            label="Prompt", style=discord.TextStyle.paragraph, max_length=fit.PROMPT,
+            default=fit.prefill(str(asked.get("prompt", "")), fit.PROMPT))
         self.negative: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
-            label="Negative prompt", style=discord.TextStyle.paragraph, required=False,
-            default=job.input.get("negative_prompt", ""), max_length=1000)
+            label="Negative prompt", style=discord.TextStyle.paragraph, required=False, max_length=fit.PROMPT,
+            default=fit.prefill(str(asked.get("negative_prompt", "")), fit.PROMPT))
+        strength = float(asked.get("strength", render.option(job, "strength")))
         self.strength: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
-            label="Strength (0.01 to 1)", default=f"{render.option(job, 'strength'):g}", max_length=5)
+            label="Strength (0.01 to 1)", default=f"{strength:.4g}", max_length=12)
         seed = job.result.get("seed") if job.result else job.input.get("seed")
         self.seed: discord.ui.TextInput[EditModal] = discord.ui.TextInput(
             label="Seed (empty = random)", required=False, default=str(seed) if seed is not None else "",

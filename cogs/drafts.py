@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import discord
 
-from cogs import render
+from cogs import fit, render
 from cogs.interactions import services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
 from services.errors import UserError
@@ -31,6 +31,7 @@ def draft_message(offer: DraftOffered, note: str = "") -> DraftMessage:
                           description=f"The red area ({offer.coverage:.0%} of the image) will be repainted. Nothing "
                                       f"has been spent yet.{(' ' + note) if note else ''}")
     embed.set_image(url=f"attachment://{PREVIEW}")
+    embed = fit.embed(embed)
     draft_id = offer.draft.id
     view = view_of(ConfirmButton(draft_id), InvertButton(draft_id), CancelDraftButton(draft_id))
     return DraftMessage(embed, view, discord.File(io.BytesIO(offer.preview_jpeg), filename=PREVIEW))

@@ -10,6 +10,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs.fit import content
 from cogs.wording import refusal_text
 from services.errors import UserError
 from services.images import ImageInputError
@@ -46,6 +47,7 @@ async def report_error(interaction: discord.Interaction, error: BaseException) -
         message = f"Something went wrong on our side (ref `{ref}`). It has been logged; please try again."
     else:
         log.info("user error for %s: %s", interaction.user.id, message)
+    message = content(message)
     try:
         if interaction.response.is_done():
             await interaction.followup.send(message, ephemeral=True)

@@ -6,7 +6,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs import render
+from cogs import fit, render
 from cogs.interactions import is_moderator, services_of
 from cogs.wording import relative_time
 from services.errors import UserError
@@ -25,9 +25,9 @@ class History(commands.Cog):
             await interaction.response.send_message("You have no jobs here yet: try `/inpaint`.", ephemeral=True)
             return
         lines = [f"`#{job.id}` {job.status.value} · {relative_time(job.created_at)} · "
-                 f"{render.short(job.input.get('prompt', ''), 60)}" for job in jobs]
+                 f"{fit.short(job.input.get('prompt', ''), 60)}" for job in jobs]
         embed = discord.Embed(title="Your recent jobs", description="\n".join(lines), colour=render.COLOUR_RUNNING)
-        await interaction.response.send_message(embed=embed, ephemeral=True)
+        await interaction.response.send_message(embed=fit.embed(embed), ephemeral=True)
 
     @app_commands.command(name="job", description="One job's details and history")
     @app_commands.guild_only()
@@ -41,15 +41,15 @@ class History(commands.Cog):
                 job.user_id != interaction.user.id and not is_moderator(interaction)):
             raise UserError(f"Job #{job_id} isn't yours to look at.")
         events = await self.store.events(job.id)
-        history = "\n".join(f"{relative_time(e.created_at)} **{e.kind}** {render.short(e.message, 80)}"
+        history = "\n".join(f"{relative_time(e.created_at)} **{e.kind}** {fit.short(e.message, 80)}"
                             for e in events[-15:])
         embed = discord.Embed(title=f"Job #{job.id} · {job.status.value}", colour=render.COLOUR_RUNNING,
-                              description=render.short(job.input.get("prompt", ""), 300))
-        embed.add_field(name="History", value=render.short(history or "—", 1024), inline=False)
+                              description=fit.short(job.input.get("prompt", ""), 300))
+        embed.add_field(name="History", value=fit.short(history or "—", 1024), inline=False)
         if job.error:
-            embed.add_field(name="Error", value=render.short(job.error, 1024), inline=False)
+            embed.add_field(name="Error", value=fit.short(job.error, 1024), inline=False)
         embed.set_footer(text=f"backend {job.backend} · attempts {job.attempts}")
-        await interaction.response.send_message(embed=embed, ephemeral=True)
+        await interaction.response.send_message(embed=fit.embed(embed), ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

@@ -12,6 +12,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from cogs import fit
 from cogs.drafts import draft_message
 from cogs.errors import report_error
 from cogs.interactions import requester_of, services_of
@@ -95,9 +96,9 @@ class Inpaint(commands.Cog):
         self,
         interaction: discord.Interaction,
         image: discord.Attachment,
-        prompt: app_commands.Range[str, 1, 1000],
+        prompt: app_commands.Range[str, 1, fit.PROMPT],
         mask: discord.Attachment | None = None,
-        negative_prompt: app_commands.Range[str, 0, 1000] | None = None,
+        negative_prompt: app_commands.Range[str, 0, fit.PROMPT] | None = None,
         size: str | None = None,
         steps: app_commands.Range[int, 1, 65] | None = None,
         guidance: app_commands.Range[float, 0.0, 20.0] | None = None,
@@ -141,8 +142,8 @@ class Inpaint(commands.Cog):
         right: app_commands.Range[int, 0, 4096] = 0,
         top: app_commands.Range[int, 0, 4096] = 0,
         bottom: app_commands.Range[int, 0, 4096] = 0,
-        prompt: app_commands.Range[str, 0, 1000] | None = None,
-        negative_prompt: app_commands.Range[str, 0, 1000] | None = None,
+        prompt: app_commands.Range[str, 0, fit.PROMPT] | None = None,
+        negative_prompt: app_commands.Range[str, 0, fit.PROMPT] | None = None,
         seed: app_commands.Range[int, 0, 2**53 - 1] | None = None,
         num_images: app_commands.Range[int, 1, 8] | None = None,
     ) -> None:
@@ -250,10 +251,10 @@ class InpaintModal(discord.ui.Modal):
         self.cog = cog
         self.image = image
         self.prompt: discord.ui.TextInput[InpaintModal] = discord.ui.TextInput(
-            label="Prompt", style=discord.TextStyle.paragraph, max_length=1000,
+            label="Prompt", style=discord.TextStyle.paragraph, max_length=fit.PROMPT,
             placeholder="What to paint in the masked area")
         self.negative: discord.ui.TextInput[InpaintModal] = discord.ui.TextInput(
-            label="Negative prompt", style=discord.TextStyle.paragraph, required=False, max_length=1000)
+            label="Negative prompt", style=discord.TextStyle.paragraph, required=False, max_length=fit.PROMPT)
         self.mask_upload: discord.ui.FileUpload[InpaintModal] = discord.ui.FileUpload(
             required=False, min_values=0, max_values=1)
         self.add_item(self.prompt)

@@ -14,7 +14,7 @@ import discord
 from discord.ext import commands
 from PIL import Image
 
-from cogs import render
+from cogs import fit
 from cogs.buttons import job_or_refusal, record_deletion
 from cogs.interactions import is_moderator, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
@@ -58,7 +58,7 @@ class ModLogPoster:
         if settings.modlog_channel_id is None:
             return
         embed = discord.Embed(title=_TITLES.get(entry.action, entry.action), colour=discord.Colour.orange(),
-                              description=render.short(entry.detail, 1500) or None)
+                              description=fit.short(entry.detail, 1500) or None)
         if entry.job_id is not None:
             embed.add_field(name="Job", value=f"#{entry.job_id}", inline=True)
         if entry.user_id is not None:
@@ -66,6 +66,7 @@ class ModLogPoster:
         if entry.actor_id is not None:
             embed.add_field(name="By", value=f"<@{entry.actor_id}>", inline=True)
         embed.set_footer(text=f"moderation log #{entry.id}")
+        embed = fit.embed(embed)
         thumbs = await asyncio.to_thread(lambda: [_thumbnail(d) for d in images[:4]])
         files = [discord.File(io.BytesIO(t), filename=f"flagged_{i}.jpg", spoiler=True) for i, t in enumerate(thumbs)]
         buttons: list[discord.ui.Item[Any]] = []

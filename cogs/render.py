@@ -10,6 +10,8 @@ from typing import Any
 import discord
 from PIL import Image
 
+from cogs import fit
+from cogs.fit import short
 from services.blob import Blob
 from services.job_state import Job, JobStatus
 from services.progress import Progress
@@ -47,10 +49,6 @@ def _size_text(job: Job) -> str:
     return f"{size['width']}×{size['height']}" if isinstance(size, dict) else str(size)
 
 
-def short(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def progress_embed(job: Job, progress: Progress | None, *, local_position: int | None = None) -> discord.Embed:
     status = progress.status if progress else job.status
     embed = discord.Embed(title=f"Inpainting job #{job.id}", colour=COLOUR_RUNNING,
@@ -71,7 +69,7 @@ def progress_embed(job: Job, progress: Progress | None, *, local_position: int |
     embed.set_image(url=f"attachment://{PREVIEW_NAME}")
     embed.set_footer(text=f"{_size_text(job)} · {option(job, 'num_inference_steps')} steps · "
                           f"backend: {job.backend}")
-    return embed
+    return fit.embed(embed)
 
 
 def ended_embed(job: Job) -> discord.Embed:
@@ -84,7 +82,7 @@ def ended_embed(job: Job) -> discord.Embed:
     if job.error and job.status is not JobStatus.CANCELLED:
         embed.add_field(name="Why", value=short(job.error, 1000), inline=False)
     embed.set_image(url=f"attachment://{PREVIEW_NAME}")
-    return embed
+    return fit.embed(embed)
 
 
 def result_embed(job: Job, output: InpaintOutput, attached: ResultFiles, *, spoiler: bool = False) -> discord.Embed:
@@ -113,7 +111,7 @@ def result_embed(job: Job, output: InpaintOutput, attached: ResultFiles, *, spoi
         embed.add_field(name="Note", value=attached.note, inline=False)
     if not spoiler and attached.files:  # an embed image would show a spoilered attachment unblurred
         embed.set_image(url=f"attachment://{attached.files[0].filename}")
-    return embed
+    return fit.embed(embed)
 
 
 def params_json(job: Job) -> str:
@@ -128,7 +126,7 @@ def params_json(job: Job) -> str:
     if job.result:
         shown["seed"] = job.result.get("seed")
         shown["timings"] = job.result.get("timings")
-    return short(json.dumps(shown, indent=2), 1900)
+    return json.dumps(shown, indent=2)
 
 
 def _extension(content_type: str) -> str:

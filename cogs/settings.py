@@ -8,12 +8,12 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from cogs import render, wording
+from cogs import fit, render, wording
 from cogs.inpaint import SIZE_CHOICES
 from cogs.interactions import services_of
 from services.container import Services
 from services.errors import UserError
-from services.prompt_filter import DEFAULT_WORDS, MAX_RULES, validate_regex
+from services.prompt_filter import DEFAULT_WORDS, MAX_REGEX_LENGTH, MAX_RULES, validate_regex
 from services.quotas import Quota
 from services.schema import InpaintInput
 from services.server_settings import ServerSettings
@@ -30,15 +30,15 @@ def settings_embed(settings: ServerSettings) -> discord.Embed:
     checker = "off in age-restricted channels" if settings.checker_off_in_age_restricted else "always on"
     embed.add_field(name="Safety", value=f"checker: {checker}\nflagged images in age-restricted channels: "
                     f"**{settings.nsfw_policy}** (ordinary channels: always block)", inline=False)
-    words = ", ".join(f"`{w}`" for w in settings.filter_words) or "none"
-    regexes = ", ".join(f"`{r}`" for r in settings.filter_regexes) or "none"
+    words = fit.listing([f"`{w}`" for w in settings.filter_words], 450)
+    regexes = fit.listing([f"`{r}`" for r in settings.filter_regexes], 450)
     defaults = f"built-in list ({len(DEFAULT_WORDS)} words) " + ("on" if settings.use_default_filters else "off")
-    embed.add_field(name="Prompt filters", value=render.short(f"{defaults}\nwords: {words}\nregexes: {regexes}", 1024),
+    embed.add_field(name="Prompt filters", value=fit.short(f"{defaults}\nwords: {words}\nregexes: {regexes}", 1024),
                     inline=False)
     embed.add_field(name="Masks", value="shown for Confirm first" if settings.confirm_masks else "run at once")
     embed.add_field(name="Mod log", value=f"<#{settings.modlog_channel_id}>" if settings.modlog_channel_id else "off")
-    channels = wording.channels(settings.allowed_channel_ids) or "all"
-    roles = wording.roles(settings.allowed_role_ids) or "everyone"
+    channels = fit.listing([f"<#{c}>" for c in settings.allowed_channel_ids], 480, empty="all")
+    roles = fit.listing([f"<@&{r}>" for r in settings.allowed_role_ids], 480, empty="everyone")
     embed.add_field(name="Access", value=f"channels: {channels}\nroles: {roles}")
     embed.add_field(name="Limits", value=(
         f"per user at once: {settings.user_concurrent}\nper server at once: {settings.server_concurrent}\n"
@@ -47,8 +47,8 @@ def settings_embed(settings: ServerSettings) -> discord.Embed:
         f"steps × images per day: {_limit(settings.server_daily_steps)}"), inline=False)
     embed.add_field(name="Defaults", value=(
         f"steps: {settings.default_steps or DEFAULT_STEPS}\nsize: {settings.default_size or 'match the image'}\n"
-        f"negative prompt: {render.short(settings.default_negative_prompt or 'none', 200)}"), inline=False)
-    return embed
+        f"negative prompt: {fit.short(settings.default_negative_prompt or 'none', 200)}"), inline=False)
+    return fit.embed(embed)
 
 
 class SettingsGroup(app_commands.Group):
@@ -66,7 +66,8 @@ class SettingsGroup(app_commands.Group):
     async def _apply(self, interaction: discord.Interaction, changes: dict[str, Any], summary: str) -> None:
         assert interaction.guild_id is not None
         settings = await self.services.store.server_settings.save(interaction.guild_id, changes)
-        await interaction.response.send_message(f"Saved: {summary}", embed=settings_embed(settings), ephemeral=True)
+        await interaction.response.send_message(fit.content(f"Saved: {summary}"), embed=settings_embed(settings),
+                                                ephemeral=True)
         await self.services.modlog.record(interaction.guild_id, "settings_changed", actor_id=interaction.user.id,
                                           detail=summary)
 
@@ -100,7 +101,8 @@ class SettingsGroup(app_commands.Group):
         ("add word", "add_word"), ("remove word", "remove_word"), ("add regex", "add_regex"),
         ("remove regex", "remove_regex"), ("use the built-in list", "defaults_on"),
         ("don't use the built-in list", "defaults_off"))])
-    async def filter(self, interaction: discord.Interaction, action: str, value: str | None = None) -> None:
+    async def filter(self, interaction: discord.Interaction, action: str,
+                     value: app_commands.Range[str, 1, MAX_REGEX_LENGTH] | None = None) -> None:
         settings = await self._settings(interaction)
         words, regexes = list(settings.filter_words), list(settings.filter_regexes)
         text = (value or "").strip()
@@ -176,7 +178,8 @@ class SettingsGroup(app_commands.Group):
     @app_commands.command(name="defaults", description="Default steps, size and negative prompt for /inpaint")
     @app_commands.choices(size=SIZE_CHOICES)
     async def defaults(self, interaction: discord.Interaction, steps: app_commands.Range[int, 1, 65] | None = None,
-                       size: str | None = None, negative_prompt: str | None = None,
+                       size: str | None = None,
+                       negative_prompt: app_commands.Range[str, 1, fit.PROMPT] | None = None,
                        clear: bool = False) -> None:
         if clear:
             changes: dict[str, Any] = {"default_steps": None, "default_size": None, "default_negative_prompt": None}
@@ -218,7 +221,7 @@ class Settings(commands.Cog):
         embed.add_field(name="Resets", value=wording.relative_time(q.resets_at))
         if await self.services.store.bans.is_banned(interaction.guild_id, interaction.user.id):
             embed.description = "You are banned from using the bot in this server."
-        await interaction.response.send_message(embed=embed, ephemeral=True)
+        await interaction.response.send_message(embed=fit.embed(embed), ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

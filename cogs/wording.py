@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from cogs.fit import listing
 from services.refusals import (
     ChannelNotAllowed,
     Refusal,
@@ -21,11 +22,12 @@ def relative_time(timestamp: float) -> str:
 
 
 def channels(ids: Iterable[int]) -> str:
-    return ", ".join(f"<#{i}>" for i in ids)
+    """Channel mentions, as many as read well in a message (a server may allow 60)."""
+    return listing([f"<#{i}>" for i in ids], 1500)
 
 
 def roles(ids: Iterable[int]) -> str:
-    return ", ".join(f"<@&{i}>" for i in ids)
+    return listing([f"<@&{i}>" for i in ids], 1500)
 
 
 def refusal_text(reason: Refusal) -> str:

@@ -225,6 +225,7 @@ class FakeDiscord:
         m = re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path)
         if m:
             record = self.interactions[m.group(2)]
+            _validate(body.get("data") or {}, modal=body["type"] == 9)
             record.responses.append(body)
             kind = body["type"]
             result: dict[str, Any] = {"interaction": {"id": str(record.id), "type": 2,
@@ -264,6 +265,7 @@ class FakeDiscord:
     # --- messages -----------------------------------------------------------------------------------
 
     def _create(self, channel_id: int, payload: dict[str, Any], uploads: dict[str, bytes]) -> FakeMessage:
+        _validate(payload)
         message = FakeMessage(id=self.snowflake(), channel_id=channel_id, author_id=self.app_id)
         self.messages[message.id] = message
         self._apply(message, payload, uploads, new=True)
@@ -272,6 +274,7 @@ class FakeDiscord:
         return message
 
     def _edit(self, message: FakeMessage, payload: dict[str, Any], uploads: dict[str, bytes]) -> FakeMessage:
+        _validate(payload)
         message.edits += 1
         self._apply(message, payload, uploads, new=False)
         return message
@@ -330,6 +333,67 @@ class FakeDiscord:
                 "timestamp": dt.datetime.now(dt.UTC).isoformat(), "edited_timestamp": None, "tts": False,
                 "mention_everyone": False, "mentions": [], "mention_roles": [], "attachments": attachments,
                 "embeds": [], "pinned": False, "type": 0, "components": [], "flags": 0}
+
+
+#: Discord's limits (the API reference: messages, embeds, components, modals), checked on everything the bot sends.
+LIMITS = {"content": 2000, "embeds": 10, "title": 256, "description": 4096, "fields": 25, "field_name": 256,
+          "field_value": 1024, "footer": 2048, "author": 256, "embed_total": 6000, "label": 80, "custom_id": 100,
+          "modal_title": 45, "input_label": 45, "input_value": 4000, "rows": 5, "row_items": 5}
+
+
+def _invalid(problem: str) -> discord.HTTPException:
+    return _http_error(400, f"Invalid Form Body: {problem}", 50035)
+
+
+def _validate(payload: dict[str, Any], *, modal: bool = False) -> None:
+    """Refuse what Discord would refuse (400 Invalid Form Body), so the bot's builders are tested against it."""
+    if len(payload.get("content") or "") > LIMITS["content"]:
+        raise _invalid(f"content is {len(payload['content'])} characters")
+    embeds = payload.get("embeds") or []
+    if len(embeds) > LIMITS["embeds"]:
+        raise _invalid("more than 10 embeds")
+    for embed in embeds:
+        _validate_embed(embed)
+    if modal:
+        if len(payload.get("title") or "") > LIMITS["modal_title"]:
+            raise _invalid("modal title too long")
+        for row in payload.get("components") or []:
+            inner = row.get("component") or (row.get("components") or [{}])[0]
+            label = row.get("label") or inner.get("label") or ""
+            if len(label) > LIMITS["input_label"]:
+                raise _invalid(f"text input label {label!r} too long")
+            value, cap = inner.get("value") or "", min(inner.get("max_length") or 4000, LIMITS["input_value"])
+            if len(value) > cap:
+                raise _invalid(f"text input value is {len(value)} characters, longer than its max_length {cap}")
+        return
+    rows = payload.get("components") or []
+    if len(rows) > LIMITS["rows"]:
+        raise _invalid("more than 5 action rows")
+    for row in rows:
+        items = row.get("components") or []
+        if len(items) > LIMITS["row_items"]:
+            raise _invalid("more than 5 components in a row")
+        for item in items:
+            if len(item.get("label") or "") > LIMITS["label"] or len(item.get("custom_id") or "") > LIMITS["custom_id"]:
+                raise _invalid("a button label or custom id is too long")
+
+
+def _validate_embed(embed: dict[str, Any]) -> None:
+    fields = embed.get("fields") or []
+    parts = [("title", embed.get("title")), ("description", embed.get("description")),
+             ("footer", (embed.get("footer") or {}).get("text")), ("author", (embed.get("author") or {}).get("name"))]
+    for limit, text in parts:
+        if len(text or "") > LIMITS[limit]:
+            raise _invalid(f"embed {limit} is {len(text or '')} characters")
+    if len(fields) > LIMITS["fields"]:
+        raise _invalid(f"embed has {len(fields)} fields")
+    for shown in fields:
+        if len(shown.get("name") or "") > LIMITS["field_name"] or len(shown.get("value") or "") > LIMITS["field_value"]:
+            raise _invalid(f"embed field {shown.get('name')!r} is too long")
+    total = sum(len(text or "") for _, text in parts) + sum(len(f.get("name") or "") + len(f.get("value") or "")
+                                                           for f in fields)
+    if total > LIMITS["embed_total"]:
+        raise _invalid(f"embed is {total} characters in all")
 
 
 def _unpack(payload: Any, form: Any, files: Any) -> tuple[dict[str, Any], dict[str, bytes]]:
