@@ -83,3 +83,19 @@ async def test_every_button_parses_its_own_custom_id() -> None:
     assert len(set(patterns)) == len(patterns)  # no two buttons answer the same custom id
     with pytest.raises(TypeError):
         BanButton(1)
+
+
+def test_every_embed_builder_fits_discords_limits_with_huge_inputs() -> None:
+    from cogs import fit
+
+    huge = "x" * 7000
+    job = _job(image_size={"width": 1152, "height": 896}, negative_prompt=huge, prompt=huge)
+    output = InpaintOutput(images=[], timings={f"stage {i} {'y' * 90}": 1.0 for i in range(40)}, seed=9,
+                           has_nsfw_concepts=[], prompt=huge)
+    for embed in (render.result_embed(job, output, render.ResultFiles([])), render.progress_embed(job, None),
+                  render.ended_embed(job.model_copy(update={"error": huge}))):
+        assert len(embed) <= fit.EMBED_TOTAL and len(embed.fields) <= fit.EMBED_FIELDS
+        assert all(len(f.value or "") <= fit.FIELD_VALUE for f in embed.fields)
+        assert len(embed.description or "") <= fit.EMBED_DESCRIPTION
+    assert fit.listing([f"<#{i}>" for i in range(60)], 100).endswith("more")
+    assert fit.prefill("0123456789", 5) == "0123…"
