@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import logging
 import sys
 
@@ -22,6 +23,7 @@ from discord.ext import commands
 from cogs.buttons import JOB_BUTTONS
 from cogs.drafts import DRAFT_BUTTONS
 from cogs.modlog import MODLOG_BUTTONS
+from cogs.permissions import NEEDED
 from services.config import BotConfig, load_config
 from services.container import Services, build_services
 
@@ -56,7 +58,9 @@ class InpaintBot(commands.Bot):
     """The Discord client. Everything it runs on is in `services`; the cogs reach it through the client."""
 
     def __init__(self, config: BotConfig, services: Services, *, sync_globally: bool = False) -> None:
-        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default())
+        # what the bot reads: interactions arrive without any intent; `guilds` keeps servers, channels and roles
+        # cached (permissions, upload limits). No privileged intents.
+        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents(guilds=True))
         self.config = config
         self.services = services
         self.sync_globally = sync_globally
@@ -84,6 +88,14 @@ class InpaintBot(commands.Bot):
             log.info("synced %d global commands (they can take a while to appear)", len(synced))
 
 
+def invite_url(token: str) -> str:
+    """The URL that adds the bot to a server, with the `bot` and `applications.commands` scopes and exactly the
+    permissions it needs. A bot token's first part is its application's id, base64-encoded."""
+    first = token.split(".")[0]
+    client_id = base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)).decode()
+    return discord.utils.oauth_url(client_id, permissions=NEEDED, scopes=("bot", "applications.commands"))
+
+
 async def run(config: BotConfig, token: str, *, sync_globally: bool) -> None:
     async with build_services(config) as services, InpaintBot(config, services, sync_globally=sync_globally) as bot:
         await bot.start(token)
@@ -92,11 +104,15 @@ async def run(config: BotConfig, token: str, *, sync_globally: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the inpaint bot.")
     parser.add_argument("--sync", action="store_true", help="register the slash commands globally, then run")
+    parser.add_argument("--invite", action="store_true", help="print the URL that adds the bot to a server, and exit")
     args = parser.parse_args(argv)
     config = load_config()
     if config.discord_token is None or not config.discord_token.get_secret_value().strip():
         print("DISCORD_TOKEN is not set.\n\n" + SETUP_HELP, file=sys.stderr)
         return 2
+    if args.invite:
+        print(invite_url(config.discord_token.get_secret_value()))
+        return 0
     discord.utils.setup_logging(level=logging.INFO, root=True)
     try:
         asyncio.run(run(config, config.discord_token.get_secret_value(), sync_globally=args.sync))

@@ -17,6 +17,7 @@ from cogs.errors import report_error
 from cogs.inpaint import offer_painter
 from cogs.interactions import is_moderator, requester_of, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
+from cogs.permissions import require_posting
 from services.errors import UserError
 from services.images import PreparedInputs
 from services.job_state import Job, JobNotFound, JobStatus
@@ -59,6 +60,7 @@ async def derive(interaction: discord.Interaction, job_id: int, changes: dict[st
     """Start a job from job `job_id` with `changes`, for whoever pressed the button."""
     services = services_of(interaction.client)
     who = requester_of(interaction)
+    require_posting(interaction)
     await interaction.response.defer(ephemeral=True, thinking=True)
     outcome = await services.launcher.launch(who, changes, FromJob(job_id))
     assert isinstance(outcome, Launched)
@@ -140,6 +142,7 @@ async def expand_result(interaction: discord.Interaction, job_id: int,
     """A new job on job `job_id`'s (first) result, its canvas expanded: Zoom Out and Pan."""
     services = services_of(interaction.client)
     who = requester_of(interaction)
+    require_posting(interaction)
     await interaction.response.defer(ephemeral=True, thinking=True)
     parent = await job_or_refusal(interaction.client, job_id)
     max_pixels = services.intake_limits.max_pixels
@@ -198,6 +201,7 @@ class VaryRegionButton(JobButton, DynamicButton, action="region"):
         services = services_of(interaction.client)
         if services.painter is None:
             raise UserError("Vary Region needs the mask painter, which is turned off on this bot.")
+        require_posting(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
         parent = await job_or_refusal(interaction.client, self.job_id)
         result = (await services.store.jobs.blobs(parent.id)).get("output_0")

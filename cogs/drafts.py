@@ -11,6 +11,7 @@ import discord
 from cogs import fit, render
 from cogs.interactions import services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
+from cogs.permissions import require_posting
 from services.errors import UserError
 from services.launch import DraftOffered, Launched
 
@@ -57,6 +58,7 @@ class ConfirmButton(DraftButton, DynamicButton, action="confirm"):
     label, style = "Confirm", discord.ButtonStyle.success
 
     async def run(self, interaction: discord.Interaction) -> None:
+        require_posting(interaction)
         await interaction.response.defer()  # taking the images in can outlast Discord's 3 s to answer
         services = services_of(interaction.client)
         draft = await services.drafts.get(self.draft_id)

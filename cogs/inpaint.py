@@ -17,6 +17,7 @@ from cogs.drafts import draft_message
 from cogs.errors import report_error
 from cogs.interactions import requester_of, services_of
 from cogs.items import view_of
+from cogs.permissions import require_posting
 from services.errors import UserError
 from services.images import ImageInputError, MaskOptions, PreparedInputs, prepare_inputs_async
 from services.launch import DraftOffered, Launched, NewImages, expanded_upload
@@ -149,6 +150,7 @@ class Inpaint(commands.Cog):
     ) -> None:
         services = services_of(self.bot)
         limits = services.intake_limits
+        require_posting(interaction)
         check_attachment(image, "image", limits.max_bytes)
         expansion = Expansion(left=left, right=right, top=top, bottom=bottom)
         if expansion.empty:
@@ -168,6 +170,7 @@ class Inpaint(commands.Cog):
 
     async def inpaint_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         image = first_image(message)
+        require_posting(interaction)
         check_attachment(image, "image", services_of(self.bot).intake_limits.max_bytes)
         await interaction.response.send_modal(InpaintModal(self, image))
 
@@ -176,6 +179,7 @@ class Inpaint(commands.Cog):
         """Check the attachments, then launch: admission first, and only then the download and intake."""
         services = services_of(self.bot)
         limits = services.intake_limits
+        require_posting(interaction)
         check_attachment(image, "image", limits.max_bytes)
         if mask is not None:
             check_attachment(mask, "mask", limits.max_bytes)

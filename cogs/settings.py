@@ -11,6 +11,7 @@ from discord.ext import commands
 from cogs import fit, render, wording
 from cogs.inpaint import SIZE_CHOICES
 from cogs.interactions import services_of
+from cogs.permissions import require_posting_in
 from services.container import Services
 from services.errors import UserError
 from services.prompt_filter import DEFAULT_WORDS, MAX_REGEX_LENGTH, MAX_RULES, validate_regex
@@ -135,6 +136,8 @@ class SettingsGroup(app_commands.Group):
 
     @app_commands.command(name="modlog", description="Where moderation events are posted (empty = off)")
     async def modlog(self, interaction: discord.Interaction, channel: discord.TextChannel | None = None) -> None:
+        if channel is not None and interaction.guild is not None:
+            require_posting_in(channel, interaction.guild.me)
         await self._apply(interaction, {"modlog_channel_id": channel.id if channel else None},
                           f"mod log {'in ' + channel.mention if channel else 'off'}")
 

@@ -131,6 +131,17 @@ class FakeDiscord:
         self.calls: list[tuple[str, str]] = []
         self.fail_routes: dict[str, int] = {}  # "METHOD path-regex" → HTTP status to answer with
         self.on_create: Callable[[FakeMessage], None] | None = None  # called for every message the bot creates
+        #: permissions the bot is denied per channel (by a channel overwrite): in interactions' `app_permissions`
+        #: and in the bot's own member's view of the channel
+        self.bot_denied: dict[int, int] = {}
+
+    def deny(self, bot: discord.Client, guild_id: int, channel_id: int, permissions: discord.Permissions) -> None:
+        """Deny the bot `permissions` in a channel, as a server manager's channel overwrite would."""
+        self.bot_denied[channel_id] = self.bot_denied.get(channel_id, 0) | permissions.value
+        add_guild(bot, guild_id, {channel_id: False}, denied=self.bot_denied, rebuild=True)
+
+    def app_permissions(self, channel_id: int) -> int:
+        return ALL_PERMISSIONS & ~self.bot_denied.get(channel_id, 0)
 
     def snowflake(self) -> int:
         return next(self._ids)
@@ -443,14 +454,18 @@ def user(user_id: int, name: str, *, roles: tuple[int, ...] = ()) -> dict[str, A
 GUILD_ROLES = (555, 556)  # roles every test guild has, besides @everyone
 
 
-def add_guild(bot: discord.Client, guild_id: int, channels: dict[int, bool]) -> discord.Guild:
-    """Put a guild with text channels (id → age-restricted) and the `GUILD_ROLES` in the bot's cache, as the
-    gateway's GUILD_CREATE would, so channel options and member roles resolve."""
+def add_guild(bot: discord.Client, guild_id: int, channels: dict[int, bool], *,
+              denied: dict[int, int] | None = None, rebuild: bool = False) -> discord.Guild:
+    """Put a guild with text channels (id → age-restricted), the `GUILD_ROLES` and the bot's own member in the
+    bot's cache, as the gateway's GUILD_CREATE would, so channel options, member roles and the bot's permissions
+    (`FakeDiscord.bot_denied`, as channel overwrites) resolve."""
     state = bot._connection
     existing = state._get_guild(guild_id)
-    known = {c.id for c in existing.channels} if existing else set()
-    if existing is not None and set(channels) <= known:
+    known = {c.id: bool(getattr(c, "nsfw", False)) for c in existing.channels} if existing else {}
+    if existing is not None and set(channels) <= set(known) and not rebuild:
         return existing
+    denied = denied or {}
+    me = bot.user.id if bot.user else 0
     payload: dict[str, Any] = {
         "id": str(guild_id), "name": "art server", "icon": None, "owner_id": "1", "features": [], "emojis": [],
         "stickers": [], "member_count": 3, "premium_tier": 0, "verification_level": 0, "mfa_level": 0,
@@ -459,9 +474,13 @@ def add_guild(bot: discord.Client, guild_id: int, channels: dict[int, bool]) -> 
                    "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}
                   for i, role_id in enumerate((guild_id, *GUILD_ROLES))],
         "channels": [{"id": str(cid), "type": 0, "name": f"channel-{cid}", "position": i, "nsfw": nsfw,
-                      "permission_overwrites": [], "parent_id": None}
-                     for i, (cid, nsfw) in enumerate(sorted({**{c: False for c in known}, **channels}.items()))],
-        "members": [], "threads": [], "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
+                      "permission_overwrites": [{"id": str(me), "type": 1, "allow": "0", "deny": str(denied[cid])}]
+                      if cid in denied else [], "parent_id": None}
+                     for i, (cid, nsfw) in enumerate(sorted({**known, **channels}.items()))],
+        "members": [{"user": {"id": str(me), "username": "inpaint", "discriminator": "0", "bot": True,
+                              "avatar": None, "global_name": None}, "roles": [str(GUILD_ROLES[0])],
+                     "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False, "mute": False, "flags": 0}],
+        "threads": [], "stage_instances": [], "guild_scheduled_events": [], "soundboard_sounds": [],
     }
     return state._add_guild_from_data(payload)  # type: ignore[arg-type]
 
@@ -473,7 +492,7 @@ class Driver:
         self.fake = fake
         self.bot = bot
         self.place = place
-        add_guild(bot, place.guild_id, {place.channel_id: place.nsfw})
+        add_guild(bot, place.guild_id, {place.channel_id: place.nsfw}, denied=fake.bot_denied)
 
     def _base(self, kind: int, member: dict[str, Any], permissions: int) -> tuple[dict[str, Any], InteractionRecord]:
         record = InteractionRecord(id=self.fake.snowflake(), token=f"tok{self.fake.snowflake()}")
@@ -487,7 +506,9 @@ class Driver:
             "member": {"user": {k: v for k, v in member.items() if k != "member_roles"},
                        "roles": member.get("member_roles", []), "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False,
                        "mute": False, "flags": 0, "permissions": str(permissions)},
-            "app_permissions": str(ALL_PERMISSIONS), "locale": "en-US", "guild_locale": "en-US",
+            "guild": {"id": str(self.place.guild_id), "locale": "en-US", "features": []},
+            "app_permissions": str(self.fake.app_permissions(self.place.channel_id)), "locale": "en-US",
+            "guild_locale": "en-US",
             "entitlements": [], "authorizing_integration_owners": {"0": str(self.place.guild_id)}, "context": 0,
             "attachment_size_limit": 26214400,
         }
@@ -502,7 +523,7 @@ class Driver:
         wire = []
         for key, value in options.items():
             if isinstance(value, Channel):
-                add_guild(self.bot, self.place.guild_id, {value.id: value.nsfw})
+                add_guild(self.bot, self.place.guild_id, {value.id: value.nsfw}, denied=self.fake.bot_denied)
                 resolved.setdefault("channels", {})[str(value.id)] = {
                     "id": str(value.id), "type": 0, "name": f"channel-{value.id}", "nsfw": value.nsfw,
                     "permissions": str(ALL_PERMISSIONS), "guild_id": str(self.place.guild_id)}
@@ -552,8 +573,9 @@ class Driver:
         for row in modal["components"]:
             if row["type"] == 1:  # action row holding a text input
                 inner = row["components"][0]
-                rows.append({"type": 1, "components": [{"type": 4, "custom_id": inner["custom_id"],
-                                                        "value": values.get(inner["label"], inner.get("value", ""))}]})
+                rows.append({"type": 1, "id": len(rows) * 2 + 1, "components": [
+                    {"type": 4, "id": len(rows) * 2 + 2, "custom_id": inner["custom_id"],
+                     "value": values.get(inner["label"], inner.get("value", ""))}]})
             elif row["type"] == 18:  # label wrapping a component
                 inner = row["component"]
                 given = values.get(row["label"])
@@ -561,11 +583,13 @@ class Driver:
                     uploads = given or []
                     for a in uploads:
                         resolved.setdefault("attachments", {})[a["id"]] = a
-                    rows.append({"type": 18, "component": {"type": 19, "custom_id": inner["custom_id"],
-                                                           "values": [a["id"] for a in uploads]}})
+                    rows.append({"type": 18, "id": len(rows) * 2 + 1, "component": {
+                        "type": 19, "id": len(rows) * 2 + 2, "custom_id": inner["custom_id"],
+                        "values": [a["id"] for a in uploads]}})
                 else:
-                    rows.append({"type": 18, "component": {"type": 4, "custom_id": inner["custom_id"],
-                                                           "value": given if given is not None else ""}})
+                    rows.append({"type": 18, "id": len(rows) * 2 + 1, "component": {
+                        "type": 4, "id": len(rows) * 2 + 2, "custom_id": inner["custom_id"],
+                        "value": given if given is not None else ""}})
         payload["data"] = {"custom_id": modal["custom_id"], "components": rows, "resolved": resolved}
         return await self._send(payload, record)
 
