@@ -569,7 +569,7 @@ class Driver:
         assert modal is not None, "that interaction showed no modal"
         payload, record = self._base(5, member, permissions)
         resolved: dict[str, Any] = {}
-        rows = []
+        rows: list[dict[str, Any]] = []
         for row in modal["components"]:
             if row["type"] == 1:  # action row holding a text input
                 inner = row["components"][0]
