@@ -24,6 +24,7 @@ from cogs.buttons import JOB_BUTTONS
 from cogs.drafts import DRAFT_BUTTONS
 from cogs.modlog import MODLOG_BUTTONS
 from cogs.permissions import NEEDED
+from cogs.posting import ChannelPosting
 from services.config import BotConfig, load_config
 from services.container import Services, build_services
 
@@ -64,6 +65,8 @@ class InpaintBot(commands.Bot):
         self.config = config
         self.services = services
         self.sync_globally = sync_globally
+        #: every post and edit in a channel, within Discord's budget for it (cogs/posting.py)
+        self.posting = ChannelPosting(limit=config.channel_budget_ops, per_s=config.channel_budget_s)
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
@@ -76,6 +79,7 @@ class InpaintBot(commands.Bot):
         what happens to them are still there; then close the client, which unloads the extensions."""
         await self.services.dispatcher.close()
         await super().close()
+        await self.posting.close()
 
     async def sync_commands(self) -> None:
         if self.config.dev_guild_id is not None:

@@ -45,7 +45,7 @@ async def run(jobs: int, side: int, output: str) -> list[float]:
         with tempfile.TemporaryDirectory() as tmp:
             config = BotConfig(_env_file=None, discord_token="bench", fal_key=KEY, fal_queue_base=server.base_url,
                                database_path=Path(tmp) / "bench.sqlite3", backend_poll_interval_s=0.01,
-                               painter_port=0)
+                               painter_port=0, channel_budget_ops=10_000, channel_budget_s=1.0)
             fake = FakeDiscord()
             place = Place(guild_id=1, channel_id=2)
             image = encode(photo(side, side), "PNG")

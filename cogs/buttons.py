@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import discord
@@ -18,12 +18,16 @@ from cogs.inpaint import offer_painter
 from cogs.interactions import is_moderator, requester_of, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
 from cogs.permissions import require_posting
+from cogs.shared_results import remove_result
 from services.errors import UserError
 from services.images import PreparedInputs
 from services.job_state import Job, JobNotFound, JobStatus
 from services.launch import FromJob, Launched, from_result
 from services.outpaint import ZOOM_FACTORS, Direction, Expansion, expand, outpaint_options, pan, zoom_out
 from services.refusals import ImagesGone, JobGone, Refused
+
+#: the most jobs' results one message shows: a message has 5 rows of buttons, one per job
+SHARED_MOST = 5
 
 
 class JobButton(PersistentButton):
@@ -113,13 +117,27 @@ class DeleteButton(JobButton, DynamicButton, action="delete"):
         job = await self.job(interaction)
         await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
         if interaction.message is not None:
-            await interaction.message.delete()
+            await remove_result(interaction.message, job.id, shared_result_view)
         services = services_of(interaction.client)
         if interaction.user.id == job.user_id:
             await services.store.jobs.add_event(job.id, "note", "result deleted by its author",
                                                 {"by": interaction.user.id})
         else:
             await record_deletion(interaction.client, job, interaction.user.id)
+
+
+class MoreButton(JobButton, DynamicButton, action="more"):
+    """First on a job's row in a message showing several results: the job's number, opening its other buttons."""
+
+    label, emoji = "More", "➕"
+
+    def __init__(self, job_id: int, *, row: int | None = None) -> None:
+        super().__init__(job_id, row=row)
+        self.item.label = f"Job #{job_id}"
+
+    async def run(self, interaction: discord.Interaction) -> None:
+        job = await self.job(interaction)
+        await interaction.response.send_message(f"More for job #{job.id}:", view=more_view(job.id), ephemeral=True)
 
 
 class ParamsButton(JobButton, DynamicButton, action="params"):
@@ -214,7 +232,7 @@ class VaryRegionButton(JobButton, DynamicButton, action="region"):
 
 
 JOB_BUTTONS: tuple[type[DynamicButton], ...] = (
-    CancelButton, RerollButton, VariationsButton, RetryButton, EditButton, DeleteButton, ParamsButton,
+    CancelButton, RerollButton, VariationsButton, RetryButton, EditButton, DeleteButton, MoreButton, ParamsButton,
     ZoomOut15Button, ZoomOut2Button, PanLeftButton, PanRightButton, PanUpButton, PanDownButton, VaryRegionButton)
 
 
@@ -277,6 +295,24 @@ def result_view(job_id: int) -> discord.ui.View:
     rows: tuple[tuple[type[JobButton], ...], ...] = (
         (RerollButton, VariationsButton, EditButton, DeleteButton, ParamsButton),
         (ZoomOut15Button, ZoomOut2Button, VaryRegionButton),
+        (PanLeftButton, PanRightButton, PanUpButton, PanDownButton))
+    items: list[Any] = [button(job_id, row=row) for row, buttons in enumerate(rows) for button in buttons]
+    return view_of(*items)
+
+
+def shared_result_view(job_ids: Sequence[int]) -> discord.ui.View:
+    """For a message showing several jobs' results: a row per job (its number, which opens the rest of its buttons;
+    Reroll, Variations, Edit, Delete)."""
+    if not 1 <= len(job_ids) <= SHARED_MOST:
+        raise ValueError(f"a message shows 1 to {SHARED_MOST} jobs' results, not {len(job_ids)}")
+    rows = (MoreButton, RerollButton, VariationsButton, EditButton, DeleteButton)
+    return view_of(*(button(job_id, row=row) for row, job_id in enumerate(job_ids) for button in rows))
+
+
+def more_view(job_id: int) -> discord.ui.View:
+    """The result buttons a shared message has no room for: Params, Zoom Out, Vary Region; Pan."""
+    rows: tuple[tuple[type[JobButton], ...], ...] = (
+        (ParamsButton, ZoomOut15Button, ZoomOut2Button, VaryRegionButton),
         (PanLeftButton, PanRightButton, PanUpButton, PanDownButton))
     items: list[Any] = [button(job_id, row=row) for row, buttons in enumerate(rows) for button in buttons]
     return view_of(*items)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import discord
 
+from cogs.posting import ChannelPosting
 from services.container import Services
 from services.requester import Requester
 
@@ -15,6 +16,14 @@ def services_of(client: discord.Client) -> Services:
     if not isinstance(services, Services):
         raise RuntimeError("this client has no services (is it an InpaintBot?)")
     return services
+
+
+def posting_of(client: discord.Client) -> ChannelPosting:
+    """The bot's per-channel posting queue (`InpaintBot.posting`)."""
+    posting = getattr(client, "posting", None)
+    if not isinstance(posting, ChannelPosting):
+        raise RuntimeError("this client has no posting queue (is it an InpaintBot?)")
+    return posting
 
 
 def is_moderator(interaction: discord.Interaction) -> bool:

@@ -15,9 +15,11 @@ from discord.ext import commands
 from PIL import Image
 
 from cogs import fit
-from cogs.buttons import job_or_refusal, record_deletion
-from cogs.interactions import is_moderator, services_of
+from cogs.buttons import job_or_refusal, record_deletion, shared_result_view
+from cogs.interactions import is_moderator, posting_of, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
+from cogs.posting import ANNOUNCE, ChannelPosting
+from cogs.shared_results import remove_result
 from services.errors import UserError
 from services.job_state import Job
 from services.store.moderation import ModerationEntry
@@ -49,9 +51,10 @@ def _thumbnail(data: bytes) -> bytes:
 class ModLogPoster:
     """A `ModLogSink`: posts each moderation entry to its server's mod-log channel, when one is set."""
 
-    def __init__(self, client: discord.Client, settings: ServerSettingsStore) -> None:
+    def __init__(self, client: discord.Client, settings: ServerSettingsStore, posting: ChannelPosting) -> None:
         self.client = client
         self.settings = settings
+        self.posting = posting
 
     async def show(self, entry: ModerationEntry, *, job: Job | None = None, images: Sequence[bytes] = ()) -> None:
         settings = await self.settings.load(entry.guild_id)
@@ -76,8 +79,9 @@ class ModLogPoster:
             buttons += [BanButton(entry.guild_id, entry.user_id), UnbanButton(entry.guild_id, entry.user_id)]
         channel = self.client.get_partial_messageable(settings.modlog_channel_id, guild_id=entry.guild_id)
         try:
-            await channel.send(embed=embed, files=files, view=view_of(*buttons) if buttons else discord.utils.MISSING,
-                               allowed_mentions=discord.AllowedMentions.none())
+            await self.posting.run(channel.id, lambda: channel.send(
+                embed=embed, files=files, view=view_of(*buttons) if buttons else discord.utils.MISSING,
+                allowed_mentions=discord.AllowedMentions.none()), priority=ANNOUNCE)
         except discord.HTTPException:
             log.exception("could not post moderation log entry %s", entry.id)
 
@@ -139,11 +143,18 @@ class DeleteResultButton(ModButton, DynamicButton, action="delete"):
         job = await job_or_refusal(interaction.client, int(self.ids[0]))
         if job.result_message_id is None or job.channel_id is None:
             raise UserError(f"Job #{job.id} has no posted result.")
-        message = interaction.client.get_partial_messageable(job.channel_id).get_partial_message(job.result_message_id)
+        channel = interaction.client.get_partial_messageable(job.channel_id)
         try:
-            await message.delete()
+            if len(await services_of(interaction.client).store.jobs.sharing_result_message(job.result_message_id)) > 1:
+                shared = await channel.fetch_message(job.result_message_id)  # to keep the other jobs' parts
+                await remove_result(shared, job.id, shared_result_view)
+            else:
+                await channel.get_partial_message(job.result_message_id).delete()
         except discord.NotFound as exc:
             raise UserError(f"Job #{job.id}'s result was already deleted.") from exc
+        except discord.Forbidden as exc:
+            raise UserError(f"Job #{job.id}'s result shares a message with other results: to take it out, I need "
+                            f"Read Message History in <#{job.channel_id}>.") from exc
         await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
         await record_deletion(interaction.client, job, interaction.user.id)
 
@@ -156,7 +167,7 @@ class ModLog(commands.Cog):
 
     def __init__(self, bot: commands.Bot) -> None:
         self.services = services_of(bot)
-        self.poster = ModLogPoster(bot, self.services.store.server_settings)
+        self.poster = ModLogPoster(bot, self.services.store.server_settings, posting_of(bot))
 
     async def cog_load(self) -> None:
         self.services.modlog.subscribe(self.poster)

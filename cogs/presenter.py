@@ -13,14 +13,16 @@ import copy
 import io
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import discord
 from discord.ext import commands
 
 from cogs import render
-from cogs.buttons import ended_view, progress_view, result_view
-from cogs.interactions import services_of
+from cogs.buttons import ended_view, progress_view
+from cogs.interactions import posting_of, services_of
+from cogs.posting import ANNOUNCE, OUTCOME, PROGRESS, TIDY, ChannelPosting
+from cogs.result_post import ResultPost
 from services.blob import Blob
 from services.dispatch import JobImages
 from services.job_state import Job
@@ -37,15 +39,17 @@ class _EditState:
     last_edit: float = 0.0
     latest: tuple[Job, Progress] | None = None
     task: asyncio.Task[None] | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class DiscordPresenter:
-    """Shows jobs in their channels: a `JobListener` for the dispatcher."""
+    """Shows jobs in their channels: a `JobListener` for the dispatcher. Every post and edit goes through the
+    channel's posting queue (`cogs/posting.py`): outcomes first, then new jobs, then tidying, then progress."""
 
-    def __init__(self, client: discord.Client, jobs: Jobs, *, min_edit_interval: float = 2.0) -> None:
+    def __init__(self, client: discord.Client, jobs: Jobs, posting: ChannelPosting, *,
+                 min_edit_interval: float = 2.0) -> None:
         self.client = client
         self.jobs = jobs
+        self.posting = posting
         self.min_edit_interval = min_edit_interval
         self._edits: dict[int, _EditState] = {}
 
@@ -59,15 +63,17 @@ class DiscordPresenter:
         The job is already queued, so it may have finished (or failed) while this message was on its way: then
         the message is brought to the final state at once.
         """
+        assert job.channel_id is not None
         preview = await asyncio.to_thread(mask_overlay_jpeg, images.image, images.mask)
-        message = await self._channel(job).send(
+        channel = self._channel(job)
+        message = await self.posting.run(job.channel_id, lambda: channel.send(
             embed=render.progress_embed(job, None, local_position=position), view=progress_view(job.id),
-            file=discord.File(io.BytesIO(preview), filename=render.PREVIEW_NAME))
+            file=discord.File(io.BytesIO(preview), filename=render.PREVIEW_NAME)), priority=ANNOUNCE)
         await self.jobs.set_status_message(job.id, message.id)
         current = await self.jobs.get(job.id)
         if current.terminal:
             view = ended_view(current) if current.result_message_id is None else None
-            await self._edit_status(current, embed=render.ended_embed(current), view=view)
+            await self._edit_status(current, embed=render.ended_embed(current), view=view, priority=OUTCOME)
 
     # --- JobListener --------------------------------------------------------------------------------
 
@@ -75,27 +81,26 @@ class DiscordPresenter:
         state = self._edits.setdefault(job.id, _EditState())
         state.latest = (job, copy.deepcopy(progress))
         if state.task is not None and not state.task.done():
-            return  # an edit is already scheduled; it will show this latest state
+            return  # an edit is already scheduled or on its way; it shows the latest state next
         delay = max(0.0, state.last_edit + self.min_edit_interval - time.monotonic())
         state.task = asyncio.create_task(self._flush(job.id, delay), name=f"progress-edit-{job.id}")
 
     async def _flush(self, job_id: int, delay: float) -> None:
+        """Show the latest progress, at most every `min_edit_interval` seconds, while there is something new."""
         await asyncio.sleep(delay)
-        state = self._edits.get(job_id)
-        if state is None or state.latest is None:
-            return
-        async with state.lock:
+        while (state := self._edits.get(job_id)) is not None and state.latest is not None:
             job, progress = state.latest
             state.latest = None
-            current = await self.jobs.get(job_id)
-            if current.terminal:
+            if (await self.jobs.get(job_id)).terminal:
                 return
-            await self._edit_status(job, embed=render.progress_embed(job, progress), view=progress_view(job.id))
+            await self._edit_status(job, embed=render.progress_embed(job, progress), view=progress_view(job.id),
+                                    priority=PROGRESS)
             state.last_edit = time.monotonic()
+            await asyncio.sleep(self.min_edit_interval)
 
     async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None:
-        await self._settle_edits(job.id)
+        await self._settle_edits(job)
         if job.channel_id is None or job.result_message_id is not None:
             return
         limit = render.DEFAULT_UPLOAD_LIMIT
@@ -103,21 +108,19 @@ class DiscordPresenter:
         if guild is not None:
             limit = render.upload_limit(guild)
         attached = await asyncio.to_thread(render.result_files, images, limit, spoiler=spoiler)
-        try:
-            message = await self._channel(job).send(
-                content=f"<@{job.user_id}>", embed=render.result_embed(job, output, attached, spoiler=spoiler),
-                files=attached.files,
-                view=result_view(job.id), allowed_mentions=discord.AllowedMentions(users=True, roles=False,
-                                                                                   everyone=False))
+        post = ResultPost(self._channel(job), job, output, attached, limit, spoiler)
+        try:  # with other results waiting in a busy channel, this one may go out with them, in one message
+            message = await self.posting.run(job.channel_id, post.alone(), priority=OUTCOME, merge=post)
         except discord.HTTPException:
             log.exception("job %s: could not post the result", job.id)
             return
         await self.jobs.set_result_message(job.id, message.id)
-        await self._edit_status(job, embed=render.ended_embed(await self.jobs.get(job.id)), view=None)
+        finished = await self.jobs.get(job.id)
+        self._tidy(finished, embed=render.ended_embed(finished))  # the result is out: this can wait its turn
 
     async def job_ended(self, job: Job) -> None:
-        await self._settle_edits(job.id)
-        await self._edit_status(job, embed=render.ended_embed(job), view=ended_view(job))
+        await self._settle_edits(job)
+        await self._edit_status(job, embed=render.ended_embed(job), view=ended_view(job), priority=OUTCOME)
 
     async def close(self) -> None:
         """Drop pending progress edits (the next start shows progress again from the store)."""
@@ -129,26 +132,38 @@ class DiscordPresenter:
 
     # --- helpers ------------------------------------------------------------------------------------
 
-    async def _settle_edits(self, job_id: int) -> None:
-        """Stop pending progress edits so they can't overwrite the final state."""
-        state = self._edits.pop(job_id, None)
+    async def _settle_edits(self, job: Job) -> None:
+        """Stop progress edits (scheduled, or waiting in the channel's queue) so they can't overwrite the end."""
+        state = self._edits.pop(job.id, None)
         if state is not None and state.task is not None:
             state.task.cancel()
-            async with state.lock:
-                pass
+            await asyncio.gather(state.task, return_exceptions=True)
+        if job.channel_id is not None:
+            self.posting.discard(job.channel_id, ("progress", job.id))
 
-    async def _edit_status(self, job: Job, *, embed: discord.Embed, view: discord.ui.View | None) -> None:
+    def _tidy(self, job: Job, *, embed: discord.Embed) -> None:
+        """Bring a finished job's progress message to its final state when the channel has time."""
+        task = asyncio.ensure_future(self._edit_status(job, embed=embed, view=None, priority=TIDY))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _edit_status(self, job: Job, *, embed: discord.Embed, view: discord.ui.View | None,
+                           priority: int) -> None:
         if job.status_message_id is None or job.channel_id is None:
             job = await self.jobs.get(job.id)
             if job.status_message_id is None or job.channel_id is None:
                 return
         message = self._channel(job).get_partial_message(job.status_message_id)
+        key = ("progress", job.id) if priority == PROGRESS else None
         try:
-            await message.edit(embed=embed, view=view)
+            await self.posting.run(job.channel_id, lambda: message.edit(embed=embed, view=view), priority=priority,
+                                   key=key)
         except discord.NotFound:
             log.info("job %s: its progress message was deleted", job.id)
         except discord.HTTPException:
             log.exception("job %s: could not edit its progress message", job.id)
+        except asyncio.CancelledError:
+            if priority != PROGRESS:
+                raise  # a discarded progress edit ends here; anything else is a real cancellation
 
 
 class Presenter(commands.Cog):
@@ -156,7 +171,7 @@ class Presenter(commands.Cog):
 
     def __init__(self, bot: commands.Bot) -> None:
         self.services = services_of(bot)
-        self.presenter = DiscordPresenter(bot, self.services.store.jobs,
+        self.presenter = DiscordPresenter(bot, self.services.store.jobs, posting_of(bot),
                                           min_edit_interval=self.services.config.progress_edit_interval_s)
 
     async def cog_load(self) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import discord
@@ -109,8 +109,8 @@ def result_embed(job: Job, output: InpaintOutput, attached: ResultFiles, *, spoi
                         inline=False)
     if attached.note:
         embed.add_field(name="Note", value=attached.note, inline=False)
-    if not spoiler and attached.files:  # an embed image would show a spoilered attachment unblurred
-        embed.set_image(url=f"attachment://{attached.files[0].filename}")
+    if not spoiler and attached.encoded:  # an embed image would show a spoilered attachment unblurred
+        embed.set_image(url=f"attachment://{attached.names[0]}")
     return fit.embed(embed)
 
 
@@ -135,10 +135,31 @@ def _extension(content_type: str) -> str:
 
 @dataclass(frozen=True)
 class ResultFiles:
-    """The result images as attachments, and what was done to fit them under the upload limit (empty: nothing)."""
+    """The result images as they will be attached, and what was done to fit them under the upload limit (empty:
+    nothing). `prefix` tells apart the files of several jobs posted in one message."""
 
-    files: list[discord.File]
+    encoded: list[tuple[bytes, str]]  # (data, content type)
     note: str = ""
+    spoiler: bool = False
+    prefix: str = ""
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{'SPOILER_' if self.spoiler else ''}{self.prefix}result_{i}.{_extension(content_type)}"
+                for i, (_, content_type) in enumerate(self.encoded)]
+
+    @property
+    def files(self) -> list[discord.File]:
+        """New `discord.File`s each time (a file is read when it is sent)."""
+        return [discord.File(io.BytesIO(data), filename=name)
+                for (data, _), name in zip(self.encoded, self.names, strict=True)]
+
+    @property
+    def size(self) -> int:
+        return sum(len(data) for data, _ in self.encoded)
+
+    def prefixed(self, prefix: str) -> ResultFiles:
+        return replace(self, prefix=prefix)
 
 
 def result_files(images: list[Blob], limit: int, *, spoiler: bool = False) -> ResultFiles:
@@ -153,9 +174,7 @@ def result_files(images: list[Blob], limit: int, *, spoiler: bool = False) -> Re
         encoded = [_reencode(blob.data, quality or 90, scale) for blob in images]
         note = (f"Re-encoded as JPEG{'' if scale == 1.0 else f' at {scale:.0%} of its size'} to fit this server's "
                 f"{limit / 1048576:.0f} MiB upload limit.")
-    files = [discord.File(io.BytesIO(data), filename=f"result_{i}.{_extension(ct)}", spoiler=spoiler)
-             for i, (data, ct) in enumerate(encoded)]
-    return ResultFiles(files, note)
+    return ResultFiles(encoded, note, spoiler)
 
 
 def _reencode(data: bytes, quality: int, scale: float) -> tuple[bytes, str]:

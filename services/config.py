@@ -47,6 +47,8 @@ class BotConfig(BaseSettings):
     painter_link_ttl_s: int = Field(default=1800, ge=60, description="How long a painter link works")
     progress_edit_interval_s: float = Field(default=2.0, ge=0, description="Least time between progress edits")
     dispatch_concurrency: int = Field(default=4, ge=1, description="Jobs the bot has at the backend at once")
+    channel_budget_ops: int = Field(default=5, ge=1, description="Discord's per-channel budget: message operations…")
+    channel_budget_s: float = Field(default=5.0, gt=0, description="…per this many seconds (posts and edits alike)")
     nsfw_threshold: float = Field(default=0.5, gt=0, le=1, description="NSFW probability at which the backend's "
                                   "estimator (fal-ai/imageutils/nsfw) flags a whole upload")
 

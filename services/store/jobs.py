@@ -160,6 +160,11 @@ class Jobs:
                                (message_id, now, job_id))
             await _insert_event(conn, job_id, "posted", f"result posted as message {message_id}", None, now)
 
+    async def sharing_result_message(self, message_id: int) -> list[int]:
+        """The jobs whose results one message shows (several when they were posted together), by id."""
+        rows = await self.db.fetch_all("SELECT id FROM jobs WHERE result_message_id = ? ORDER BY id", (message_id,))
+        return [int(row[0]) for row in rows]
+
     async def add_event(self, job_id: int, kind: str, message: str, data: Mapping[str, Any] | None = None) -> int:
         """Append an event (a backend log line, a queue position, a note) to a job's history."""
         async with self.db.transaction() as conn:

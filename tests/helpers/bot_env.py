@@ -29,7 +29,10 @@ def bot_config(tmp_path: Path, server: FalTestServer, **overrides: Any) -> BotCo
     """The configuration of a bot on `server`, its database under `tmp_path`, fast polling and progress edits."""
     values: dict[str, Any] = {"discord_token": "fake-token", "fal_key": KEY, "fal_queue_base": server.base_url,
                               "database_path": tmp_path / "bot.sqlite3", "backend_poll_interval_s": 0.01,
-                              "progress_edit_interval_s": 0.05, "painter_port": 0, **overrides}
+                              "progress_edit_interval_s": 0.05, "painter_port": 0,
+                              # Discord's per-channel budget is tested on its own (test_posting.py): elsewhere the
+                              # in-memory Discord has none, and the bot needn't keep one
+                              "channel_budget_ops": 10_000, "channel_budget_s": 1.0, **overrides}
     return BotConfig(_env_file=None, **values)
 
 

@@ -12,10 +12,12 @@ Every private discord.py name used here is listed in `PRIVATE_NAMES` (tests chec
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
 import itertools
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from urllib.parse import urlsplit
 import discord
 from discord.http import HTTPClient, Route
 from discord.webhook.async_ import AsyncWebhookAdapter
+from multidict import CIMultiDict
 
 from tests.helpers.waits import wait_until
 
@@ -58,6 +61,7 @@ class FakeMessage:
     deleted: bool = False
     edits: int = 0
     interaction_token: str | None = None
+    created_at: float = field(default_factory=time.time)  # when the bot created it (wall clock)
 
     @property
     def ephemeral(self) -> bool:
@@ -131,6 +135,13 @@ class FakeDiscord:
         self.calls: list[tuple[str, str]] = []
         self.fail_routes: dict[str, int] = {}  # "METHOD path-regex" → HTTP status to answer with
         self.on_create: Callable[[FakeMessage], None] | None = None  # called for every message the bot creates
+        #: Discord's per-channel budget for message operations (posts, edits, deletes in one channel share it):
+        #: (operations, seconds). None: unlimited. Past it, the answer is a 429 with Retry-After, as Discord's.
+        self.channel_budget: tuple[int, float] | None = None
+        self.rate_limited: list[tuple[str, str]] = []  # every 429 served: (method, path)
+        self.channel_log: list[tuple[float, str, str]] = []  # every budgeted operation: (when, method, path)
+        self._channel_ops: dict[int, list[float]] = {}
+        self.session = _FakeSession(self)
         #: permissions the bot is denied per channel (by a channel overwrite): in interactions' `app_permissions`
         #: and in the bot's own member's view of the channel
         self.bot_denied: dict[int, int] = {}
@@ -150,11 +161,23 @@ class FakeDiscord:
 
     @contextmanager
     def installed(self) -> Iterator[FakeDiscord]:
+        """discord.py runs as is down to its aiohttp session: `HTTPClient.request` itself (rate-limit buckets,
+        429 retries, error mapping) talks to `session`, which answers from this fake Discord."""
         fake = self
+        real_request = HTTPClient.request
 
-        async def http_request(_http: HTTPClient, route: Route, *, files: Any = None, form: Any = None,
+        async def http_request(http: HTTPClient, route: Route, *, files: Any = None, form: Any = None,
                                **kwargs: Any) -> Any:
-            return await fake._rest(route, files=files, form=form, **kwargs)
+            session = getattr(http, "_HTTPClient__session", None)
+            if session is not fake.session:
+                if session is not None and hasattr(session, "close"):
+                    await session.close()  # the real aiohttp session login opened: never used
+                http._HTTPClient__session = fake.session  # type: ignore[attr-defined]
+            parts = _REQUEST.set((route, form, files))
+            try:
+                return await real_request(http, route, files=files, form=form, **kwargs)
+            finally:
+                _REQUEST.reset(parts)
 
         async def get_from_cdn(_http: HTTPClient, url: str) -> bytes:
             return fake._cdn_get(url)
@@ -218,6 +241,40 @@ class FakeDiscord:
             if method == "GET":
                 return self._payload(message)
         raise AssertionError(f"the fake Discord has no route for {method} {path}")
+
+    async def _serve(self, route: Route, data: Any, form: Any, files: Any) -> tuple[int, str, dict[str, str]]:
+        """One REST request as Discord answers it: (status, body, headers), rate limits included."""
+        path = urlsplit(route.url).path.removeprefix("/api/v10")
+        headers = {"X-Ratelimit-Bucket": f"{route.method} {route.path}", "X-Ratelimit-Limit": "50",
+                   "X-Ratelimit-Remaining": "49", "X-Ratelimit-Reset-After": "1.0",
+                   "Content-Type": "application/json", "Via": "1.1 google"}
+        channel = re.match(r"/channels/(\d+)/messages", path)
+        if channel is not None and self.channel_budget is not None:
+            limit, per = self.channel_budget
+            now = time.monotonic()
+            ops = [t for t in self._channel_ops.get(int(channel.group(1)), []) if now - t < per]
+            if len(ops) >= limit:
+                retry = round(per - (now - ops[0]), 3) + 0.001
+                self.rate_limited.append((route.method, path))
+                headers.update({"X-Ratelimit-Limit": str(limit), "X-Ratelimit-Remaining": "0",
+                                "X-Ratelimit-Reset-After": str(retry), "Retry-After": str(retry),
+                                "X-Ratelimit-Scope": "shared"})
+                return 429, json.dumps({"message": "You are being rate limited.", "retry_after": retry,
+                                        "global": False}), headers
+            ops.append(now)
+            self._channel_ops[int(channel.group(1))] = ops
+            self.channel_log.append((now, route.method, path))
+            headers.update({"X-Ratelimit-Limit": str(limit), "X-Ratelimit-Remaining": str(limit - len(ops)),
+                            "X-Ratelimit-Reset-After": str(round(per - (now - ops[0]), 3))})
+        body = json.loads(data) if isinstance(data, str) and data else None
+        try:
+            answer = await self._rest(route, files=files, form=form, json=body)
+        except discord.HTTPException as exc:
+            return exc.status, json.dumps({"message": exc.text, "code": exc.code}), headers
+        if answer is None:
+            headers.pop("Content-Type")
+            return 204, "", headers
+        return 200, json.dumps(answer), headers
 
     def _cdn_get(self, url: str) -> bytes:
         self.calls.append(("CDN", url))
@@ -313,6 +370,8 @@ class FakeDiscord:
                 added.append({"id": str(attachment_id), "filename": name, "size": len(data), "url": url,
                               "proxy_url": url, "content_type": _guess_type(name), "index": i})
             message.attachments = kept + added
+            names = {a["filename"] for a in message.attachments}
+            message.files = {name: data for name, data in message.files.items() if name in names}
 
     def _payload(self, message: FakeMessage) -> dict[str, Any]:
         return {"id": str(message.id), "channel_id": str(message.channel_id), "author": self.bot_user,
@@ -349,7 +408,7 @@ class FakeDiscord:
 #: Discord's limits (the API reference: messages, embeds, components, modals), checked on everything the bot sends.
 LIMITS = {"content": 2000, "embeds": 10, "title": 256, "description": 4096, "fields": 25, "field_name": 256,
           "field_value": 1024, "footer": 2048, "author": 256, "embed_total": 6000, "label": 80, "custom_id": 100,
-          "modal_title": 45, "input_label": 45, "input_value": 4000, "rows": 5, "row_items": 5}
+          "modal_title": 45, "input_label": 45, "input_value": 4000, "rows": 5, "row_items": 5, "attachments": 10}
 
 
 def _invalid(problem: str) -> discord.HTTPException:
@@ -363,8 +422,10 @@ def _validate(payload: dict[str, Any], *, modal: bool = False) -> None:
     embeds = payload.get("embeds") or []
     if len(embeds) > LIMITS["embeds"]:
         raise _invalid("more than 10 embeds")
-    for embed in embeds:
-        _validate_embed(embed)
+    if sum(_validate_embed(embed) for embed in embeds) > LIMITS["embed_total"]:
+        raise _invalid("the message's embeds are more than 6000 characters together")
+    if len(payload.get("attachments") or []) > LIMITS["attachments"]:
+        raise _invalid("more than 10 attachments")
     if modal:
         if len(payload.get("title") or "") > LIMITS["modal_title"]:
             raise _invalid("modal title too long")
@@ -389,7 +450,8 @@ def _validate(payload: dict[str, Any], *, modal: bool = False) -> None:
                 raise _invalid("a button label or custom id is too long")
 
 
-def _validate_embed(embed: dict[str, Any]) -> None:
+def _validate_embed(embed: dict[str, Any]) -> int:
+    """Refuse an embed over Discord's limits; returns the characters it counts against the message's 6,000."""
     fields = embed.get("fields") or []
     parts = [("title", embed.get("title")), ("description", embed.get("description")),
              ("footer", (embed.get("footer") or {}).get("text")), ("author", (embed.get("author") or {}).get("name"))]
@@ -405,6 +467,58 @@ def _validate_embed(embed: dict[str, Any]) -> None:
                                                            for f in fields)
     if total > LIMITS["embed_total"]:
         raise _invalid(f"embed is {total} characters in all")
+    return total
+
+
+#: the request being made (route, multipart form, files): the session gets only what aiohttp would
+_REQUEST: contextvars.ContextVar[tuple[Route, Any, Any]] = contextvars.ContextVar("fake_discord_request")
+
+
+class _FakeResponse:
+    """What discord.py reads of an aiohttp response: status, reason, headers, text."""
+
+    def __init__(self, status: int, body: str, headers: dict[str, str]) -> None:
+        self.status = status
+        self.reason = {200: "OK", 204: "No Content", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+                       429: "Too Many Requests"}.get(status, "Error")
+        self.headers = CIMultiDict(headers)
+        self._body = body
+
+    async def text(self, encoding: str = "utf-8") -> str:
+        return self._body
+
+    async def __aenter__(self) -> _FakeResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _FakeSession:
+    """Stands in for discord.py's aiohttp session: each request is answered by the fake Discord."""
+
+    closed = False
+
+    def __init__(self, fake: FakeDiscord) -> None:
+        self.fake = fake
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        route, form, files = _REQUEST.get()
+        fake = self.fake
+
+        class _Pending:
+            async def __aenter__(self) -> _FakeResponse:
+                await asyncio.sleep(0)
+                status, body, headers = await fake._serve(route, kwargs.get("data"), form, files)
+                return _FakeResponse(status, body, headers)
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+        return _Pending()
+
+    async def close(self) -> None:
+        return None
 
 
 def _unpack(payload: Any, form: Any, files: Any) -> tuple[dict[str, Any], dict[str, bytes]]:

@@ -1,0 +1,194 @@
+"""Discord's per-channel budget: the posting queue keeps within it (no 429) and puts results first, so 20 jobs
+finishing together in one channel all have their results out promptly. The in-memory Discord answers 429 with
+Retry-After past the budget, through discord.py's own HTTP client (so its own rate-limit handling runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import cast
+
+import discord
+
+from cogs import render
+from cogs.posting import ANNOUNCE, OUTCOME, PROGRESS, ChannelPosting
+from cogs.result_post import ResultPost
+from services.job_state import Job, JobStatus
+from services.schema import InpaintOutput
+from tests.helpers.bot_env import (
+    ALICE,
+    BOB,
+    MOD,
+    PLACE,
+    bot_config,
+    ephemeral_text,
+    result_message,
+    running_bot,
+    uploads,
+)
+from tests.helpers.discord_harness import ALL_PERMISSIONS, FakeDiscord, FakeMessage, user
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.waits import wait_until
+
+
+async def test_the_queue_keeps_the_budget_puts_outcomes_first_and_coalesces_progress() -> None:
+    posting = ChannelPosting(limit=2, per_s=0.2, margin=1.0)
+    ran: list[tuple[str, float]] = []
+    start = time.monotonic()
+
+    def op(name: str) -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            ran.append((name, time.monotonic() - start))
+            return name
+        return run
+
+    futures = [posting.submit(1, op("announce-1"), priority=ANNOUNCE),
+               posting.submit(1, op("progress-a"), priority=PROGRESS, key="a"),
+               posting.submit(1, op("progress-b"), priority=PROGRESS, key="b"),
+               posting.submit(1, op("announce-2"), priority=ANNOUNCE)]
+    futures.append(posting.submit(1, op("progress-a2"), priority=PROGRESS, key="a"))  # replaces progress-a
+    futures.append(posting.submit(1, op("outcome"), priority=OUTCOME))
+    posting.discard(1, "b")
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert [name for name, _ in ran] == ["outcome", "announce-1", "announce-2", "progress-a2"]
+    assert results[1] == results[4] == "progress-a2" and isinstance(results[2], asyncio.CancelledError)
+    times = [t for _, t in ran]
+    assert all(later - earlier >= 0.19 for earlier, later in zip(times, times[2:], strict=False))  # 2 per 0.2 s
+    other = await posting.run(2, op("another channel"), priority=PROGRESS)  # each channel has its own budget
+    assert other == "another channel"
+    await posting.close()
+
+
+async def test_twenty_jobs_finishing_together_in_one_channel(tmp_path: Path) -> None:
+    """Time scaled down 5×: a budget of 5 operations per second, jobs finishing at 7.5 per second, results due
+    within 1 s of their job's end (Discord: 5 per 5 s, 1.5 jobs/s, 5 s)."""
+    budget = (5, 1.0)
+    async with FalTestServer(key="k:s", queue_polls=10**9, progress_logs=2) as server:
+        fake = FakeDiscord()
+        fake.channel_budget = budget
+        with fake.installed():
+            config = bot_config(tmp_path, server, fal_key="k:s", channel_budget_ops=budget[0],
+                                channel_budget_s=budget[1], dispatch_concurrency=20, progress_edit_interval_s=0.2)
+            async with running_bot(config, fake) as (bot, driver):
+                await bot.services.store.server_settings.save(PLACE.guild_id, {"user_concurrent": 20,
+                                                                               "server_concurrent": 20})
+                people = [user(100 + i, f"artist{i}") for i in range(4)]
+                await asyncio.gather(*(driver.slash(people[i % 4], "inpaint", **uploads(fake), prompt=f"job {i}")
+                                       for i in range(20)))
+                await wait_until(lambda: len(server.requests) == 20, what="20 submissions", within_s=30)
+                for request in list(server.requests.values()):  # the backend finishes them, 7.5 a second
+                    request.queue_polls_left = 0
+                    await asyncio.sleep(1 / 7.5)
+                await wait_until(lambda: len(_results(fake)) == 20, what="20 results", within_s=60)
+                late = []
+                outputs = {}
+                for job_id in range(1, 21):
+                    outputs[job_id] = (await bot.services.store.jobs.blobs(job_id))["output_0"].data
+                    job = await bot.services.store.jobs.get(job_id)
+                    assert job.status is JobStatus.SUCCEEDED
+                    ended = next(e.created_at for e in await bot.services.store.jobs.events(job_id)
+                                 if e.kind == "state" and e.message == "succeeded")
+                    late.append(_results(fake)[job_id].created_at - ended)
+    assert fake.rate_limited == []  # never past Discord's budget
+    assert max(late) <= 1.0, sorted(late)
+    shown = _results(fake)
+    assert len(set(map(id, shown.values()))) < 20  # results that waited together went out together
+    for job_id, message in shown.items():  # each job's own picture, whichever message carries it
+        name = "result_0.png" if len(message.embeds) == 1 else f"job{job_id}_result_0.png"
+        assert message.files[name] == outputs[job_id], job_id
+
+
+async def test_results_posted_together_are_each_their_own(tmp_path: Path) -> None:
+    """Several results in one message: each job has its embed, its picture and its row of buttons; More opens the
+    rest of a job's buttons; Delete (by the author, or a moderator from the mod log) takes out that job's part."""
+    async with FalTestServer(key="k:s", queue_polls=10**9) as server:
+        fake = FakeDiscord()
+        fake.channel_budget = (2, 1.0)
+        with fake.installed():
+            config = bot_config(tmp_path, server, fal_key="k:s", channel_budget_ops=2, channel_budget_s=1.0)
+            async with running_bot(config, fake) as (bot, driver):
+                await bot.services.store.server_settings.save(PLACE.guild_id, {"modlog_channel_id": MODLOG,
+                                                                               "user_concurrent": 4})
+                for prompt in ("a fox", "a cat", "an owl"):
+                    await driver.slash(ALICE if prompt != "a cat" else BOB, "inpaint", **uploads(fake), prompt=prompt)
+                await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
+                for request in server.requests.values():
+                    request.queue_polls_left = 0
+                await wait_until(lambda: len(_results(fake)) == 3, what="3 results")
+                shared = max(_results(fake).values(), key=lambda m: len(m.embeds))
+                jobs = [int(c.rsplit(":", 1)[1]) for c in shared.custom_ids() if c.startswith("inpaint:more:")]
+                assert len(jobs) >= 2 and len(shared.embeds) == len(jobs) and len(shared.components) == len(jobs)
+                outputs = {j: (await bot.services.store.jobs.blobs(j))["output_0"].data for j in jobs}
+                for job_id in jobs:
+                    await result_message(fake, job_id, bot)  # recorded as posted (in the shared message)
+                    assert (await bot.services.store.jobs.get(job_id)).result_message_id == shared.id
+                    assert shared.files[f"job{job_id}_result_0.png"] == outputs[job_id]
+                    embed = next(e for e in shared.embeds if e["title"].endswith(f"job #{job_id}"))
+                    assert embed["image"]["url"] == f"attachment://job{job_id}_result_0.png"
+                first, second = jobs[0], jobs[1]
+                owner = {1: ALICE, 2: BOB, 3: ALICE}
+
+                more = await driver.click(owner[first], shared, f"inpaint:more:{first}")
+                offered = more.responses[0]["data"]
+                assert offered["flags"] & 64 and {c["custom_id"] for row in offered["components"]
+                                                  for c in row["components"]} == {
+                    f"inpaint:{action}:{first}" for action in ("params", "zoom15", "zoom2", "region", "pan_left",
+                                                               "pan_right", "pan_up", "pan_down")}
+
+                stranger = await driver.click(owner[second] if owner[second] != owner[first] else CAROL, shared,
+                                              f"inpaint:delete:{first}")
+                assert "Only the person who started" in ephemeral_text(stranger)
+                await driver.click(owner[first], shared, f"inpaint:delete:{first}")
+                assert not shared.deleted and f"job{first}_result_0.png" not in shared.files
+                assert not any(e["title"].endswith(f"job #{first}") for e in shared.embeds)
+                assert not any(c.endswith(f":{first}") for c in shared.custom_ids())
+                assert shared.files[f"job{second}_result_0.png"] == outputs[second]
+                assert f"inpaint:reroll:{second}" in shared.custom_ids()
+
+                job = await bot.services.store.jobs.get(second)  # a moderator, from the mod log
+                await bot.services.modlog.record(PLACE.guild_id, "image_flagged_allow", job=job, user_id=job.user_id)
+                await wait_until(lambda: any(f"modlog:delete:{second}" in m.custom_ids()
+                                             for m in fake.channel_messages(MODLOG)), what="the mod-log entry")
+                entry = next(m for m in fake.channel_messages(MODLOG) if f"modlog:delete:{second}" in m.custom_ids())
+                await driver.click(MOD, entry, f"modlog:delete:{second}", permissions=ALL_PERMISSIONS)
+                remaining = [j for j in jobs if j not in (first, second)]
+                if remaining:
+                    assert not shared.deleted and [e["title"] for e in shared.embeds] == [
+                        f"Inpainted · job #{remaining[0]}"]
+                else:
+                    assert shared.deleted
+
+
+MODLOG = 999
+CAROL = user(40, "carol")
+
+
+def _results(fake: FakeDiscord) -> dict[int, FakeMessage]:
+    found: dict[int, FakeMessage] = {}
+    for message in fake.channel_messages(PLACE.channel_id):
+        for custom_id in message.custom_ids():
+            if custom_id.startswith("inpaint:reroll:"):
+                found[int(custom_id.rsplit(":", 1)[1])] = message
+    return found
+
+
+def test_a_shared_message_holds_only_what_one_message_can() -> None:
+    """At most 5 jobs (a row of buttons each), 10 files, the upload limit and 6,000 embed characters in all."""
+    def post(job_id: int, *, files: int = 1, size: int = 1000, prompt: str = "a boat") -> ResultPost:
+        job = Job(id=job_id, guild_id=1, channel_id=2, user_id=3, status=JobStatus.SUCCEEDED, status_message_id=1,
+                  parent_job_id=None, backend="fal", backend_request_id=None, status_url=None, response_url=None,
+                  cancel_url=None, input={"prompt": prompt, "negative_prompt": "n" * 300}, result=None, error=None,
+                  attempts=1, created_at=0.0, updated_at=0.0, submitted_at=None, started_at=None, finished_at=None)
+        output = InpaintOutput(images=[], timings={"inference": 1.5}, seed=9, has_nsfw_concepts=[], prompt=prompt)
+        attached = render.ResultFiles([(b"x" * size, "image/png")] * files)
+        return ResultPost(cast(discord.abc.Messageable, None), job, output, attached, limit=10_000)
+
+    five = [post(i) for i in range(1, 6)]
+    assert all(p.joins(five[:i]) for i, p in enumerate(five) if i) and not post(6).joins(five)
+    assert post(2, files=4, size=9).joins([post(1, files=6, size=9)])
+    assert not post(2, files=5, size=9).joins([post(1, files=6, size=9)])
+    assert post(2, size=4000).joins([post(1, size=5000)]) and not post(2, size=5000).joins([post(1, size=5000)])
+    wordy = [post(i, prompt="w" * 1000) for i in range(1, 6)]  # about 1,500 embed characters each
+    assert wordy[3].joins(wordy[:3]) and not wordy[4].joins(wordy[:4])
