@@ -17,8 +17,10 @@ import base64
 import logging
 import sys
 
+import aiohttp
 import discord
 from discord.ext import commands
+from pydantic import ValidationError
 
 from cogs.buttons import JOB_BUTTONS
 from cogs.drafts import DRAFT_BUTTONS
@@ -27,6 +29,7 @@ from cogs.permissions import NEEDED
 from cogs.posting import ChannelPosting
 from services.config import BotConfig, load_config
 from services.container import Services, build_services
+from services.errors import StartupError, validation_problems
 
 log = logging.getLogger("inpaint.bot")
 
@@ -38,7 +41,8 @@ SETUP_HELP = """\
 The bot needs a Discord bot token to start.
 
   1. Create an application at https://discord.com/developers/applications, add a Bot, copy its token.
-  2. Put it in a file named .env next to bot.py (or in the environment):
+  2. Put it in a file named .env in the folder you start the bot from (cp .env.example .env lists every
+     setting), or in the environment:
 
        DISCORD_TOKEN=your-token-here
 
@@ -47,7 +51,8 @@ The bot needs a Discord bot token to start.
        WORKER_URL=http://127.0.0.1:8000   use your own GPU worker
      With neither, a CPU-only fill runs inside the bot (no prompt, for trying it out).
 
-  4. Invite the bot with the applications.commands and bot scopes, then run:
+  4. Invite the bot: .venv/bin/python bot.py --invite prints the link (bot and applications.commands scopes,
+     exactly the permissions it needs). Then run:
        .venv/bin/python bot.py --sync      (once, to register the slash commands everywhere)
      or set DEV_GUILD_ID=<server id> to register them instantly in one server while developing.
 
@@ -96,7 +101,14 @@ def invite_url(token: str) -> str:
     """The URL that adds the bot to a server, with the `bot` and `applications.commands` scopes and exactly the
     permissions it needs. A bot token's first part is its application's id, base64-encoded."""
     first = token.split(".")[0]
-    client_id = base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)).decode()
+    try:
+        client_id = base64.urlsafe_b64decode(first + "=" * (-len(first) % 4)).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StartupError("DISCORD_TOKEN doesn't look like a bot token (copy it again from the developer "
+                           "portal's Bot page)") from exc
+    if not client_id.isdigit():
+        raise StartupError("DISCORD_TOKEN doesn't look like a bot token (copy it again from the developer "
+                           "portal's Bot page)")
     return discord.utils.oauth_url(client_id, permissions=NEEDED, scopes=("bot", "applications.commands"))
 
 
@@ -106,27 +118,55 @@ async def run(config: BotConfig, token: str, *, sync_globally: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run the inpaint bot.")
+    parser = argparse.ArgumentParser(description="Run the inpaint bot.", epilog=SETUP_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sync", action="store_true", help="register the slash commands globally, then run")
     parser.add_argument("--invite", action="store_true", help="print the URL that adds the bot to a server, and exit")
     args = parser.parse_args(argv)
-    config = load_config()
+    try:
+        config = load_config()
+    except ValidationError as exc:
+        print(f"The bot can't start: a setting is invalid: {'; '.join(validation_problems(exc))}", file=sys.stderr)
+        return 2
     if config.discord_token is None or not config.discord_token.get_secret_value().strip():
         print("DISCORD_TOKEN is not set.\n\n" + SETUP_HELP, file=sys.stderr)
         return 2
-    if args.invite:
-        print(invite_url(config.discord_token.get_secret_value()))
-        return 0
-    discord.utils.setup_logging(level=logging.INFO, root=True)
     try:
+        if args.invite:
+            print(invite_url(config.discord_token.get_secret_value()))
+            return 0
+        discord.utils.setup_logging(level=logging.INFO, root=True)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend poll
         asyncio.run(run(config, config.discord_token.get_secret_value(), sync_globally=args.sync))
-    except discord.LoginFailure:
-        print("Discord refused DISCORD_TOKEN: check that it is the bot's current token.\n\n" + SETUP_HELP,
-              file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         pass
+    except Exception as exc:  # what stops the start: one line saying what to do, no traceback
+        problem = startup_problem(exc)
+        if problem is None:
+            raise
+        print(f"The bot can't start: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def startup_problem(exc: BaseException) -> str | None:
+    """One line for a problem that stops the bot before it runs (None: a bug, shown with its traceback)."""
+    match exc:
+        case StartupError():
+            return str(exc)
+        case discord.LoginFailure():
+            return ("Discord refused DISCORD_TOKEN. Check it is the bot's current token (the developer portal's "
+                    "Bot page, Reset Token); python bot.py --help for the setup steps.")
+        case discord.PrivilegedIntentsRequired():
+            return "Discord says the bot asked for a privileged intent it isn't allowed; it needs none."
+        case aiohttp.ClientConnectorError() | aiohttp.ServerTimeoutError() | discord.GatewayNotFound():
+            return (f"Discord can't be reached ({exc}). Check this machine's network, DNS and firewall "
+                    "(discord.com, port 443).")
+        case aiohttp.ClientError():
+            return f"talking to Discord failed ({exc}). Try again; if it persists, check the network."
+        case OSError():
+            return f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or 'check the settings in .env'})"
+    return None
 
 
 if __name__ == "__main__":

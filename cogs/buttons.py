@@ -14,7 +14,7 @@ from PIL import Image
 
 from cogs import fit, render
 from cogs.errors import report_error
-from cogs.inpaint import offer_painter
+from cogs.inpaint import offer_painter, painter_missing
 from cogs.interactions import is_moderator, requester_of, services_of
 from cogs.items import DynamicButton, PersistentButton, view_of
 from cogs.permissions import require_posting
@@ -217,8 +217,10 @@ class VaryRegionButton(JobButton, DynamicButton, action="region"):
 
     async def run(self, interaction: discord.Interaction) -> None:
         services = services_of(interaction.client)
-        if services.painter is None:
-            raise UserError("Vary Region needs the mask painter, which is turned off on this bot.")
+        if services.painter is None or not services.painter.reachable:
+            raise UserError("Vary Region needs the web mask painter. Instead, use **Apps → Inpaint this image** on "
+                            "the result message and attach a mask (white = repaint)."
+                            + painter_missing(services.painter is not None))
         require_posting(interaction)
         await interaction.response.defer(ephemeral=True, thinking=True)
         parent = await job_or_refusal(interaction.client, self.job_id)

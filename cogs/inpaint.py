@@ -155,7 +155,8 @@ class Inpaint(commands.Cog):
         expansion = Expansion(left=left, right=right, top=top, bottom=bottom)
         if expansion.empty:
             raise UserError("Give a number of pixels to add on at least one side.")
-        upload = _Upload(interaction, image, None)
+        upload = _Upload(image, None)
+        await interaction.response.defer(ephemeral=True, thinking=True)  # answered: the rest can take its time
 
         async def read() -> bytes:
             return (await upload.read())[0]
@@ -176,7 +177,7 @@ class Inpaint(commands.Cog):
 
     async def start(self, interaction: discord.Interaction, image: discord.Attachment,
                     mask: discord.Attachment | None, options: dict[str, Any], mask_options: MaskOptions) -> None:
-        """Check the attachments, then launch: admission first, and only then the download and intake."""
+        """Check the attachments, answer, then launch: admission first, and only then the download and intake."""
         services = services_of(self.bot)
         limits = services.intake_limits
         require_posting(interaction)
@@ -184,7 +185,8 @@ class Inpaint(commands.Cog):
         if mask is not None:
             check_attachment(mask, "mask", limits.max_bytes)
         who = requester_of(interaction)
-        upload = _Upload(interaction, image, mask)
+        upload = _Upload(image, mask)
+        await interaction.response.defer(ephemeral=True, thinking=True)  # answered: the rest can take its time
 
         async def prepare() -> PreparedInputs:
             image_bytes, mask_bytes = await upload.read()
@@ -194,10 +196,12 @@ class Inpaint(commands.Cog):
         try:
             outcome = await services.launcher.launch(who, options, NewImages(prepare))
         except ImageInputError as exc:
-            if exc.code == "no_mask" and services.painter is not None:
+            if exc.code == "no_mask" and services.painter is not None and services.painter.reachable:
                 link = await services.painter.offer(who, upload.image_bytes, options)
                 await offer_painter(interaction, link)
                 return
+            if exc.code == "no_mask":
+                raise UserError(NO_MASK_WAYS + painter_missing(services.painter is not None)) from exc
             if exc.code in ("empty_mask", "full_mask"):  # show what was understood, so the mistake is visible
                 picture = await asyncio.to_thread(understood_jpeg, upload.image_bytes, upload.mask_bytes, limits,
                                                   mask_options)
@@ -216,19 +220,32 @@ class Inpaint(commands.Cog):
 
 
 class _Upload:
-    """The attachments of one interaction, downloaded once (after deferring the answer: downloads take time)."""
+    """The attachments of one interaction, downloaded once (the interaction already answered: downloads take
+    time)."""
 
-    def __init__(self, interaction: discord.Interaction, image: discord.Attachment,
-                 mask: discord.Attachment | None) -> None:
-        self.interaction, self.image, self.mask = interaction, image, mask
+    def __init__(self, image: discord.Attachment, mask: discord.Attachment | None) -> None:
+        self.image, self.mask = image, mask
         self.image_bytes = b""
         self.mask_bytes: bytes | None = None
 
     async def read(self) -> tuple[bytes, bytes | None]:
-        await self.interaction.response.defer(ephemeral=True, thinking=True)
         self.image_bytes, self.mask_bytes = await asyncio.gather(
             self.image.read(), self.mask.read() if self.mask else _none())
         return self.image_bytes, self.mask_bytes
+
+
+NO_MASK_WAYS = ("No mask was attached and the image has no transparent area. To mark what to repaint:\n"
+                "• attach a mask to `/inpaint` (white = repaint, black = keep), or\n"
+                "• erase that area to transparency and send the picture as a PNG, or\n"
+                "• paint over it in one solid colour and give that colour as `mask_colour` (e.g. magenta).")
+
+
+def painter_missing(enabled: bool) -> str:
+    """Why the web mask painter isn't offered, and who can change that."""
+    if not enabled:
+        return "\n(The web mask painter is turned off on this bot.)"
+    return ("\n(The web mask painter isn't set up on this bot: its operator sets `PAINTER_PUBLIC_URL` to an address "
+            "people can open.)")
 
 
 NO_MASK = "No mask was attached and the image has no transparent area, so paint the area to change on this page."

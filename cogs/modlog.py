@@ -78,12 +78,17 @@ class ModLogPoster:
         if entry.user_id is not None and entry.action not in ("user_banned", "user_unbanned", "settings_changed"):
             buttons += [BanButton(entry.guild_id, entry.user_id), UnbanButton(entry.guild_id, entry.user_id)]
         channel = self.client.get_partial_messageable(settings.modlog_channel_id, guild_id=entry.guild_id)
-        try:
-            await self.posting.run(channel.id, lambda: channel.send(
-                embed=embed, files=files, view=view_of(*buttons) if buttons else discord.utils.MISSING,
-                allowed_mentions=discord.AllowedMentions.none()), priority=ANNOUNCE)
-        except discord.HTTPException:
-            log.exception("could not post moderation log entry %s", entry.id)
+        # queued, not awaited: whoever records an entry (a command being answered, a job) needn't wait for a busy
+        # mod-log channel
+        posted = self.posting.submit(channel.id, lambda: channel.send(
+            embed=embed, files=files, view=view_of(*buttons) if buttons else discord.utils.MISSING,
+            allowed_mentions=discord.AllowedMentions.none()), priority=ANNOUNCE)
+        posted.add_done_callback(lambda done: _report(done, entry))
+
+
+def _report(posted: asyncio.Future[Any], entry: ModerationEntry) -> None:
+    if not posted.cancelled() and isinstance(posted.exception(), discord.HTTPException):
+        log.error("could not post moderation log entry %s: %s", entry.id, posted.exception())
 
 
 class ModButton(PersistentButton):
@@ -143,6 +148,7 @@ class DeleteResultButton(ModButton, DynamicButton, action="delete"):
         job = await job_or_refusal(interaction.client, int(self.ids[0]))
         if job.result_message_id is None or job.channel_id is None:
             raise UserError(f"Job #{job.id} has no posted result.")
+        await interaction.response.defer(ephemeral=True, thinking=True)  # the channel may be busy: answer first
         channel = interaction.client.get_partial_messageable(job.channel_id)
         try:
             if len(await services_of(interaction.client).store.jobs.sharing_result_message(job.result_message_id)) > 1:
@@ -155,7 +161,7 @@ class DeleteResultButton(ModButton, DynamicButton, action="delete"):
         except discord.Forbidden as exc:
             raise UserError(f"Job #{job.id}'s result shares a message with other results: to take it out, I need "
                             f"Read Message History in <#{job.channel_id}>.") from exc
-        await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
+        await interaction.followup.send(f"Deleted the result of job #{job.id}.", ephemeral=True)
         await record_deletion(interaction.client, job, interaction.user.id)
 
 

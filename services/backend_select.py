@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 from pydantic import SecretStr
 
 from services.config import BotConfig
+from services.errors import StartupError
 from services.http_server import LoopServer
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,11 @@ class BackendChoice:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What the backend does beyond fal's basic inpainting request."""
+    """What the backend does beyond fal's basic inpainting request, and what it runs (None: it didn't say)."""
 
     expand_prompt: bool = False
+    safety_checker: bool | None = None
+    pipeline: str | None = None
 
 
 class CapabilityProbe:
@@ -57,14 +60,45 @@ async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.A
     """Hosted fal does everything its schema offers; our worker says what it can in `/health` (a worker that
     can't do something it is asked still refuses it with a 422 naming the setting)."""
     if choice.name == "fal":
-        return Capabilities(expand_prompt=True)
+        return Capabilities(expand_prompt=True, safety_checker=True)
     try:
         response = await http.get(f"{base_url.rstrip('/')}/health", timeout=10.0)
         health = response.json()
     except (httpx.HTTPError, ValueError):
         log.warning("could not read the worker's /health at %s: assuming it can't expand prompts", base_url)
         return Capabilities()
-    return Capabilities(expand_prompt=isinstance(health, dict) and health.get("expand_prompt") is True)
+    if not isinstance(health, dict):
+        return Capabilities()
+    checker = health.get("safety_checker")
+    pipeline = health.get("pipeline")
+    return Capabilities(expand_prompt=health.get("expand_prompt") is True,
+                        safety_checker=checker if isinstance(checker, bool) else None,
+                        pipeline=pipeline if isinstance(pipeline, str) else None)
+
+
+#: the pipeline that only fills from the picture's own pixels (services/worker/classic.py): nothing new to check
+NON_GENERATIVE = "classic"
+
+
+def fit_to_policy(choice: BackendChoice, capabilities: Capabilities, where: str) -> BackendChoice:
+    """The backend as the bot will use it under its moderation policy: results in ordinary channels are checked by
+    the backend's safety checker (fal's default). A worker without one can still serve if it paints nothing new
+    (the classic fill: then, like the embedded default, results go unchecked, and the log says so loudly); a
+    generative one without a checker can't, and the bot won't start on it (`StartupError`) rather than have every
+    job refused."""
+    if capabilities.safety_checker is not False:
+        if capabilities.safety_checker is None and choice.name != "fal":
+            log.warning("the worker at %s didn't say whether it has a safety checker: asking for it as fal's "
+                        "default does (jobs fail with the worker's answer if it has none)", where)
+        return replace(choice, safety_checker=True)
+    if capabilities.pipeline == NON_GENERATIVE:
+        log.warning("THE BACKEND AT %s HAS NO SAFETY CHECKER: results are NOT checked for NSFW content, in any "
+                    "channel, whatever servers' settings say. Its classic pipeline only fills from the picture's "
+                    "own pixels; for a generative pipeline, set SAFETY_CHECKER_PATH on the worker.", where)
+        return replace(choice, safety_checker=False)
+    raise StartupError(f"the worker at {where} runs the {capabilities.pipeline or 'unknown'} pipeline without a "
+                       "safety checker, so it can't check results as servers require: set SAFETY_CHECKER_PATH "
+                       "on the worker (a StableDiffusionSafetyChecker folder) and restart it")
 
 
 def choose_backend(config: BotConfig) -> BackendChoice:
@@ -72,7 +106,7 @@ def choose_backend(config: BotConfig) -> BackendChoice:
         return BackendChoice("fal", config.fal_queue_base, config.fal_key)
     if config.worker_url:
         return BackendChoice("worker", config.worker_url, config.worker_key)
-    return BackendChoice("embedded", None, None, safety_checker=False)
+    return BackendChoice("embedded", None, None)
 
 
 class EmbeddedWorker:

@@ -41,7 +41,7 @@ class BotConfig(BaseSettings):
     painter_port: int = Field(default=8765, ge=0, le=65535)
     painter_public_url: str | None = Field(
         default=None, description="The painter's address as users reach it (e.g. https://bot.example.com); "
-                                  "default http://PAINTER_HOST:PAINTER_PORT")
+                                  "without it (or with a localhost one) no painter links are offered")
     painter_secret: SecretStr | None = Field(
         default=None, description="Key that signs painter links; default a new random one each start")
     painter_link_ttl_s: int = Field(default=1800, ge=60, description="How long a painter link works")

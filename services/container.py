@@ -13,6 +13,7 @@ listener, and subscribes to the moderation log.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -20,11 +21,12 @@ from dataclasses import dataclass
 import httpx
 
 from services.admission import Admissions
-from services.backend_select import BackendChoice, CapabilityProbe, EmbeddedWorker, choose_backend
+from services.backend_select import BackendChoice, CapabilityProbe, EmbeddedWorker, choose_backend, fit_to_policy
 from services.backends.fal_queue import FalQueueClient
 from services.config import BotConfig
 from services.dispatch import Dispatcher
 from services.draft_review import DraftReview
+from services.errors import StartupError
 from services.images import IntakeLimits
 from services.launch import Launcher
 from services.modlog import ModerationLog
@@ -56,7 +58,10 @@ class Services:
 @asynccontextmanager
 async def build_services(config: BotConfig) -> AsyncIterator[Services]:
     async with AsyncExitStack() as stack:
-        store = await stack.enter_async_context(await Store.open(config.database_path))
+        try:
+            store = await stack.enter_async_context(await Store.open(config.database_path))
+        except (sqlite3.Error, OSError) as exc:
+            raise StartupError(f"the database {config.database_path} can't be opened: {exc} (DATABASE_PATH)") from exc
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)))
         choice = choose_backend(config)
         base_url = choice.base_url
@@ -76,7 +81,9 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
         capabilities = CapabilityProbe(choice, base_url, http)
-        log.info("backend %s at %s: %s", choice.name, base_url, await capabilities.current())
+        known = await capabilities.current()
+        log.info("backend %s at %s: %s", choice.name, base_url, known)
+        choice = fit_to_policy(choice, known, base_url)
         launcher = Launcher(store, admissions, dispatcher, choice, capabilities)
         painter = None
         if config.painter_enabled:

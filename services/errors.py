@@ -13,6 +13,10 @@ class UserError(Exception):
         self.message = message
 
 
+class StartupError(Exception):
+    """The bot can't run as configured: the message (one line) says what to change."""
+
+
 def validation_problems(exc: ValidationError) -> tuple[str, ...]:
     """Pydantic's errors as `field: message` lines a user can read."""
     return tuple(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())

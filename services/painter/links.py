@@ -4,13 +4,16 @@ the painter page, and a submitted mask turned into a job through the launcher li
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self
+from urllib.parse import urlsplit
 
+from services.errors import StartupError
 from services.http_server import LoopServer
 from services.images import IntakeLimits, PreparedInputs, normalized_image, sniff_format
 from services.launch import Launched, Launcher, NewImages, prepare_stored
@@ -29,6 +32,23 @@ class PainterLink:
     ttl_s: int
 
 
+class PainterNotReachable(RuntimeError):
+    """Links would point at an address Discord users can't open (no PAINTER_PUBLIC_URL, or a loopback one)."""
+
+
+def reachable_by_users(url: str) -> bool:
+    """Whether a link to `url` can open on someone else's device: not localhost, a loopback or an unspecified
+    (0.0.0.0) address."""
+    host = (urlsplit(url).hostname or "").lower()
+    if not host or host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True  # a name: whoever set it means users to reach it
+    return not (address.is_loopback or address.is_unspecified)
+
+
 class PainterLinks:
     """`async with PainterLinks(...) as painter:` serves the painter page until the block ends."""
 
@@ -39,6 +59,9 @@ class PainterLinks:
         self.limits = limits
         self.host, self.port = host, port
         self.public_url = (public_url or "").rstrip("/")
+        #: whether links can be offered: PAINTER_PUBLIC_URL set to an address users can open
+        self.reachable = reachable_by_users(self.public_url)
+        self.local_url = ""
         self.secret = (secret or secrets.token_hex(32)).encode()
         self.ttl_s = ttl_s
         self.clock: Callable[[], float] = time.time
@@ -49,9 +72,18 @@ class PainterLinks:
                                load_image=self.store.blobs.get, on_submit=self.submit,
                                secure_cookies=self.public_url.startswith("https://"), clock=lambda: self.clock())
         self._server = LoopServer(create_painter_app(config), host=self.host, port=self.port)
-        local = await self._server.start()
-        self.public_url = self.public_url or local
-        log.info("mask painter listening on %s (links point at %s)", local, self.public_url)
+        try:
+            self.local_url = await self._server.start()
+        except OSError as exc:
+            raise StartupError(f"the mask painter can't listen on {self.host}:{self.port}: {exc.strerror or exc} "
+                               "(set PAINTER_PORT to a free port, or PAINTER_ENABLED=false)") from exc
+        if self.reachable:
+            log.info("mask painter listening on %s (links point at %s)", self.local_url, self.public_url)
+        else:
+            log.warning("mask painter listening on %s, but PAINTER_PUBLIC_URL is %s: links there wouldn't open for "
+                        "Discord users, so the bot offers none (it suggests the other ways to make a mask). Set "
+                        "PAINTER_PUBLIC_URL to the address users reach the painter at (see the README).",
+                        self.local_url, repr(self.public_url) if self.public_url else "not set")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -61,7 +93,10 @@ class PainterLinks:
     async def offer(self, who: Requester, image_bytes: bytes, options: dict[str, Any], *,
                     parent_job_id: int | None = None) -> PainterLink:
         """A personal, single-use link to paint the mask of this image; the job gets `options` and the prompt
-        typed on the page (and is a child of `parent_job_id`: Vary Region on a result)."""
+        typed on the page (and is a child of `parent_job_id`: Vary Region on a result). Raises
+        `PainterNotReachable` when users couldn't open it (check `reachable` first)."""
+        if not self.reachable:
+            raise PainterNotReachable(self.public_url)
         _, blob = await asyncio.to_thread(normalized_image, image_bytes, self.limits)
         session = await self.store.painter_sessions.create(new_session_id(), who=who, image=blob, params=options,
                                                            expires_at=self.clock() + self.ttl_s,

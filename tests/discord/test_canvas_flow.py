@@ -60,7 +60,7 @@ async def test_vary_region_opens_the_painter_on_the_result(discord_env: BotEnv) 
     posted = _posted(result)
     record = await driver.click(ALICE, result, "inpaint:region:1")
     assert "Paint the area of job #1's result to vary on this page." in ephemeral_text(record)
-    url = link_url(record)
+    url = link_url(record, bot)
     async with httpx.AsyncClient() as browser:
         shown = await browser.get(url)
         assert shown.status_code == 200 and "a kite" in shown.text  # the prompt carried over

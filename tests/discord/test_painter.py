@@ -16,9 +16,21 @@ import pytest
 from PIL import Image
 
 from tests.conftest import BotEnv
-from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, link_url, result_message
+from tests.helpers.bot_env import (
+    ALICE,
+    KEY,
+    PLACE,
+    bot_config,
+    ephemeral_text,
+    link_url,
+    result_message,
+    running_bot,
+)
 from tests.helpers.discord_harness import Driver, FakeDiscord
-from tests.helpers.imagegen import encode, photo
+from tests.helpers.fal_server import FalTestServer
+from tests.helpers.imagegen import box_mask, encode, photo
+
+ALICE_ID = int(ALICE["id"])
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -45,7 +57,7 @@ async def _ask_for_link(fake: FakeDiscord, driver: Driver, size: tuple[int, int]
     record = await driver.slash(ALICE, "inpaint", image=upload, prompt=prompt)
     assert "paint the area to change on this page" in ephemeral_text(record)
     assert "works once, for 30 minutes" in ephemeral_text(record)
-    return link_url(record), image
+    return link_url(record, driver.bot), image
 
 
 def _painted_mask(width: int, height: int, box: tuple[int, int, int, int]) -> str:
@@ -173,3 +185,40 @@ async def test_painter_page_has_no_inline_code(discord_env: BotEnv) -> None:
         page = await owner.get(url)
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert "<script>" not in page.text and "onclick" not in page.text and "<style>" not in page.text
+
+
+@pytest.mark.parametrize("public_url", [None, "http://127.0.0.1:8765", "http://localhost:8765",
+                                        "http://0.0.0.0:8765", "http://[::1]:8765"])
+async def test_no_link_nobody_could_open(tmp_path: Path, public_url: str | None) -> None:
+    """Without PAINTER_PUBLIC_URL (or with one only this machine can open) no painter link is offered: the user
+    reads the other ways to make a mask, and who can set the painter up."""
+    async with FalTestServer(key=KEY) as server:
+        fake = FakeDiscord()
+        with fake.installed():
+            config = bot_config(tmp_path, server, painter_public_url=public_url, painter_host="0.0.0.0")
+            async with running_bot(config, fake) as (bot, driver):
+                image = fake.upload(PLACE.channel_id, "photo.png", encode(photo(320, 240), "PNG"), "image/png")
+                record = await driver.slash(ALICE, "inpaint", image=image, prompt="a red balloon")
+                said = ephemeral_text(record)
+                assert "No mask was attached" in said and "`mask_colour`" in said and "transparency" in said
+                assert "`PAINTER_PUBLIC_URL`" in said and "paint the area" not in said
+                assert not [c for m in record.followups for row in m.components for c in row["components"]
+                            if c.get("style") == 5]  # no link button
+                assert await bot.services.store.jobs.for_user(ALICE_ID) == []
+
+                mask = fake.upload(PLACE.channel_id, "m.png", encode(box_mask((320, 240), (10, 10, 90, 90))),
+                                   "image/png")
+                await driver.slash(ALICE, "inpaint", image=image, mask=mask, prompt="a kite")
+                result = await result_message(fake, 1, bot)
+                vary = await driver.click(ALICE, result, "inpaint:region:1")
+                assert "Inpaint this image" in ephemeral_text(vary) and "`PAINTER_PUBLIC_URL`" in ephemeral_text(vary)
+
+
+def test_which_addresses_users_can_open() -> None:
+    from services.painter.links import reachable_by_users
+
+    for url in ("https://paint.example.com", "http://192.168.1.20:8765", "http://10.0.0.5", "http://[2001:db8::1]"):
+        assert reachable_by_users(url), url
+    for url in ("", "http://127.0.0.1:8765", "http://127.1.2.3", "http://localhost", "http://app.localhost:80",
+                "http://0.0.0.0:8765", "http://[::]:8765", "http://[::1]"):
+        assert not reachable_by_users(url), url

@@ -9,7 +9,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import discord
+
 from bot import InpaintBot
+from cogs.interactions import services_of
 from services.config import BotConfig
 from services.container import build_services
 from services.job_state import JobStatus
@@ -19,6 +22,7 @@ from tests.helpers.imagegen import box_mask, encode, photo
 from tests.helpers.waits import wait_until
 
 KEY = "bot-key-id:bot-key-secret"
+PAINTER_PUBLIC = "http://painter.example"
 PLACE = Place(guild_id=111, channel_id=222)
 ALICE = user(10, "alice")
 BOB = user(20, "bob")
@@ -30,6 +34,8 @@ def bot_config(tmp_path: Path, server: FalTestServer, **overrides: Any) -> BotCo
     values: dict[str, Any] = {"discord_token": "fake-token", "fal_key": KEY, "fal_queue_base": server.base_url,
                               "database_path": tmp_path / "bot.sqlite3", "backend_poll_interval_s": 0.01,
                               "progress_edit_interval_s": 0.05, "painter_port": 0,
+                              # the address users would open (a reverse proxy's, say): `link_url` maps it back here
+                              "painter_public_url": PAINTER_PUBLIC,
                               # Discord's per-channel budget is tested on its own (test_posting.py): elsewhere the
                               # in-memory Discord has none, and the bot needn't keep one
                               "channel_budget_ops": 10_000, "channel_budget_s": 1.0, **overrides}
@@ -117,11 +123,16 @@ async def wait_for_final_message(fake: FakeDiscord, bot: InpaintBot, job_id: int
     return message
 
 
-def link_url(record: InteractionRecord) -> str:
-    """The URL of the link button the bot answered `record` with (the mask painter's)."""
+def link_url(record: InteractionRecord, bot: discord.Client) -> str:
+    """The URL of the link button the bot answered `record` with (the mask painter's), as this machine reaches it:
+    the public address the bot links to, served by the bot's painter on loopback."""
+    painter = services_of(bot).painter
+    assert painter is not None
     for message in record.followups:
         for row in message.components:
             for component in row.get("components", []):
                 if component.get("style") == 5:
-                    return str(component["url"])
+                    url = str(component["url"])
+                    assert url.startswith(f"{PAINTER_PUBLIC}/paint/"), url
+                    return painter.local_url + url.removeprefix(PAINTER_PUBLIC)
     raise AssertionError(f"no link button in {record.texts()}")

@@ -90,6 +90,8 @@ class InteractionRecord:
     #: for a button press: the message the button is on (what "@original" means after a deferred update)
     source: FakeMessage | None = None
     source_edits: int = 0  # the source message's edits before the press
+    sent_at: float = field(default_factory=time.monotonic)  # when Discord delivered it to the bot
+    answered_at: float | None = None  # when the bot's first answer (a response or a defer) arrived
 
     def texts(self) -> list[str]:
         """Every text the user saw in reply (callback messages, the edited original, follow-ups)."""
@@ -122,6 +124,11 @@ def _http_error(status: int, message: str, code: int = 0) -> discord.HTTPExcepti
     return cls(response, {"message": message, "code": code})
 
 
+#: Discord's window for the first answer to an interaction, and how long its token works for follow-ups and edits
+ANSWER_WINDOW_S = 3.0
+TOKEN_LIFETIME_S = 15 * 60
+
+
 class FakeDiscord:
     def __init__(self, *, app_id: int = 900_000_000_000_000_001) -> None:
         self.app_id = app_id
@@ -138,6 +145,8 @@ class FakeDiscord:
         #: Discord's per-channel budget for message operations (posts, edits, deletes in one channel share it):
         #: (operations, seconds). None: unlimited. Past it, the answer is a 429 with Retry-After, as Discord's.
         self.channel_budget: tuple[int, float] | None = None
+        #: the driver fails an interaction the bot answers later than this (our target; Discord's is 3 s)
+        self.answer_deadline_s = 1.0
         self.rate_limited: list[tuple[str, str]] = []  # every 429 served: (method, path)
         self.channel_log: list[tuple[float, str, str]] = []  # every budgeted operation: (when, method, path)
         self._channel_ops: dict[int, list[float]] = {}
@@ -153,6 +162,11 @@ class FakeDiscord:
 
     def app_permissions(self, channel_id: int) -> int:
         return ALL_PERMISSIONS & ~self.bot_denied.get(channel_id, 0)
+
+    def age_interactions(self, seconds: float) -> None:
+        """Let `seconds` pass for every interaction so far (their tokens expire after 15 minutes)."""
+        for record in self.interactions.values():
+            record.sent_at -= seconds
 
     def snowflake(self) -> int:
         return next(self._ids)
@@ -293,7 +307,12 @@ class FakeDiscord:
         m = re.fullmatch(r"/interactions/(\d+)/([^/]+)/callback", path)
         if m:
             record = self.interactions[m.group(2)]
+            if record.responses:
+                raise _http_error(400, "Interaction has already been acknowledged.", 40060)
+            if time.monotonic() - record.sent_at > ANSWER_WINDOW_S:
+                raise _http_error(404, "Unknown interaction", 10062)
             _validate(body.get("data") or {}, modal=body["type"] == 9)
+            record.answered_at = time.monotonic()
             record.responses.append(body)
             kind = body["type"]
             result: dict[str, Any] = {"interaction": {"id": str(record.id), "type": 2,
@@ -313,6 +332,8 @@ class FakeDiscord:
         m = re.fullmatch(r"/webhooks/\d+/([^/]+)(?:/messages/(@original|\d+))?", path)
         if m:
             record = self.interactions[m.group(1)]
+            if time.monotonic() - record.sent_at > TOKEN_LIFETIME_S:
+                raise _http_error(404, "Unknown Webhook", 10015)  # the interaction's token has expired
             target = m.group(2)
             if target is None and method == "POST":
                 message = self._create(0, body, uploads)
@@ -606,6 +627,7 @@ class Driver:
         self.fake = fake
         self.bot = bot
         self.place = place
+        self.patience_s = 20.0  # how long the bot may take to finish handling an interaction (after answering it)
         add_guild(bot, place.guild_id, {place.channel_id: place.nsfw}, denied=fake.bot_denied)
 
     def _base(self, kind: int, member: dict[str, Any], permissions: int) -> tuple[dict[str, Any], InteractionRecord]:
@@ -709,11 +731,15 @@ class Driver:
 
     async def _send(self, payload: dict[str, Any], record: InteractionRecord) -> InteractionRecord:
         state = self.bot._connection
+        record.sent_at = time.monotonic()
         state.parse_interaction_create(payload)  # type: ignore[arg-type]
         await wait_until(lambda: bool(record.responses), what=f"a response to interaction {record.id}")
+        assert record.answered_at is not None
+        waited = record.answered_at - record.sent_at
+        assert waited <= self.fake.answer_deadline_s, f"interaction {record.id} answered after {waited:.2f} s"
         # let the handler finish its follow-up work (defer → … → followup)
         await wait_until(lambda: not _is_thinking(record) or bool(record.followups) or _edited(record),
-                         what=f"interaction {record.id} to finish")
+                         what=f"interaction {record.id} to finish", within_s=self.patience_s)
         await asyncio.sleep(0.01)
         return record
 
