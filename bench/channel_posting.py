@@ -117,7 +117,7 @@ def _results(fake: FakeDiscord) -> dict[int, FakeMessage]:
 def _summary(name: str, outcome: Outcome) -> str:
     s = sorted(outcome.latencies) or [float("nan")]
     p95 = s[min(len(s) - 1, round(0.95 * (len(s) - 1)))]
-    return (f"{name:8s} result after job end: p50 {statistics.median(s):5.2f} s  p95 {p95:5.2f} s  "
+    return (f"{name:8s} result after job end: min {s[0]:5.2f} s  p50 {statistics.median(s):5.2f} s  p95 {p95:5.2f} s  "
             f"max {s[-1]:5.2f} s | not started {outcome.not_started} | missing {outcome.missing} | "
             f"429s {outcome.throttled} | result messages {outcome.result_messages} | "
             f"channel operations {outcome.operations}")

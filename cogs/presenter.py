@@ -162,8 +162,9 @@ class DiscordPresenter:
         except discord.HTTPException:
             log.exception("job %s: could not edit its progress message", job.id)
         except asyncio.CancelledError:
-            if priority != PROGRESS:
-                raise  # a discarded progress edit ends here; anything else is a real cancellation
+            task = asyncio.current_task()
+            if priority != PROGRESS or (task is not None and task.cancelling()):
+                raise  # only a discarded progress edit ends here; this task being cancelled is a real cancellation
 
 
 class Presenter(commands.Cog):

@@ -192,3 +192,24 @@ def test_a_shared_message_holds_only_what_one_message_can() -> None:
     assert post(2, size=4000).joins([post(1, size=5000)]) and not post(2, size=5000).joins([post(1, size=5000)])
     wordy = [post(i, prompt="w" * 1000) for i in range(1, 6)]  # about 1,500 embed characters each
     assert wordy[3].joins(wordy[:3]) and not wordy[4].joins(wordy[:4])
+
+
+async def test_a_result_is_not_held_back_by_a_waiting_progress_edit(tmp_path: Path) -> None:
+    """A job that ends while its progress edit waits its turn in the channel posts its result in that turn, not
+    after the pause between progress edits (2 s)."""
+    async with FalTestServer(key="k:s", queue_polls=10**9, progress_logs=2) as server:
+        fake = FakeDiscord()
+        fake.channel_budget = (5, 2.5)  # paced: one operation per 0.5 s
+        with fake.installed():
+            config = bot_config(tmp_path, server, fal_key="k:s", progress_edit_interval_s=2.0,
+                                channel_budget_ops=5, channel_budget_s=2.5)
+            async with running_bot(config, fake) as (bot, driver):
+                await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a boat")
+                await wait_until(lambda: len(server.requests) == 1, what="the job at the backend")
+                await wait_until(lambda: bot.posting.pending(PLACE.channel_id) == 1, what="a progress edit waiting")
+                (request,) = server.requests.values()
+                request.queue_polls_left = 0
+                result = await result_message(fake, 1, bot)
+                ended = next(e.created_at for e in await bot.services.store.jobs.events(1)
+                             if e.kind == "state" and e.message == "succeeded")
+                assert result.created_at - ended < 1.0
