@@ -113,8 +113,17 @@ def invite_url(token: str) -> str:
 
 
 async def run(config: BotConfig, token: str, *, sync_globally: bool) -> None:
+    """Build the services, log in (which loads the extensions and syncs the commands), then stay connected. What
+    stops the start is a `StartupError` saying what to change; later errors are the bot's own, with tracebacks."""
     async with build_services(config) as services, InpaintBot(config, services, sync_globally=sync_globally) as bot:
-        await bot.start(token)
+        try:
+            await bot.login(token)
+        except Exception as exc:
+            problem = startup_problem(exc)
+            if problem is None:
+                raise
+            raise StartupError(problem) from exc
+        await bot.connect()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,39 +142,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.invite:
-            print(invite_url(config.discord_token.get_secret_value()))
+            print(invite_url(config.discord_token.get_secret_value().strip()))
             return 0
         discord.utils.setup_logging(level=logging.INFO, root=True)
         logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per backend poll
-        asyncio.run(run(config, config.discord_token.get_secret_value(), sync_globally=args.sync))
+        asyncio.run(run(config, config.discord_token.get_secret_value().strip(), sync_globally=args.sync))
     except KeyboardInterrupt:
         pass
-    except Exception as exc:  # what stops the start: one line saying what to do, no traceback
-        problem = startup_problem(exc)
-        if problem is None:
-            raise
-        print(f"The bot can't start: {problem}", file=sys.stderr)
+    except StartupError as exc:  # one line saying what to change, no traceback
+        print(f"The bot can't start: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
 def startup_problem(exc: BaseException) -> str | None:
-    """One line for a problem that stops the bot before it runs (None: a bug, shown with its traceback)."""
+    """One line for what stopped the bot logging in to Discord (None: a bug, shown with its traceback)."""
     match exc:
-        case StartupError():
-            return str(exc)
         case discord.LoginFailure():
             return ("Discord refused DISCORD_TOKEN. Check it is the bot's current token (the developer portal's "
                     "Bot page, Reset Token); python bot.py --help for the setup steps.")
-        case discord.PrivilegedIntentsRequired():
-            return "Discord says the bot asked for a privileged intent it isn't allowed; it needs none."
+        case discord.Forbidden() | discord.NotFound() if "/commands" in str(getattr(exc.response, "url", "")):
+            return ("Discord refused to register the slash commands in DEV_GUILD_ID: check the id, and that the bot "
+                    "was invited there with the applications.commands scope (python bot.py --invite).")
         case aiohttp.ClientConnectorError() | aiohttp.ServerTimeoutError() | discord.GatewayNotFound():
             return (f"Discord can't be reached ({exc}). Check this machine's network, DNS and firewall "
                     "(discord.com, port 443).")
+        case TimeoutError():
+            return "Discord didn't answer in time. Check this machine's network, then try again."
         case aiohttp.ClientError():
             return f"talking to Discord failed ({exc}). Try again; if it persists, check the network."
-        case OSError():
-            return f"{exc.strerror or exc} ({getattr(exc, 'filename', None) or 'check the settings in .env'})"
     return None
 
 

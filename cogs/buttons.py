@@ -115,14 +115,10 @@ class DeleteButton(JobButton, DynamicButton, action="delete"):
 
     async def run(self, interaction: discord.Interaction) -> None:
         job = await self.job(interaction)
-        await interaction.response.send_message(f"Deleted the result of job #{job.id}.", ephemeral=True)
-        if interaction.message is not None:
-            await remove_result(interaction.message, job.id, shared_result_view)
-        services = services_of(interaction.client)
-        if interaction.user.id == job.user_id:
-            await services.store.jobs.add_event(job.id, "note", "result deleted by its author",
-                                                {"by": interaction.user.id})
-        else:
+        await interaction.response.defer(ephemeral=True, thinking=True)  # the channel may be busy: answer first
+        await remove_result(interaction.client, job, interaction.user.id, interaction.message, shared_result_view)
+        await interaction.followup.send(f"Deleted the result of job #{job.id}.", ephemeral=True)
+        if interaction.user.id != job.user_id:
             await record_deletion(interaction.client, job, interaction.user.id)
 
 

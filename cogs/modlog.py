@@ -73,7 +73,8 @@ class ModLogPoster:
         thumbs = await asyncio.to_thread(lambda: [_thumbnail(d) for d in images[:4]])
         files = [discord.File(io.BytesIO(t), filename=f"flagged_{i}.jpg", spoiler=True) for i, t in enumerate(thumbs)]
         buttons: list[discord.ui.Item[Any]] = []
-        if job is not None and job.result_message_id is not None and entry.action != "result_deleted":
+        if job is not None and job.result_message_id is not None and job.result_removed_at is None \
+                and entry.action != "result_deleted":
             buttons.append(DeleteResultButton(job.id))
         if entry.user_id is not None and entry.action not in ("user_banned", "user_unbanned", "settings_changed"):
             buttons += [BanButton(entry.guild_id, entry.user_id), UnbanButton(entry.guild_id, entry.user_id)]
@@ -146,21 +147,8 @@ class DeleteResultButton(ModButton, DynamicButton, action="delete"):
 
     async def run(self, interaction: discord.Interaction) -> None:
         job = await job_or_refusal(interaction.client, int(self.ids[0]))
-        if job.result_message_id is None or job.channel_id is None:
-            raise UserError(f"Job #{job.id} has no posted result.")
         await interaction.response.defer(ephemeral=True, thinking=True)  # the channel may be busy: answer first
-        channel = interaction.client.get_partial_messageable(job.channel_id)
-        try:
-            if len(await services_of(interaction.client).store.jobs.sharing_result_message(job.result_message_id)) > 1:
-                shared = await channel.fetch_message(job.result_message_id)  # to keep the other jobs' parts
-                await remove_result(shared, job.id, shared_result_view)
-            else:
-                await channel.get_partial_message(job.result_message_id).delete()
-        except discord.NotFound as exc:
-            raise UserError(f"Job #{job.id}'s result was already deleted.") from exc
-        except discord.Forbidden as exc:
-            raise UserError(f"Job #{job.id}'s result shares a message with other results: to take it out, I need "
-                            f"Read Message History in <#{job.channel_id}>.") from exc
+        await remove_result(interaction.client, job, interaction.user.id, None, shared_result_view)
         await interaction.followup.send(f"Deleted the result of job #{job.id}.", ephemeral=True)
         await record_deletion(interaction.client, job, interaction.user.id)
 

@@ -101,8 +101,8 @@ class ChannelPosting:
         lane = self._lanes.setdefault(channel_id, _Lane())
         done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         done.add_done_callback(_retrieve)  # a caller that doesn't wait still has its failure logged, not lost
-        if key is not None and key in lane.by_key:
-            previous = lane.by_key[key]
+        previous = lane.by_key.get(key) if key is not None else None
+        if previous is not None and not previous.done.done():
             previous.op = op  # the latest version waits in the earlier one's place
             chained = previous.done
             chained.add_done_callback(lambda f: _copy(f, done))
@@ -132,28 +132,60 @@ class ChannelPosting:
         return len(lane.heap) if lane else 0
 
     async def _drain(self, lane: _Lane) -> None:
-        while lane.heap:
-            waited = await self._paced(lane)
-            if lane.heap[0].priority >= TIDY and (await self._busy(lane) or not self._room(lane, self.limit - 1)):
-                await self._within_budget(lane, free=self.limit - 1)
-                continue
-            batch = self._take(lane, merge=waited)
-            if batch[0].priority == OUTCOME:
-                lane.last_outcome = self.clock()
-            lane.sent.append(self.clock())
+        batch: list[_Entry] = []
+        try:
+            while lane.heap:
+                waited = await self._paced(lane)
+                self._drop_cancelled(lane)  # callers that stopped waiting (their job was stopped) get nothing sent
+                if not lane.heap:
+                    break
+                if lane.heap[0].priority >= TIDY:
+                    if await self._busy(lane):
+                        continue  # the channel quieted, or something more urgent came: look again
+                    if not self._room(lane, self.limit - 1):
+                        await self._within_budget(lane, free=self.limit - 1)
+                        continue
+                batch = self._take(lane, merge=waited)
+                await self._send(lane, batch)
+                batch = []
+        finally:  # stopped (close) with a batch in flight: its callers hear so rather than wait forever
+            for entry in batch:
+                if not entry.done.done():
+                    entry.done.cancel()
+
+    async def _send(self, lane: _Lane, batch: list[_Entry]) -> None:
+        """One request for `batch`; its result (or failure) goes to each caller. A shared request that Discord
+        refuses is tried again as separate ones, so one part can't cost the others."""
+        if batch[0].priority == OUTCOME:
+            lane.last_outcome = self.clock()
+        lane.sent.append(self.clock())
+        try:
             first = batch[0]
             op = first.op if first.merge is None or len(batch) == 1 else \
                 first.merge.together([entry.merge for entry in batch if entry.merge is not None])
-            try:
-                result = await op()
-            except Exception as exc:  # the caller decides what a failed post means
+            result = await op()
+        except Exception as exc:  # the caller decides what a failed post means
+            if len(batch) > 1:
+                log.warning("a shared request failed (%r): sending its %d parts one by one", exc, len(batch))
                 for entry in batch:
-                    if not entry.done.done():
-                        entry.done.set_exception(exc)
-            else:
-                for entry in batch:
-                    if not entry.done.done():
-                        entry.done.set_result(result)
+                    entry.merge = None
+                    heapq.heappush(lane.heap, entry)
+                return
+            for entry in batch:
+                if not entry.done.done():
+                    entry.done.set_exception(exc)
+        else:
+            for entry in batch:
+                if not entry.done.done():
+                    entry.done.set_result(result)
+
+    def _drop_cancelled(self, lane: _Lane) -> None:
+        if any(entry.done.cancelled() for entry in lane.heap):
+            for entry in lane.heap:
+                if entry.done.cancelled() and entry.key is not None and lane.by_key.get(entry.key) is entry:
+                    del lane.by_key[entry.key]
+            lane.heap = [entry for entry in lane.heap if not entry.done.cancelled()]
+            heapq.heapify(lane.heap)
 
     async def _paced(self, lane: _Lane) -> bool:
         """Wait until the channel may send again; whether that took any waiting.
@@ -216,14 +248,12 @@ class ChannelPosting:
     async def _within_budget(self, lane: _Lane, *, free: int) -> None:
         """Wait until `free` slots are unused, or a more urgent operation arrives."""
         while not self._room(lane, free):
-            wait = self.per_s - (self.clock() - lane.sent[0])
-            lane.wakeup.clear()
-            try:
-                await asyncio.wait_for(lane.wakeup.wait(), wait)
-            except TimeoutError:
-                continue
             if lane.heap and lane.heap[0].priority < TIDY:
                 return
+            wait = self.per_s - (self.clock() - lane.sent[0])
+            lane.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wakeup.wait(), wait)
 
     async def close(self) -> None:
         """Stop: what hasn't been sent is dropped (a restarted bot shows jobs from the store again)."""

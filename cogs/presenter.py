@@ -108,13 +108,12 @@ class DiscordPresenter:
         if guild is not None:
             limit = render.upload_limit(guild)
         attached = await asyncio.to_thread(render.result_files, images, limit, spoiler=spoiler)
-        post = ResultPost(self._channel(job), job, output, attached, limit, spoiler)
+        post = ResultPost(self._channel(job), job, output, attached, limit, self.jobs.set_result_message, spoiler)
         try:  # with other results waiting in a busy channel, this one may go out with them, in one message
-            message = await self.posting.run(job.channel_id, post.alone(), priority=OUTCOME, merge=post)
+            await self.posting.run(job.channel_id, post.alone(), priority=OUTCOME, merge=post)
         except discord.HTTPException:
             log.exception("job %s: could not post the result", job.id)
             return
-        await self.jobs.set_result_message(job.id, message.id)
         finished = await self.jobs.get(job.id)
         self._tidy(finished, embed=render.ended_embed(finished))  # the result is out: this can wait its turn
 

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import SecretStr
@@ -24,6 +25,9 @@ class BackendChoice:
     base_url: str | None  # None for "embedded" until it has started
     key: SecretStr | None
     safety_checker: bool = True
+    #: False while the backend hasn't said whether it has a checker (its /health unreadable at start-up): the
+    #: launcher asks again before each job until it has
+    checker_known: bool = True
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,12 @@ class CapabilityProbe:
         self._known: Capabilities | None = None
         self._asked_at = 0.0
 
-    async def current(self, *, recheck_no: bool = False) -> Capabilities:
-        stale = self._known is None or (recheck_no and self.clock() - self._asked_at >= self.recheck_s)
+    async def current(self, *, recheck_no: bool = False, recheck_unknown: bool = False) -> Capabilities:
+        """What the backend said; asked again when it has never answered, or (with `recheck_no` /
+        `recheck_unknown`) when it said no to a prompt expander / didn't say whether it has a safety checker, longer
+        than `recheck_s` ago."""
+        again = recheck_no or (recheck_unknown and self._known is not None and self._known.safety_checker is None)
+        stale = self._known is None or (again and self.clock() - self._asked_at >= self.recheck_s)
         if stale:
             self._known = await probe_capabilities(self.choice, self.base_url, self.http)
             self._asked_at = self.clock()
@@ -86,19 +94,30 @@ def fit_to_policy(choice: BackendChoice, capabilities: Capabilities, where: str)
     (the classic fill: then, like the embedded default, results go unchecked, and the log says so loudly); a
     generative one without a checker can't, and the bot won't start on it (`StartupError`) rather than have every
     job refused."""
-    if capabilities.safety_checker is not False:
-        if capabilities.safety_checker is None and choice.name != "fal":
-            log.warning("the worker at %s didn't say whether it has a safety checker: asking for it as fal's "
-                        "default does (jobs fail with the worker's answer if it has none)", where)
-        return replace(choice, safety_checker=True)
+    where = _shown(where)
+    if capabilities.safety_checker is None:
+        log.warning("the backend at %s didn't say whether it has a safety checker (/health): asking for it as fal's "
+                    "default does, and asking the backend again before each job until it says", where)
+        return replace(choice, safety_checker=True, checker_known=False)
+    if capabilities.safety_checker:
+        return replace(choice, safety_checker=True, checker_known=True)
     if capabilities.pipeline == NON_GENERATIVE:
         log.warning("THE BACKEND AT %s HAS NO SAFETY CHECKER: results are NOT checked for NSFW content, in any "
                     "channel, whatever servers' settings say. Its classic pipeline only fills from the picture's "
                     "own pixels; for a generative pipeline, set SAFETY_CHECKER_PATH on the worker.", where)
-        return replace(choice, safety_checker=False)
+        return replace(choice, safety_checker=False, checker_known=True)
     raise StartupError(f"the worker at {where} runs the {capabilities.pipeline or 'unknown'} pipeline without a "
                        "safety checker, so it can't check results as servers require: set SAFETY_CHECKER_PATH "
                        "on the worker (a StableDiffusionSafetyChecker folder) and restart it")
+
+
+def _shown(url: str) -> str:
+    """A URL as logs and messages may show it: without any user:password in it."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")
+                                     if parts.hostname else ""))
 
 
 def choose_backend(config: BotConfig) -> BackendChoice:

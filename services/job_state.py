@@ -94,6 +94,7 @@ class Job(BaseModel):
     cost: int = 0
     asked: dict[str, Any] | None = None  # None: a job from before crop and stitch (its input is what was asked)
     plan: CropPlan | None = None
+    result_removed_at: float | None = None  # when its posted result was taken out of the channel
 
     @property
     def terminal(self) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from services.admission import Admission, Admissions
-from services.backend_select import BackendChoice, CapabilityProbe
+from services.backend_select import BackendChoice, CapabilityProbe, fit_to_policy
 from services.blob import Blob
 from services.crop_plan import STITCH_OPTION_NAMES, OutputFormat, StitchOptions
 from services.dispatch import Dispatcher, JobImages
-from services.errors import validation_problems
+from services.errors import StartupError, validation_problems
 from services.images import IntakeLimits, MaskSource, PreparedInputs, normalized_image, prepare_inputs
 from services.job_state import CROP_IMAGE_REF, CROP_MASK_REF, IMAGE_REF, MASK_REF, Job, JobNotFound
 from services.outpaint import Expansion, expand
@@ -39,6 +40,8 @@ from services.schema import IMAGE_SIZE_PRESETS, ImageSize, InpaintInput
 from services.stitch import TARGET_PIXELS, stage
 from services.store import Store
 from services.store.drafts import Draft
+
+log = logging.getLogger(__name__)
 
 #: Source formats that lose nothing: their pictures come back as PNG, untouched pixels bit for bit.
 LOSSLESS_SOURCES = frozenset({"PNG", "BMP", "GIF"})
@@ -176,6 +179,7 @@ class Launcher:
             raise Refused(JobGone(parent_id)) from exc
         options = {k: v for k, v in {**parent.options(), **changes}.items() if v is not None}
         admission = await self.admissions.admit(who, options, parent_id=parent.id)
+        await self._check_capabilities(admission.options)
         plan = parent.plan  # the same crop of the same picture (a job from before crop and stitch has none)
         roles = ("image", "mask", "crop_image", "crop_mask") if plan else ("image", "mask")
         request = self._request(admission, who, (CROP_IMAGE_REF, CROP_MASK_REF) if plan else (IMAGE_REF, MASK_REF))
@@ -196,6 +200,14 @@ class Launcher:
     async def _check_capabilities(self, options: dict[str, Any]) -> None:
         if options.get("expand_prompt") and not (await self.capabilities.current(recheck_no=True)).expand_prompt:
             raise Refused(Unsupported("expand_prompt", "its worker has no prompt expander (PROMPT_EXPANDER_PATH)"))
+        if not self.backend.checker_known:  # unreadable at start-up: now that the backend may be up, ask again
+            known = await self.capabilities.current(recheck_unknown=True)
+            try:
+                self.backend = fit_to_policy(self.backend, known, self.capabilities.base_url)
+            except StartupError as exc:
+                log.error("%s", exc)
+                raise Refused(Unsupported("safety checking", "its worker has none, and the bot's moderation "
+                                          "needs one (the bot's operator sets SAFETY_CHECKER_PATH)")) from exc
 
     def _request(self, admission: Admission, who: Requester, refs: tuple[str, str]) -> InpaintInput:
         """The backend request for admitted options, images as blob references: the one validation. With a crop

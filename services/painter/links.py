@@ -7,6 +7,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,14 +39,19 @@ class PainterNotReachable(RuntimeError):
 
 def reachable_by_users(url: str) -> bool:
     """Whether a link to `url` can open on someone else's device: not localhost, a loopback or an unspecified
-    (0.0.0.0) address."""
-    host = (urlsplit(url).hostname or "").lower()
+    (0.0.0.0) address, in any of the forms browsers accept (127.1, 2130706433, ::ffff:127.0.0.1, a trailing dot)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
     if not host or host == "localhost" or host.endswith(".localhost"):
         return False
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return True  # a name: whoever set it means users to reach it
+        try:  # the shorthand IPv4 forms (127.1, a single number) that ip_address refuses but browsers accept
+            address = ipaddress.ip_address(socket.inet_aton(host))
+        except OSError:
+            return True  # a name: whoever set it means users to reach it
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     return not (address.is_loopback or address.is_unspecified)
 
 
@@ -59,6 +65,8 @@ class PainterLinks:
         self.limits = limits
         self.host, self.port = host, port
         self.public_url = (public_url or "").rstrip("/")
+        if self.public_url and urlsplit(self.public_url).scheme not in ("http", "https"):
+            raise StartupError(f"PAINTER_PUBLIC_URL must start with https:// or http:// (it is {self.public_url!r})")
         #: whether links can be offered: PAINTER_PUBLIC_URL set to an address users can open
         self.reachable = reachable_by_users(self.public_url)
         self.local_url = ""
@@ -68,6 +76,12 @@ class PainterLinks:
         self._server: LoopServer | None = None
 
     async def __aenter__(self) -> Self:
+        if not self.reachable:  # no links to offer: no page to serve (and no port to hold)
+            log.warning("PAINTER_PUBLIC_URL is %s: painter links wouldn't open for Discord users, so the bot offers "
+                        "none (it lists the other ways to make a mask). Set PAINTER_PUBLIC_URL to the address users "
+                        "reach the painter at (see the README).",
+                        repr(self.public_url) if self.public_url else "not set")
+            return self
         config = PainterConfig(secret=self.secret, sessions=self.store.painter_sessions,
                                load_image=self.store.blobs.get, on_submit=self.submit,
                                secure_cookies=self.public_url.startswith("https://"), clock=lambda: self.clock())
@@ -77,13 +91,7 @@ class PainterLinks:
         except OSError as exc:
             raise StartupError(f"the mask painter can't listen on {self.host}:{self.port}: {exc.strerror or exc} "
                                "(set PAINTER_PORT to a free port, or PAINTER_ENABLED=false)") from exc
-        if self.reachable:
-            log.info("mask painter listening on %s (links point at %s)", self.local_url, self.public_url)
-        else:
-            log.warning("mask painter listening on %s, but PAINTER_PUBLIC_URL is %s: links there wouldn't open for "
-                        "Discord users, so the bot offers none (it suggests the other ways to make a mask). Set "
-                        "PAINTER_PUBLIC_URL to the address users reach the painter at (see the README).",
-                        self.local_url, repr(self.public_url) if self.public_url else "not set")
+        log.info("mask painter listening on %s (links point at %s)", self.local_url, self.public_url)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -19,7 +19,7 @@ from services.store.database import Database, Row, as_dict
 _COLUMNS = ("id, guild_id, channel_id, user_id, status, status_message_id, parent_job_id, backend, "
             "backend_request_id, status_url, response_url, cancel_url, input_json, result_json, error, attempts, "
             "created_at, updated_at, submitted_at, started_at, finished_at, result_message_id, age_restricted, cost, "
-            "options_json, plan_json")
+            "options_json, plan_json, result_removed_at")
 
 #: Columns `transition()` may set alongside the status.
 _TRANSITION_FIELDS = frozenset({
@@ -161,9 +161,28 @@ class Jobs:
             await _insert_event(conn, job_id, "posted", f"result posted as message {message_id}", None, now)
 
     async def sharing_result_message(self, message_id: int) -> list[int]:
-        """The jobs whose results one message shows (several when they were posted together), by id."""
-        rows = await self.db.fetch_all("SELECT id FROM jobs WHERE result_message_id = ? ORDER BY id", (message_id,))
+        """The jobs whose results one message still shows (several when they were posted together), by id."""
+        rows = await self.db.fetch_all("SELECT id FROM jobs WHERE result_message_id = ? AND result_removed_at IS NULL "
+                                       "ORDER BY id", (message_id,))
         return [int(row[0]) for row in rows]
+
+    async def set_result_removed(self, job_id: int, by: int, *, removed: bool = True) -> bool:
+        """Mark the job's posted result as taken out of the channel (or, with `removed=False`, back after a removal
+        that failed); False when it already was (or wasn't)."""
+        now = time.time()
+        async with self.db.transaction() as conn:
+            if removed:
+                cur = await conn.execute("UPDATE jobs SET result_removed_at = ?, updated_at = ? WHERE id = ? AND "
+                                         "result_message_id IS NOT NULL AND result_removed_at IS NULL",
+                                         (now, now, job_id))
+            else:
+                cur = await conn.execute("UPDATE jobs SET result_removed_at = NULL, updated_at = ? WHERE id = ? AND "
+                                         "result_removed_at IS NOT NULL", (now, job_id))
+            if cur.rowcount != 1:
+                return False
+            message = f"result removed from the channel by {by}" if removed else "result removal failed"
+            await _insert_event(conn, job_id, "note", message, {"by": by}, now)
+        return True
 
     async def add_event(self, job_id: int, kind: str, message: str, data: Mapping[str, Any] | None = None) -> int:
         """Append an event (a backend log line, a queue position, a note) to a job's history."""

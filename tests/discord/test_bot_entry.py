@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -135,9 +135,13 @@ async def test_bad_settings_and_a_malformed_token(tmp_path: Path) -> None:
     with socket.socket() as busy:  # the painter's port taken
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        code, err = await _start(tmp_path, "http://127.0.0.1:9", PAINTER_PORT=str(busy.getsockname()[1]))
+        code, err = await _start(tmp_path, "http://127.0.0.1:9", PAINTER_PORT=str(busy.getsockname()[1]),
+                                 PAINTER_PUBLIC_URL="https://paint.example.com")
     assert code == 1
     _one_line(err, "the mask painter can't listen on 127.0.0.1:")
+    code, err = await _start(tmp_path, "http://127.0.0.1:9", PAINTER_PUBLIC_URL="paint.example.com")
+    assert code == 1
+    _one_line(err, "PAINTER_PUBLIC_URL must start with https:// or http://")
 
 
 async def test_a_classic_worker_without_a_checker_serves_like_the_embedded_default(
@@ -163,3 +167,44 @@ async def test_a_classic_worker_without_a_checker_serves_like_the_embedded_defau
                 job = await bot.services.store.jobs.get(1)
                 assert job.input["enable_safety_checker"] is False
     assert any("HAS NO SAFETY CHECKER" in r.getMessage() and worker in r.getMessage() for r in caplog.records)
+
+
+async def test_a_worker_still_starting_is_asked_again_before_jobs(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Started together (compose), the bot may find the worker's /health not answering yet: it doesn't decide then,
+    but asks again before the next job, and serves a classic worker without a checker as it should."""
+    from typing import cast
+
+    from starlette.applications import Starlette
+
+    from services.worker.app import create_app
+    from services.worker.config import WorkerConfig
+    from tests.helpers.bot_env import ALICE, bot_config, ephemeral_text, result_message, running_bot, uploads
+    from tests.helpers.discord_harness import FakeDiscord
+    from tests.helpers.fal_server import FalTestServer
+    from tests.helpers.worker_harness import serve
+
+    worker_app = create_app(WorkerConfig(_env_file=None, pipeline="classic", warmup=False))
+    starting = True
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:  # /health: 503 while starting
+        if scope["type"] == "http" and scope["path"] == "/health" and starting:
+            reply = cast(Callable[[dict[str, object]], Awaitable[None]], send)
+            await reply({"type": "http.response.start", "status": 503, "headers": [(b"content-type", b"text/plain")]})
+            await reply({"type": "http.response.body", "body": b"starting"})
+            return
+        await worker_app(scope, receive, send)  # type: ignore[arg-type]
+
+    async with serve(cast(Starlette, app)) as worker, FalTestServer() as unused:
+        fake = FakeDiscord()
+        with fake.installed(), caplog.at_level(logging.WARNING):
+            config = bot_config(tmp_path, unused, fal_key=None, worker_url=worker)
+            async with running_bot(config, fake) as (bot, driver):
+                assert not bot.services.launcher.backend.checker_known
+                starting = False
+                bot.services.launcher.capabilities.recheck_s = 0.0
+                record = await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a boat")
+                assert "Queued as job #1" in ephemeral_text(record)
+                await result_message(fake, 1, bot)
+                assert (await bot.services.store.jobs.get(1)).input["enable_safety_checker"] is False
+    assert any("HAS NO SAFETY CHECKER" in r.getMessage() for r in caplog.records)

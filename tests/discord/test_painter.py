@@ -220,5 +220,6 @@ def test_which_addresses_users_can_open() -> None:
     for url in ("https://paint.example.com", "http://192.168.1.20:8765", "http://10.0.0.5", "http://[2001:db8::1]"):
         assert reachable_by_users(url), url
     for url in ("", "http://127.0.0.1:8765", "http://127.1.2.3", "http://localhost", "http://app.localhost:80",
-                "http://0.0.0.0:8765", "http://[::]:8765", "http://[::1]"):
+                "http://0.0.0.0:8765", "http://[::]:8765", "http://[::1]", "http://localhost.", "http://127.1",
+                "http://2130706433", "http://0", "http://[::ffff:127.0.0.1]"):
         assert not reachable_by_users(url), url

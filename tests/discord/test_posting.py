@@ -5,8 +5,9 @@ Retry-After past the budget, through discord.py's own HTTP client (so its own ra
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -101,64 +102,72 @@ async def test_twenty_jobs_finishing_together_in_one_channel(tmp_path: Path) -> 
 
 
 async def test_results_posted_together_are_each_their_own(tmp_path: Path) -> None:
-    """Several results in one message: each job has its embed, its picture and its row of buttons; More opens the
-    rest of a job's buttons; Delete (by the author, or a moderator from the mod log) takes out that job's part."""
+    """Three results waiting together go out in one message: each job has its embed, its picture and its row of
+    buttons; More opens the rest of a job's buttons; Delete (a moderator's from the mod log, or the authors' at the
+    same moment from stale copies of the message) takes out exactly that job's part, and nothing comes back."""
     async with FalTestServer(key="k:s", queue_polls=10**9) as server:
         fake = FakeDiscord()
-        fake.channel_budget = (2, 1.0)
+        fake.channel_budget = (2, 2.0)  # paced one per second: the three results wait for the same turn
         with fake.installed():
-            config = bot_config(tmp_path, server, fal_key="k:s", channel_budget_ops=2, channel_budget_s=1.0)
+            config = bot_config(tmp_path, server, fal_key="k:s", channel_budget_ops=2, channel_budget_s=2.0)
             async with running_bot(config, fake) as (bot, driver):
                 await bot.services.store.server_settings.save(PLACE.guild_id, {"modlog_channel_id": MODLOG,
                                                                                "user_concurrent": 4})
-                for prompt in ("a fox", "a cat", "an owl"):
-                    await driver.slash(ALICE if prompt != "a cat" else BOB, "inpaint", **uploads(fake), prompt=prompt)
+                owner = {1: ALICE, 2: BOB, 3: ALICE}
+                for job_id, who in owner.items():
+                    await driver.slash(who, "inpaint", **uploads(fake), prompt=f"job {job_id}")
                 await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
                 for request in server.requests.values():
                     request.queue_polls_left = 0
                 await wait_until(lambda: len(_results(fake)) == 3, what="3 results")
-                shared = max(_results(fake).values(), key=lambda m: len(m.embeds))
-                jobs = [int(c.rsplit(":", 1)[1]) for c in shared.custom_ids() if c.startswith("inpaint:more:")]
-                assert len(jobs) >= 2 and len(shared.embeds) == len(jobs) and len(shared.components) == len(jobs)
-                outputs = {j: (await bot.services.store.jobs.blobs(j))["output_0"].data for j in jobs}
-                for job_id in jobs:
+                shared = _results(fake)[1]
+                assert len(shared.embeds) == 3 and len(shared.components) == 3
+                assert sorted(shared.content.split()) == ["<@10>", "<@20>"]  # each author mentioned once
+                outputs = {j: (await bot.services.store.jobs.blobs(j))["output_0"].data for j in owner}
+                for job_id in owner:
                     await result_message(fake, job_id, bot)  # recorded as posted (in the shared message)
                     assert (await bot.services.store.jobs.get(job_id)).result_message_id == shared.id
                     assert shared.files[f"job{job_id}_result_0.png"] == outputs[job_id]
                     embed = next(e for e in shared.embeds if e["title"].endswith(f"job #{job_id}"))
                     assert embed["image"]["url"] == f"attachment://job{job_id}_result_0.png"
-                first, second = jobs[0], jobs[1]
-                owner = {1: ALICE, 2: BOB, 3: ALICE}
 
-                more = await driver.click(owner[first], shared, f"inpaint:more:{first}")
+                more = await driver.click(ALICE, shared, "inpaint:more:1")
                 offered = more.responses[0]["data"]
                 assert offered["flags"] & 64 and {c["custom_id"] for row in offered["components"]
                                                   for c in row["components"]} == {
-                    f"inpaint:{action}:{first}" for action in ("params", "zoom15", "zoom2", "region", "pan_left",
-                                                               "pan_right", "pan_up", "pan_down")}
-
-                stranger = await driver.click(owner[second] if owner[second] != owner[first] else CAROL, shared,
-                                              f"inpaint:delete:{first}")
+                    f"inpaint:{action}:1" for action in ("params", "zoom15", "zoom2", "region", "pan_left",
+                                                         "pan_right", "pan_up", "pan_down")}
+                stranger = await driver.click(CAROL, shared, "inpaint:delete:1")
                 assert "Only the person who started" in ephemeral_text(stranger)
-                await driver.click(owner[first], shared, f"inpaint:delete:{first}")
-                assert not shared.deleted and f"job{first}_result_0.png" not in shared.files
-                assert not any(e["title"].endswith(f"job #{first}") for e in shared.embeds)
-                assert not any(c.endswith(f":{first}") for c in shared.custom_ids())
-                assert shared.files[f"job{second}_result_0.png"] == outputs[second]
-                assert f"inpaint:reroll:{second}" in shared.custom_ids()
 
-                job = await bot.services.store.jobs.get(second)  # a moderator, from the mod log
+                stale = copy.deepcopy(shared)  # as another client still shows it
+                job = await bot.services.store.jobs.get(1)  # a moderator, from the mod log
                 await bot.services.modlog.record(PLACE.guild_id, "image_flagged_allow", job=job, user_id=job.user_id)
-                await wait_until(lambda: any(f"modlog:delete:{second}" in m.custom_ids()
-                                             for m in fake.channel_messages(MODLOG)), what="the mod-log entry")
-                entry = next(m for m in fake.channel_messages(MODLOG) if f"modlog:delete:{second}" in m.custom_ids())
-                await driver.click(MOD, entry, f"modlog:delete:{second}", permissions=ALL_PERMISSIONS)
-                remaining = [j for j in jobs if j not in (first, second)]
-                if remaining:
-                    assert not shared.deleted and [e["title"] for e in shared.embeds] == [
-                        f"Inpainted · job #{remaining[0]}"]
-                else:
-                    assert shared.deleted
+                await wait_until(lambda: _modlog_entry(fake, 1) is not None, what="the mod-log entry")
+                entry = _modlog_entry(fake, 1)
+                assert entry is not None
+                await driver.click(MOD, entry, "modlog:delete:1", permissions=ALL_PERMISSIONS)
+                assert not shared.deleted and "job1_result_0.png" not in shared.files
+                assert sorted(e["title"] for e in shared.embeds) == ["Inpainted · job #2", "Inpainted · job #3"]
+                assert not any(c.endswith(":1") for c in shared.custom_ids())
+                assert sorted(e["image"]["url"] for e in shared.embeds) == [
+                    "attachment://job2_result_0.png", "attachment://job3_result_0.png"]
+                assert shared.files["job2_result_0.png"] == outputs[2]
+
+                await asyncio.gather(driver.click(BOB, shared, "inpaint:delete:2"),
+                                     driver.click(ALICE, stale, "inpaint:delete:3"))
+                assert shared.deleted  # nothing of job 1 came back from the stale copy
+                again = await driver.click(MOD, entry, "modlog:delete:1", permissions=ALL_PERMISSIONS)
+                assert "already deleted" in ephemeral_text(again)
+                job, before = await bot.services.store.jobs.get(1), len(fake.channel_messages(MODLOG))
+                await bot.services.modlog.record(PLACE.guild_id, "image_flagged_allow", job=job, user_id=job.user_id)
+                await wait_until(lambda: len(fake.channel_messages(MODLOG)) == before + 1, what="another entry")
+                assert "modlog:delete:1" not in fake.channel_messages(MODLOG)[-1].custom_ids()
+                assert job.result_message_id == shared.id  # still recorded as posted: a restart won't post it again
+
+
+def _modlog_entry(fake: FakeDiscord, job_id: int) -> FakeMessage | None:
+    return next((m for m in fake.channel_messages(MODLOG) if f"modlog:delete:{job_id}" in m.custom_ids()), None)
 
 
 MODLOG = 999
@@ -183,7 +192,10 @@ def test_a_shared_message_holds_only_what_one_message_can() -> None:
                   attempts=1, created_at=0.0, updated_at=0.0, submitted_at=None, started_at=None, finished_at=None)
         output = InpaintOutput(images=[], timings={"inference": 1.5}, seed=9, has_nsfw_concepts=[], prompt=prompt)
         attached = render.ResultFiles([(b"x" * size, "image/png")] * files)
-        return ResultPost(cast(discord.abc.Messageable, None), job, output, attached, limit=10_000)
+        async def record(job_id: int, message_id: int) -> None:
+            return None
+
+        return ResultPost(cast(discord.abc.Messageable, None), job, output, attached, limit=10_000, record=record)
 
     five = [post(i) for i in range(1, 6)]
     assert all(p.joins(five[:i]) for i, p in enumerate(five) if i) and not post(6).joins(five)
@@ -213,3 +225,59 @@ async def test_a_result_is_not_held_back_by_a_waiting_progress_edit(tmp_path: Pa
                 ended = next(e.created_at for e in await bot.services.store.jobs.events(1)
                              if e.kind == "state" and e.message == "succeeded")
                 assert result.created_at - ended < 1.0
+
+
+class _Part:
+    """A `Mergeable` for the queue's own tests: joins any batch; `fail` makes the shared request fail."""
+
+    def __init__(self, name: str, sent: list[str], *, fail: bool = False) -> None:
+        self.name, self.sent, self.fail = name, sent, fail
+
+    def alone(self) -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            self.sent.append(self.name)
+            return self.name
+        return run
+
+    def joins(self, batch: Sequence[_Part]) -> bool:
+        return True
+
+    def together(self, batch: Sequence[_Part]) -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            if any(part.fail for part in batch):
+                raise RuntimeError("refused")
+            self.sent.append("+".join(part.name for part in batch))
+            return "shared"
+        return run
+
+
+async def test_the_queue_never_sends_for_a_caller_gone_and_never_loses_a_part() -> None:
+    posting = ChannelPosting(limit=2, per_s=0.2, margin=1.0)  # one operation per 0.1 s
+    sent: list[str] = []
+    first = _Part("a", sent)
+    assert await posting.run(1, first.alone(), priority=OUTCOME, merge=first) == "a"
+    # waiting for its turn: b and c go together; d's caller stopped waiting (its job was stopped), so d isn't sent
+    parts = [_Part(name, sent) for name in "bcd"]
+    waiting = [asyncio.ensure_future(posting.run(1, p.alone(), priority=OUTCOME, merge=p)) for p in parts]
+    await asyncio.sleep(0)
+    waiting[2].cancel()
+    assert await asyncio.gather(*waiting[:2]) == ["shared", "shared"] and sent == ["a", "b+c"]
+    # a shared request Discord refuses: each part is sent on its own
+    sent.clear()
+    parts = [_Part("e", sent, fail=True), _Part("f", sent)]
+    assert await asyncio.gather(*(posting.run(1, p.alone(), priority=OUTCOME, merge=p) for p in parts)) == ["e", "f"]
+    assert sent == ["e", "f"]
+    # a progress edit discarded while the queue paces: nothing breaks, the next operation still goes out
+    doomed = posting.submit(1, _Part("g", sent).alone(), priority=PROGRESS, key="g")
+    posting.discard(1, "g")
+    assert doomed.cancelled() and await posting.run(1, _Part("h", sent).alone(), priority=OUTCOME) == "h"
+    # closed with an operation in flight: its caller hears so
+    release = asyncio.Event()
+
+    async def slow() -> str:
+        await release.wait()
+        return "late"
+    in_flight = posting.submit(1, slow, priority=OUTCOME)
+    await asyncio.sleep(0.15)
+    await posting.close()
+    assert in_flight.cancelled()
