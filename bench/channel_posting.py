@@ -35,7 +35,8 @@ from typing import Any
 from bot import InpaintBot
 from services.config import BotConfig
 from services.container import build_services
-from tests.helpers.discord_harness import Driver, FakeDiscord, FakeMessage, Place, user
+from tests.helpers.bot_env import results_by_job
+from tests.helpers.discord_harness import Driver, FakeDiscord, Place, user
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
 from tests.helpers.waits import wait_until
@@ -88,8 +89,9 @@ async def run(jobs: int, rate: float, scale: float, *, paced: bool) -> Outcome:
                         request.queue_polls_left = 0
                         await asyncio.sleep(1 / (rate * scale))
                     with contextlib.suppress(AssertionError):  # what never arrives is counted as missing
-                        await wait_until(lambda: len(_results(fake)) == started, what="results", within_s=300 / scale)
-                    posted = _results(fake)
+                        await wait_until(lambda: len(results_by_job(fake, PLACE.channel_id)) == started,
+                                         what="results", within_s=300 / scale)
+                    posted = results_by_job(fake, PLACE.channel_id)
                     latencies = []
                     for job_id in posted:
                         events = await services.store.jobs.events(job_id)
@@ -103,15 +105,6 @@ def _at_once(channel_id: int, op: Callable[[], Awaitable[Any]], *, priority: int
              merge: Any = None) -> asyncio.Future[Any]:
     """`ChannelPosting.submit` bypassed: the operation starts now."""
     return asyncio.ensure_future(op())
-
-
-def _results(fake: FakeDiscord) -> dict[int, FakeMessage]:
-    found: dict[int, FakeMessage] = {}
-    for message in fake.channel_messages(PLACE.channel_id):
-        for custom_id in message.custom_ids():
-            if custom_id.startswith("inpaint:reroll:"):
-                found[int(custom_id.rsplit(":", 1)[1])] = message
-    return found
 
 
 def _summary(name: str, outcome: Outcome) -> str:

@@ -26,6 +26,7 @@ from tests.helpers.bot_env import (
     bot_config,
     ephemeral_text,
     result_message,
+    results_by_job,
     running_bot,
     uploads,
 )
@@ -82,7 +83,7 @@ async def test_twenty_jobs_finishing_together_in_one_channel(tmp_path: Path) -> 
                 for request in list(server.requests.values()):  # the backend finishes them, 7.5 a second
                     request.queue_polls_left = 0
                     await asyncio.sleep(1 / 7.5)
-                await wait_until(lambda: len(_results(fake)) == 20, what="20 results", within_s=60)
+                await wait_until(lambda: len(results_by_job(fake)) == 20, what="20 results", within_s=60)
                 late = []
                 outputs = {}
                 for job_id in range(1, 21):
@@ -91,10 +92,10 @@ async def test_twenty_jobs_finishing_together_in_one_channel(tmp_path: Path) -> 
                     assert job.status is JobStatus.SUCCEEDED
                     ended = next(e.created_at for e in await bot.services.store.jobs.events(job_id)
                                  if e.kind == "state" and e.message == "succeeded")
-                    late.append(_results(fake)[job_id].created_at - ended)
+                    late.append(results_by_job(fake)[job_id].created_at - ended)
     assert fake.rate_limited == []  # never past Discord's budget
     assert max(late) <= 1.0, sorted(late)
-    shown = _results(fake)
+    shown = results_by_job(fake)
     assert len(set(map(id, shown.values()))) < 20  # results that waited together went out together
     for job_id, message in shown.items():  # each job's own picture, whichever message carries it
         name = "result_0.png" if len(message.embeds) == 1 else f"job{job_id}_result_0.png"
@@ -119,8 +120,8 @@ async def test_results_posted_together_are_each_their_own(tmp_path: Path) -> Non
                 await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
                 for request in server.requests.values():
                     request.queue_polls_left = 0
-                await wait_until(lambda: len(_results(fake)) == 3, what="3 results")
-                shared = _results(fake)[1]
+                await wait_until(lambda: len(results_by_job(fake)) == 3, what="3 results")
+                shared = results_by_job(fake)[1]
                 assert len(shared.embeds) == 3 and len(shared.components) == 3
                 assert sorted(shared.content.split()) == ["<@10>", "<@20>"]  # each author mentioned once
                 outputs = {j: (await bot.services.store.jobs.blobs(j))["output_0"].data for j in owner}
@@ -172,15 +173,6 @@ def _modlog_entry(fake: FakeDiscord, job_id: int) -> FakeMessage | None:
 
 MODLOG = 999
 CAROL = user(40, "carol")
-
-
-def _results(fake: FakeDiscord) -> dict[int, FakeMessage]:
-    found: dict[int, FakeMessage] = {}
-    for message in fake.channel_messages(PLACE.channel_id):
-        for custom_id in message.custom_ids():
-            if custom_id.startswith("inpaint:reroll:"):
-                found[int(custom_id.rsplit(":", 1)[1])] = message
-    return found
 
 
 def test_a_shared_message_holds_only_what_one_message_can() -> None:

@@ -75,6 +75,16 @@ def message_with(fake: FakeDiscord, custom_id: str) -> FakeMessage:
     return found[0]
 
 
+def results_by_job(fake: FakeDiscord, channel_id: int = PLACE.channel_id) -> dict[int, FakeMessage]:
+    """Each job whose result is in the channel, with the message carrying it (one message may carry several)."""
+    found: dict[int, FakeMessage] = {}
+    for message in fake.channel_messages(channel_id):
+        for custom_id in message.custom_ids():
+            if custom_id.startswith("inpaint:reroll:"):
+                found[int(custom_id.rsplit(":", 1)[1])] = message
+    return found
+
+
 async def result_message(fake: FakeDiscord, job_id: int, bot: InpaintBot | None = None) -> FakeMessage:
     """The job's result message, once posted (and, given the bot, once the bot has recorded posting it)."""
     await wait_until(lambda: any(f"inpaint:reroll:{job_id}" in m.custom_ids()
