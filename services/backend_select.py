@@ -37,6 +37,8 @@ class Capabilities:
     expand_prompt: bool = False
     safety_checker: bool | None = None
     pipeline: str | None = None
+    #: a repeated submit with the same `Idempotency-Key` is answered with the request the backend already has
+    idempotency_keys: bool = False
 
 
 class CapabilityProbe:
@@ -81,7 +83,8 @@ async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.A
     pipeline = health.get("pipeline")
     return Capabilities(expand_prompt=health.get("expand_prompt") is True,
                         safety_checker=checker if isinstance(checker, bool) else None,
-                        pipeline=pipeline if isinstance(pipeline, str) else None)
+                        pipeline=pipeline if isinstance(pipeline, str) else None,
+                        idempotency_keys=health.get("idempotency_keys") is True)
 
 
 #: the pipeline that only fills from the picture's own pixels (services/worker/classic.py): nothing new to check

@@ -34,7 +34,12 @@ class BotConfig(BaseSettings):
     max_image_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(default=40_000_000, ge=4096)
 
-    backend_total_timeout_s: float = Field(default=600.0, gt=0)
+    backend_total_timeout_s: float = Field(
+        default=600.0, gt=0, description="A job's deadline at the backend, from when it first leaves the bot's "
+        "queue (kept over restarts): past it the request is cancelled and the job fails")
+    backend_outage_s: float = Field(
+        default=120.0, ge=0, description="How long a job waits for an unreachable backend (keeping its request) "
+        "before it fails")
     backend_poll_interval_s: float = Field(default=0.5, gt=0)
     painter_enabled: bool = Field(default=True, description="Offer the web mask painter when no mask is given")
     painter_host: str = Field(default="127.0.0.1", description="Where the painter's web server listens")

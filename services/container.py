@@ -76,11 +76,16 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         quotas = Quotas(store.usage)
         admissions = Admissions(store, quotas, modlog, backend=choice.name)
         upload_check = UploadCheck(store, backend, threshold=config.nsfw_threshold)
+        capabilities = CapabilityProbe(choice, base_url, http)
+
+        async def keys_honoured() -> bool:
+            return (await capabilities.current()).idempotency_keys
+
         dispatcher = Dispatcher(store, backend, http, modlog, upload_check=upload_check,
-                                concurrency=config.dispatch_concurrency)
+                                concurrency=config.dispatch_concurrency, deadline_s=config.backend_total_timeout_s,
+                                outage_s=config.backend_outage_s, keys_honoured=keys_honoured)
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
-        capabilities = CapabilityProbe(choice, base_url, http)
         known = await capabilities.current()
         log.info("backend %s at %s: %s", choice.name, base_url, known)
         choice = fit_to_policy(choice, known, base_url)

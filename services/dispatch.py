@@ -4,14 +4,29 @@
 Recovery on start: jobs that were submitted or running are followed again from their stored request URLs
 (or re-submitted from their blobs when the backend lost them); queued jobs run; succeeded jobs whose result
 was never posted are posted. Nothing is posted twice: a posted result records its message id.
+
+Nothing waits forever, and nothing is sent twice:
+- each job has a total deadline at the backend (`deadline_s`, fixed when it first leaves the queue and kept over
+  restarts): past it the request is cancelled at the backend and the job fails, saying so, and its slot is freed;
+- a backend that is unreachable is waited for, with backoff, for up to `outage_s` (the job keeps its request and
+  follows it again); a request is sent again only when the backend says it no longer has it (404);
+- before a request is sent the job records its `Idempotency-Key`; a job found with a key but no request (a crash,
+  or a submit whose answer was lost) is sent again only with that same key to a backend that honours keys (our
+  worker answers with the request it already has), and otherwise fails with a Retry rather than risk running twice;
+- a database error while running a job puts it back in the queue and tries again with backoff (the user is told
+  when it persists): no job is ever dropped from the in-memory queue;
+- progress from the backend is written to the job's history in batches (`services/job_events.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import sqlite3
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +39,7 @@ from services.backends.fal_queue import (
     FalNotFoundError,
     FalQueueClient,
     FalRequestFailed,
+    FalSubmitUncertain,
     FalTimeoutError,
     FalUnavailableError,
     FalValidationError,
@@ -34,6 +50,7 @@ from services.crop_plan import CropPlan
 from services.errors import UserError
 from services.fairqueue import FairQueue, QueuedJob, UserKey
 from services.images import ImageInputError, IntakeLimits, fetch_source, to_data_uri
+from services.job_events import EventBuffer
 from services.job_state import BLOB_REFS, IllegalTransition, Job, JobStatus
 from services.modlog import ModerationLog
 from services.progress import Progress
@@ -46,6 +63,44 @@ from services.upload_check import UploadCheck
 log = logging.getLogger(__name__)
 
 OUTPUT_LIMITS = IntakeLimits(max_bytes=64 * 1024 * 1024, max_pixels=200_000_000, min_side=1)
+#: consecutive database failures of one job after which its user is told (it keeps being retried)
+TELL_AFTER_STORAGE_FAILURES = 3
+#: the longest wait between retries after a database failure
+MAX_STORAGE_RETRY_S = 60.0
+
+
+class Outage:
+    """How long the backend has been unreachable for one job, and how long to wait before trying again."""
+
+    def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = limit_s
+        self._clock = clock
+        self._since: float | None = None
+        self._tries = 0
+
+    @property
+    def tries(self) -> int:
+        """How many waits this outage has had."""
+        return self._tries
+
+    def over(self) -> None:
+        """The backend answered."""
+        self._since, self._tries = None, 0
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before trying again, or None when the outage has lasted `limit_s`."""
+        now = self._clock()
+        if self._since is None:
+            self._since = now
+        waited = now - self._since
+        if waited >= self.limit_s:
+            return None
+        self._tries += 1
+        return min(0.5 * 2 ** (self._tries - 1), 10.0, self.limit_s - waited)
+
+
+async def _never() -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -95,7 +150,11 @@ class Dispatcher:
     `concurrency` jobs at the backend in all."""
 
     def __init__(self, store: Store, backend: FalQueueClient, http: httpx.AsyncClient, modlog: ModerationLog, *,
-                 upload_check: UploadCheck | None = None, concurrency: int = 4, max_attempts: int = 3) -> None:
+                 upload_check: UploadCheck | None = None, concurrency: int = 4, max_attempts: int = 3,
+                 deadline_s: float = 600.0, outage_s: float = 120.0,
+                 keys_honoured: Callable[[], Awaitable[bool]] = _never, event_interval_s: float = 2.0) -> None:
+        """`deadline_s`: a job's total time at the backend; `outage_s`: how long an unreachable backend is waited
+        for; `keys_honoured`: whether the backend answers a repeated `Idempotency-Key` with the request it has."""
         self.store = store
         self.upload_check = upload_check
         self.jobs = store.jobs
@@ -111,6 +170,12 @@ class Dispatcher:
         self._concurrency = concurrency
         self._caps: dict[int | None, tuple[int, int]] = {}
         self._cancel_requested: set[int] = set()
+        self.deadline_s = deadline_s
+        self.outage_s = outage_s
+        self.event_interval_s = event_interval_s
+        self._keys_honoured = keys_honoured
+        self._storage_failures: Counter[int] = Counter()
+        self._retrying: dict[int, asyncio.Task[None]] = {}  # jobs waiting out a database error
         #: the order jobs started in (job ids), for tests and the fairness benchmark
         self.started: list[int] = []
 
@@ -138,7 +203,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Stop without changing any job's state: whatever was in flight resumes on the next start."""
-        tasks = [task for _, task in self._running.values()]
+        tasks = [task for _, task in self._running.values()] + list(self._retrying.values())
         if self._scheduler is not None:
             tasks.append(self._scheduler)
         for task in tasks:
@@ -146,6 +211,7 @@ class Dispatcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._scheduler = None
         self._running.clear()
+        self._retrying.clear()
         self._queue = FairQueue()
 
     # --- operations ---------------------------------------------------------------------------------
@@ -199,10 +265,11 @@ class Dispatcher:
         if handle is None:
             return
         try:
-            outcome = await self.backend.cancel(handle)
+            async with asyncio.timeout(15.0):
+                outcome = await self.backend.cancel(handle)
             await self.jobs.add_event(job.id, "note", f"cancel requested at the backend: {outcome}")
-        except FalError as exc:
-            await self.jobs.add_event(job.id, "note", f"cancel request failed: {exc}")
+        except (FalError, TimeoutError) as exc:
+            await self.jobs.add_event(job.id, "note", f"cancel request failed: {exc or 'no answer'}")
 
     # --- running ------------------------------------------------------------------------------------
 
@@ -210,9 +277,14 @@ class Dispatcher:
         """Start queued jobs, fairly and within the caps, whenever there is room."""
         while True:
             self._wakeup.clear()
-            for guild_id in {q.guild_id for q in self._queue} - self._caps.keys():
-                settings = await self.store.server_settings.load(guild_id)
-                self._caps[guild_id] = (settings.user_concurrent, settings.server_concurrent)
+            try:
+                for guild_id in {q.guild_id for q in self._queue} - self._caps.keys():
+                    settings = await self.store.server_settings.load(guild_id)
+                    self._caps[guild_id] = (settings.user_concurrent, settings.server_concurrent)
+            except sqlite3.Error as exc:  # the queue waits (nothing is dropped) until the database answers
+                log.error("can't read server settings to start jobs: %s; trying again in 1 s", exc)
+                await asyncio.sleep(1.0)
+                continue
             while len(self._running) < self._concurrency:
                 users: Counter[UserKey] = Counter(q.user_key for q, _ in self._running.values())
                 guilds: Counter[int | None] = Counter(q.guild_id for q, _ in self._running.values())
@@ -231,47 +303,136 @@ class Dispatcher:
             await self._wakeup.wait()
 
     async def _guarded_run(self, item: QueuedJob) -> None:
+        storage_error: sqlite3.Error | None = None
         try:
-            await self._run(item.job_id)
+            try:
+                await self._run(item.job_id)
+            except sqlite3.Error:
+                raise
+            except Exception:
+                log.exception("job %s: unexpected error in the dispatcher", item.job_id)
+                await self._end(item.job_id, JobStatus.FAILED, "An unexpected error stopped this job.")
+            self._storage_failures.pop(item.job_id, None)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("job %s: unexpected error in the dispatcher", item.job_id)
-            await self._end(item.job_id, JobStatus.FAILED, "An unexpected error stopped this job.")
+        except sqlite3.Error as exc:
+            storage_error = exc
         finally:
             self._running.pop(item.job_id, None)
             self._wakeup.set()
+        if storage_error is not None:
+            await self._retry_after_storage_error(item, storage_error)
+
+    async def _retry_after_storage_error(self, item: QueuedJob, exc: sqlite3.Error) -> None:
+        """The database failed while running a job: put the job back in the queue after a backoff (it resumes from
+        what the database last recorded), and tell its user when this persists."""
+        failures = self._storage_failures[item.job_id] = self._storage_failures[item.job_id] + 1
+        delay = min(0.5 * 2 ** (failures - 1), MAX_STORAGE_RETRY_S)
+        log.error("job %s: database error (%s, %d in a row); trying it again in %.1f s", item.job_id, exc, failures,
+                  delay)
+        if failures == TELL_AFTER_STORAGE_FAILURES:
+            await self._tell_storage_trouble(item.job_id)
+
+        async def requeue() -> None:
+            await asyncio.sleep(delay)
+            self._retrying.pop(item.job_id, None)
+            if item.job_id not in self._queue and item.job_id not in self._running:
+                self._queue.push(item)
+                self._wakeup.set()
+
+        self._retrying[item.job_id] = asyncio.create_task(requeue(), name=f"job-{item.job_id}-retry")
+
+    async def _tell_storage_trouble(self, job_id: int) -> None:
+        try:
+            job = await self.jobs.get(job_id)
+        except sqlite3.Error:
+            return  # nothing to show it with: the log says it
+        progress = Progress(status=job.status, started_at=job.created_at)
+        progress.add_log("The bot can't save to its database right now; this job will carry on when it can.")
+        await self.listener.job_progress(job, progress)
 
     async def _run(self, job_id: int) -> None:
-        """Submit the job (unless it is already at the backend), follow it to its end, and record the outcome.
-        A request the backend lost is submitted again, up to `max_attempts` submissions."""
+        """Submit the job (unless it is already at the backend), follow it to its end within its deadline, and
+        record the outcome."""
         job = await self.jobs.get(job_id)
         if job.terminal:
             return
+        if job.deadline_at is None:
+            job = await self.jobs.start_clock(job_id, time.time() + self.deadline_s)
+        assert job.deadline_at is not None
         progress = Progress(status=job.status, started_at=job.created_at)
+        events = EventBuffer(self.jobs, job_id, interval_s=self.event_interval_s)
+        try:
+            async with asyncio.timeout(max(0.0, job.deadline_at - time.time())):
+                output = await self._at_backend(job, progress, events)
+        except TimeoutError:
+            await events.flush(final=True)
+            await self._overdue(job_id)
+            return
+        await events.flush(final=True)
+        if output is not None:
+            await self._succeed(job_id, output)
+
+    async def _at_backend(self, job: Job, progress: Progress, events: EventBuffer) -> InpaintOutput | None:
+        """Submit and follow until the backend has the result (None: the job ended some other way). A request the
+        backend lost is submitted again, up to `max_attempts` submissions; an unreachable backend is waited for."""
+        job_id = job.id
+        outage = Outage(self.outage_s)
         while True:
             try:
                 handle = _handle(job)
                 if job.status is JobStatus.QUEUED or handle is None:
                     if job_id in self._cancel_requested:
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
-                        return
+                        return None
+                    if job.submit_key is not None and not await self._keys_honoured():
+                        await self._end(job_id, JobStatus.FAILED, _MAYBE_SUBMITTED, retryable=True)
+                        return None
                     if not await self._upload_allowed(job):
-                        return
+                        return None
                     job, handle = await self._submit(job, progress)
+                    outage.over()
                     if job_id in self._cancel_requested:  # cancelled while the submit was on its way
                         await self._cancel_at_backend(job)
-                output = await self.backend.follow(handle, lambda u: self._on_update(job_id, progress, u))
-                await self._succeed(job_id, output)
-                return
+                return await self.backend.follow(handle, lambda u: self._on_update(job_id, progress, events, outage,
+                                                                                   u))
             except FalNotFoundError as exc:
+                await events.flush()
                 requeued = await self._lost(job_id, exc)
                 if requeued is None:
-                    return
+                    return None
                 job = requeued
+            except FalUnavailableError as exc:  # FalSubmitUncertain too: the job keeps its submit key
+                await events.flush()
+                delay = outage.next_delay()
+                if delay is None:
+                    await self._fail(job_id, exc)
+                    return None
+                if outage.tries == 1:
+                    await self._waiting_for_backend(job_id, progress, exc)
+                await asyncio.sleep(delay)
+                job = await self.jobs.get(job_id)
             except (FalError, UserError, ImageInputError) as exc:
+                await events.flush()
                 await self._fail(job_id, exc)
-                return
+                return None
+
+    async def _waiting_for_backend(self, job_id: int, progress: Progress, exc: FalError) -> None:
+        """An outage began: say so in the job's history and to its user (once per outage)."""
+        await self.jobs.add_event(job_id, "note", f"the backend is unreachable ({exc}); waiting up to "
+                                  f"{self.outage_s:g} s for it")
+        progress.add_log("The backend can't be reached right now; waiting for it to come back…")
+        await self.listener.job_progress(await self.jobs.get(job_id), progress)
+
+    async def _overdue(self, job_id: int) -> None:
+        """The job's deadline passed: cancel its request at the backend (best effort) and fail it."""
+        job = await self.jobs.get(job_id)
+        if job.terminal:
+            return
+        await self._cancel_at_backend(job)
+        await self._end(job_id, JobStatus.FAILED, f"The backend didn't finish this job within "
+                        f"{_duration(self.deadline_s)}, so it was stopped. Try again in a while.", retryable=True,
+                        data={"deadline_at": job.deadline_at})
 
     async def _upload_allowed(self, job: Job) -> bool:
         """The whole picture checked before (a crop of) it is sent, when the job runs with the safety checker;
@@ -291,7 +452,20 @@ class Dispatcher:
         return True
 
     async def _submit(self, job: Job, progress: Progress) -> tuple[Job, QueueHandle]:
-        handle = await self.backend.submit(await self._request_body(job))
+        """Record the submission's key, then send it (a job that already has a key sends it again with it)."""
+        body = await self._request_body(job)
+        fresh = job.submit_key is None
+        if fresh:
+            job = await self.jobs.begin_submit(job.id, f"job-{job.id}-{job.attempts + 1}-{secrets.token_hex(8)}")
+        assert job.submit_key is not None
+        try:
+            handle = await self.backend.submit(body, idempotency_key=job.submit_key)
+        except FalSubmitUncertain:
+            raise  # the key stays: whatever is sent next for this job carries it
+        except FalUnavailableError as exc:
+            if fresh:  # never arrived (no connection, or refused with 429/503): nothing to find at the backend
+                await self.jobs.forget_submit(job.id, str(exc))
+            raise
         job = await self.jobs.transition(
             job.id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
             backend_request_id=handle.request_id, status_url=handle.status_url, response_url=handle.response_url,
@@ -337,25 +511,27 @@ class Dispatcher:
         else:
             await self._end(job_id, JobStatus.FAILED, exc.message)
 
-    async def _on_update(self, job_id: int, progress: Progress, update: QueueUpdate) -> None:
+    async def _on_update(self, job_id: int, progress: Progress, events: EventBuffer, outage: Outage,
+                         update: QueueUpdate) -> None:
+        outage.over()
         if update.kind == "queued":
             progress.queue_position = update.position
-            await self.jobs.add_event(job_id, "queue", f"queue position {update.position}",
-                                       {"position": update.position})
+            events.position(update.position)
         elif update.kind == "started":
             progress.queue_position = None
             job = await self.jobs.get(job_id)
             if job.status is JobStatus.SUBMITTED:
                 job = await self.jobs.transition(job_id, JobStatus.RUNNING)
             progress.status = JobStatus.RUNNING
+            await events.flush()
             await self.listener.job_progress(job, progress)
             return
         elif update.kind == "log" and update.log is not None:
             progress.add_log(update.log.message)
-            await self.jobs.add_event(job_id, "log", update.log.message,
-                                       {"level": update.log.level} if update.log.level else None)
+            events.log(update.log.message, update.log.level)
         else:
             return
+        await events.maybe_flush()
         await self.listener.job_progress(await self.jobs.get(job_id), progress)
 
     async def _succeed(self, job_id: int, output: InpaintOutput) -> None:
@@ -467,6 +643,17 @@ class Dispatcher:
             job = await self.jobs.get(job_id)
         log.info("job %s ended %s: %s", job_id, job.status, job.error)
         await self.listener.job_ended(job)
+
+
+_MAYBE_SUBMITTED = ("The connection to the backend broke while this job was being sent, so it may or may not have "
+                    "started there. To be sure it doesn't run (and cost) twice, it was stopped: press Retry to run it "
+                    "again.")
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 120:
+        return f"{seconds / 60:g} minutes"
+    return f"{seconds:g} seconds"
 
 
 def _content_policy(exc: FalValidationError) -> bool:

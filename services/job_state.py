@@ -95,6 +95,9 @@ class Job(BaseModel):
     asked: dict[str, Any] | None = None  # None: a job from before crop and stitch (its input is what was asked)
     plan: CropPlan | None = None
     result_removed_at: float | None = None  # when its posted result was taken out of the channel
+    #: the Idempotency-Key its current submission was (or is being) sent with; None before the first POST
+    submit_key: str | None = None
+    deadline_at: float | None = None  # when it must have finished at the backend (fixed when it first starts)
 
     @property
     def terminal(self) -> bool:

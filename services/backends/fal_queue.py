@@ -7,6 +7,11 @@ then follow only the `status_url` / `response_url` / `cancel_url` the server ret
   redacted from every error message (even when a server echoes it back).
 - Retries with exponential backoff and jitter on transport errors, 408/409/429 and 502/503/504
   (honouring `Retry-After`); never on validation errors (422 → `FalValidationError` with fal's `detail`).
+- A submit (POST) is retried only where it cannot have reached the server: a connection never made, 408, 429 or 503.
+  After anything else (a read timeout, a dropped connection, 502/504) the server may hold the request, so the
+  client raises `FalSubmitUncertain` instead of sending it twice. A submit may carry an `Idempotency-Key`
+  (IETF draft-ietf-httpapi-idempotency-key-header): our worker answers a repeated key with the request it already
+  has, so a caller that recorded the key can send it again safely.
 - Unknown status strings and malformed bodies are `FalProtocolError`s; a whole run has a total timeout.
 """
 
@@ -41,6 +46,10 @@ from services.schema import (
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES: frozenset[int] = frozenset({408, 409, 429, 502, 503, 504})
+#: answers after which a submit is known not to have been taken: it is sent again
+SUBMIT_RETRY_STATUSES: frozenset[int] = frozenset({408, 429, 503})
+#: transport errors raised before any byte of the request was sent
+_UNSENT_ERRORS: tuple[type[httpx.TransportError], ...] = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _KNOWN_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS", "COMPLETED"})
 _status_adapter: TypeAdapter[QueueStatus] = TypeAdapter(QueueStatus)
 _M = TypeVar("_M", bound=BaseModel)
@@ -100,6 +109,12 @@ class FalUnavailableError(FalError):
     """The backend could not be reached, or kept answering with retryable errors until retries ran out."""
 
     retryable = True
+
+
+class FalSubmitUncertain(FalUnavailableError):
+    """A submit failed in a way that leaves it unknown whether the backend received it (the connection broke
+    after the request was sent, or a gateway answered 502/504). Sending it again may run it twice, unless the
+    backend honours the submit's `Idempotency-Key`."""
 
 
 class FalProtocolError(FalError):
@@ -183,11 +198,16 @@ class FalQueueClient:
 
     # --- protocol operations ------------------------------------------------------------------------
 
-    async def submit(self, body: InpaintInput | Mapping[str, Any], *, app_id: str | None = None) -> QueueHandle:
+    async def submit(self, body: InpaintInput | Mapping[str, Any], *, app_id: str | None = None,
+                     idempotency_key: str | None = None) -> QueueHandle:
         """POST the input to `{base}/{app_id}` (this client's app unless another is named); returns the handle with
-        the URLs to follow."""
+        the URLs to follow. Retried only where the request cannot have arrived; `FalSubmitUncertain` otherwise.
+        `idempotency_key` is sent as `Idempotency-Key` (a backend that honours it returns the request it already
+        has for the key)."""
         payload = body.wire() if isinstance(body, InpaintInput) else dict(body)
-        resp = await self._request("POST", f"{self.base_url}/{(app_id or self.app_id).strip('/')}", json=payload)
+        extra = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        resp = await self._request("POST", f"{self.base_url}/{(app_id or self.app_id).strip('/')}", json=payload,
+                                   extra_headers=extra, submit=True)
         handle = self._parse(resp, QueueHandle, "submit")
         log.info("submitted request %s to %s", handle.request_id, self.base_url)
         return handle
@@ -325,17 +345,22 @@ class FalQueueClient:
         return headers
 
     async def _request(self, method: str, url: str, *, json: Any = None, params: Mapping[str, str] | None = None,
-                       ok_statuses: frozenset[int] = frozenset()) -> httpx.Response:
-        """Send one request with retries; returns a 2xx (or `ok_statuses`) response or raises a `FalError`."""
+                       ok_statuses: frozenset[int] = frozenset(), extra_headers: Mapping[str, str] | None = None,
+                       submit: bool = False) -> httpx.Response:
+        """Send one request with retries; returns a 2xx (or `ok_statuses`) response or raises a `FalError`.
+        A `submit` is retried only after failures that prove the server did not take it."""
+        headers = {**self._headers(url), **(extra_headers or {})}
         attempt = 0
         while True:
             attempt += 1
             retry_after: float | None = None
             try:
-                resp = await self._http.request(method, url, json=json, params=params, headers=self._headers(url),
+                resp = await self._http.request(method, url, json=json, params=params, headers=headers,
                                                 timeout=self._timeout)
             except httpx.TransportError as exc:
                 failure = f"{type(exc).__name__} talking to the backend"
+                if submit and not isinstance(exc, _UNSENT_ERRORS):
+                    raise FalSubmitUncertain(f"the submit may or may not have reached the backend: {failure}") from exc
                 last: FalError = FalUnavailableError(f"backend unreachable: {failure} ({method} {_path(url)})")
             else:
                 if resp.is_success or resp.status_code in ok_statuses:
@@ -343,8 +368,10 @@ class FalQueueClient:
                 if resp.status_code not in RETRY_STATUSES:
                     raise self._http_error(resp)
                 failure = f"HTTP {resp.status_code}"
-                retry_after = _retry_after(resp)
                 err = self._http_error(resp)
+                if submit and resp.status_code not in SUBMIT_RETRY_STATUSES:
+                    raise FalSubmitUncertain(f"the submit may or may not have reached the backend: {err}")
+                retry_after = _retry_after(resp)
                 last = FalUnavailableError(f"backend busy or unavailable: {err}")
             if attempt >= self.retry.attempts:
                 raise last

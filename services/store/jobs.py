@@ -19,13 +19,13 @@ from services.store.database import Database, Row, as_dict
 _COLUMNS = ("id, guild_id, channel_id, user_id, status, status_message_id, parent_job_id, backend, "
             "backend_request_id, status_url, response_url, cancel_url, input_json, result_json, error, attempts, "
             "created_at, updated_at, submitted_at, started_at, finished_at, result_message_id, age_restricted, cost, "
-            "options_json, plan_json, result_removed_at")
+            "options_json, plan_json, result_removed_at, submit_key, deadline_at")
 
 #: Columns `transition()` may set alongside the status.
 _TRANSITION_FIELDS = frozenset({
     "backend_request_id", "status_url", "response_url", "cancel_url", "result", "error", "status_message_id",
 })
-_BACKEND_REQUEST = ("backend_request_id", "status_url", "response_url", "cancel_url")
+_BACKEND_REQUEST = ("backend_request_id", "status_url", "response_url", "cancel_url", "submit_key")
 
 
 def _job(row: Row) -> Job:
@@ -183,6 +183,31 @@ class Jobs:
             message = f"result removed from the channel by {by}" if removed else "result removal failed"
             await _insert_event(conn, job_id, "note", message, {"by": by}, now)
         return True
+
+    async def start_clock(self, job_id: int, deadline_at: float) -> Job:
+        """Fix the job's deadline at the backend, unless it already has one (a restart keeps the first)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE jobs SET deadline_at = ? WHERE id = ? AND deadline_at IS NULL",
+                               (deadline_at, job_id))
+        return await self.get(job_id)
+
+    async def begin_submit(self, job_id: int, key: str) -> Job:
+        """Record, before the request is sent, that the job is being submitted with `key` (its Idempotency-Key):
+        after a crash, recovery knows the backend may hold it."""
+        now = time.time()
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE jobs SET submit_key = ?, updated_at = ? WHERE id = ?", (key, now, job_id))
+            await _insert_event(conn, job_id, "note", "submitting to the backend", {"submit_key": key}, now)
+        return await self.get(job_id)
+
+    async def forget_submit(self, job_id: int, why: str) -> Job:
+        """The submission recorded by `begin_submit` certainly never reached the backend: forget its key."""
+        now = time.time()
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE jobs SET submit_key = NULL, updated_at = ? WHERE id = ? AND status = 'queued'",
+                               (now, job_id))
+            await _insert_event(conn, job_id, "note", f"not submitted: {why}", None, now)
+        return await self.get(job_id)
 
     async def add_event(self, job_id: int, kind: str, message: str, data: Mapping[str, Any] | None = None) -> int:
         """Append an event (a backend log line, a queue position, a note) to a job's history."""

@@ -202,9 +202,13 @@ async def test_backend_down_becomes_a_failed_job_with_retry(discord_env: BotEnv,
     bot, fake, driver = discord_env
     fault = server.inject("submit", "status", code=503, times=-1, body={"detail": "no runners available"})
     bot.services.backend.retry = type(bot.services.backend.retry)(attempts=2, base_delay_s=0.01, max_delay_s=0.02)
+    bot.services.dispatcher.outage_s = 0.3  # waited for this long (BACKEND_OUTAGE_S), then the job fails
     await driver.slash(ALICE, "inpaint", **uploads(fake), prompt="a tree")
     job_msg = await wait_for_final_message(fake, bot, 1, JobStatus.FAILED)
     assert "The backend is unavailable right now" in (job_msg.field("Why") or "")
+    assert len(server.hits("submit")) > 2  # asked again while waiting
+    job = await bot.services.store.jobs.get(1)
+    assert job.submit_key is None  # refused with 503 each time: nothing at the backend to find or cancel
     assert job_msg.custom_ids() == ["inpaint:retry:1", "inpaint:params:1"]
 
     fault.times = 0  # the backend is back

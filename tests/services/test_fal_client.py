@@ -15,6 +15,7 @@ from services.backends.fal_queue import (
     FalProtocolError,
     FalQueueClient,
     FalRequestFailed,
+    FalSubmitUncertain,
     FalTimeoutError,
     FalUnavailableError,
     FalValidationError,
@@ -92,13 +93,12 @@ async def test_happy_path_yields_positions_logs_and_result(server: FalTestServer
         ("status", "status", {"code": 409, "times": 2}),
         ("status", "status", {"code": 502, "times": 2, "body": "<html>nginx bad gateway</html>"}),
         ("result", "status", {"code": 504, "times": 2}),
-        ("submit", "drop", {"times": 2}),
         ("status", "drop", {"times": 2}),
         ("result", "drop", {"times": 1}),
         ("status", "slow", {"delay_s": 0.3, "times": 3}),
         ("cancel", "status", {"code": 500, "times": -1}),  # never touched by a normal run
     ],
-    ids=["429-submit", "503-submit", "408-submit", "409-status", "502-status", "504-result", "drop-submit",
+    ids=["429-submit", "503-submit", "408-submit", "409-status", "502-status", "504-result",
          "drop-status", "drop-result", "slow-status", "unrelated-fault"],
 )
 async def test_retryable_faults_still_complete(server: FalTestServer, client: FalQueueClient, op: str, kind: str,
@@ -176,12 +176,38 @@ async def test_slow_backend_hits_the_total_timeout_and_is_cancelled(server: FalT
 
 
 async def test_per_request_timeout_is_retried_then_reported(server: FalTestServer) -> None:
-    server.inject("submit", "slow", delay_s=0.6, times=-1)
+    server.inject("status", "slow", delay_s=0.6, times=-1)
     async with FalQueueClient(base_url=server.base_url, key=KEY, retry=RetryPolicy(2, 0.01, 0.02),
                               request_timeout_s=0.2) as c:
+        handle = await c.submit(BODY)
         with pytest.raises(FalUnavailableError, match="ReadTimeout"):
+            await c.status(handle)
+    assert len(server.hits("status")) == 2
+
+
+@pytest.mark.parametrize(("kind", "params"), [("slow", {"delay_s": 0.6}), ("drop", {}),
+                                              ("status", {"code": 502}), ("status", {"code": 504})],
+                         ids=["read-timeout", "dropped", "502", "504"])
+async def test_a_submit_that_may_have_arrived_is_not_sent_twice(server: FalTestServer, kind: str,
+                                                                params: dict[str, Any]) -> None:
+    """After a read timeout, a dropped connection or a gateway error the backend may hold the request: sending
+    it again could run (and bill) it twice, so the client says so instead of retrying."""
+    server.inject("submit", kind, times=-1, **params)  # type: ignore[arg-type]
+    async with FalQueueClient(base_url=server.base_url, key=KEY, retry=RetryPolicy(4, 0.01, 0.02),
+                              request_timeout_s=0.2) as c:
+        with pytest.raises(FalSubmitUncertain, match="may or may not have reached"):
+            await c.submit(BODY, idempotency_key="job-1-abc")
+    assert len(server.hits("submit")) == 1
+    assert server.hits("submit")[0].headers["idempotency-key"] == "job-1-abc"
+
+
+async def test_a_submit_that_never_arrived_is_sent_again() -> None:
+    """Nothing listening (connection refused): the request can't have arrived, so it is retried, then reported as
+    the backend being unreachable."""
+    async with FalQueueClient(base_url="http://127.0.0.1:9", key=KEY, retry=RetryPolicy(3, 0.01, 0.02)) as c:
+        with pytest.raises(FalUnavailableError, match="ConnectError") as info:
             await c.submit(BODY)
-    assert len(server.hits("submit")) == 2
+    assert not isinstance(info.value, FalSubmitUncertain)
 
 
 async def test_wrong_key_is_an_auth_error_without_the_key(server: FalTestServer) -> None:
