@@ -41,7 +41,7 @@ class History(commands.Cog):
                 job.user_id != interaction.user.id and not is_moderator(interaction)):
             raise UserError(f"Job #{job_id} isn't yours to look at.")
         events = await self.store.events(job.id)
-        history = "\n".join(f"{relative_time(e.created_at)} **{e.kind}** {fit.short(e.message, 80)}"
+        history = "\n".join(f"{relative_time(e.created_at)} **{e.kind}** {fit.short(_last_line(e.message), 80)}"
                             for e in events[-15:])
         embed = discord.Embed(title=f"Job #{job.id} · {job.status.value}", colour=render.COLOUR_RUNNING,
                               description=fit.short(job.input.get("prompt", ""), 300))
@@ -50,6 +50,12 @@ class History(commands.Cog):
             embed.add_field(name="Error", value=fit.short(job.error, 1024), inline=False)
         embed.set_footer(text=f"backend {job.backend} · attempts {job.attempts}")
         await interaction.response.send_message(embed=fit.embed(embed), ephemeral=True)
+
+
+def _last_line(message: str) -> str:
+    """An event as one line: a batch of backend log lines shows its last, with how many came before."""
+    lines = message.split("\n")
+    return lines[-1] if len(lines) == 1 else f"{lines[-1]} (and {len(lines) - 1} earlier)"
 
 
 async def setup(bot: commands.Bot) -> None:

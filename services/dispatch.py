@@ -96,7 +96,7 @@ class Outage:
         if waited >= self.limit_s:
             return None
         self._tries += 1
-        return min(0.5 * 2 ** (self._tries - 1), 10.0, self.limit_s - waited)
+        return float(min(0.5 * 2 ** (self._tries - 1), 10.0, self.limit_s - waited))
 
 
 async def _never() -> bool:

@@ -2,9 +2,10 @@
 
 A backend is polled every half second; writing a row for each queue position and log line it reports made a
 stuck backend fill the database (thousands of rows a minute). Here queue positions are kept to the latest and
-written at most once per `interval_s`; log lines are written together, at most once per `interval_s`; and a run
-stores at most `max_lines` log lines (the rest are counted in one note). What the user sees live is not delayed:
-this is only the stored history.
+written at most once per `interval_s`; the log lines that arrived since the last write are written as one `log`
+row (the lines joined by newlines: `log_lines` splits them again), at most once per `interval_s`; and a run
+stores at most `max_lines` log lines (the rest are counted in one note at its end). What the user sees live is
+not delayed: this is only the stored history.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from services.job_state import JobEvent
 from services.store.jobs import Jobs
+
+
+def log_lines(events: list[JobEvent]) -> list[str]:
+    """The backend's log lines among a job's events, one per line, in order."""
+    return [line for e in events if e.kind == "log" for line in e.message.split("\n")]
 
 
 class EventBuffer:
@@ -27,7 +34,8 @@ class EventBuffer:
         self._flushed_at = clock()
         self._position: int | None = None
         self._stored_position: int | None = None
-        self._lines: list[tuple[str, str, dict[str, Any] | None]] = []
+        self._lines: list[str] = []
+        self._levels: set[str] = set()
         self._stored_lines = 0
         self._dropped = 0
 
@@ -40,7 +48,9 @@ class EventBuffer:
         if self._stored_lines + len(self._lines) >= self.max_lines:
             self._dropped += 1
             return
-        self._lines.append(("log", message, {"level": level} if level else None))
+        self._lines.append(" ".join(message.split("\n")))
+        if level and level not in ("INFO", "DEBUG"):
+            self._levels.add(level)
 
     async def maybe_flush(self) -> None:
         """Write what is pending when the last write is `interval_s` old."""
@@ -53,7 +63,11 @@ class EventBuffer:
         events: list[tuple[str, str, dict[str, Any] | None]] = []
         if self._position is not None and self._position != self._stored_position:
             events.append(("queue", f"queue position {self._position}", {"position": self._position}))
-        events.extend(self._lines)
+        if self._lines:
+            data: dict[str, Any] = {"lines": len(self._lines)}
+            if self._levels:
+                data["levels"] = sorted(self._levels)
+            events.append(("log", "\n".join(self._lines), data))
         if final and self._dropped:
             events.append(("note", f"{self._dropped} more log line(s) from the backend were not stored", None))
         if events:
@@ -61,6 +75,7 @@ class EventBuffer:
         self._stored_position = self._position
         self._stored_lines += len(self._lines)
         self._lines = []
+        self._levels = set()
         if final:
             self._dropped = 0
         self._flushed_at = self._clock()

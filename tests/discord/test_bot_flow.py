@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from services.config import BotConfig
+from services.job_events import log_lines
 from services.job_state import JobStatus
 from tests.conftest import BotEnv
 from tests.helpers.bot_env import (
@@ -84,7 +85,7 @@ async def test_inpaint_end_to_end(discord_env: BotEnv, server: FalTestServer) ->
     events = await bot.services.store.jobs.events(1)
     states = [e.message for e in events if e.kind == "state"]
     assert states == ["queued", "submitted", "running", "succeeded"]
-    assert [e.message for e in events if e.kind == "log"] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert log_lines(events) == ["step 1/3", "step 2/3", "step 3/3"]
     assert any(e.kind == "posted" for e in events)
 
 
@@ -358,7 +359,7 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
             assert abs(job.plan.sent[0] * job.plan.sent[1] - 512 * 512) < 0.05 * 512 * 512  # …worked at "square"
             changed = np.any(np.asarray(posted) != np.asarray(photo(128, 96)), axis=2)
             assert changed[24:48, 32:64].any() and not changed[:20].any() and not changed[:, :28].any()
-            logs = [e.message for e in await bot.services.store.jobs.events(1, kind="log")]
+            logs = log_lines(await bot.services.store.jobs.events(1, kind="log"))
             assert "classic pipeline: content-aware fill; the prompt is not used" in logs
 
 
@@ -399,7 +400,7 @@ async def test_progress_edits_are_throttled(tmp_path: Path) -> None:
                 job = await bot.services.store.jobs.get(1)
                 progress = progress_message(fake, job.status_message_id)
                 await wait_until(lambda: progress.field("Status") == "✅ Done", what="the final edit")
-                assert len(await bot.services.store.jobs.events(1, kind="log")) == 20  # every line stored…
+                assert len(log_lines(await bot.services.store.jobs.events(1))) == 20  # every line stored…
                 elapsed = (job.finished_at or 0) - job.created_at
                 # …but the message is edited at most once per interval, plus the final state
                 assert progress.edits <= 2 + int(elapsed / 0.5), (progress.edits, elapsed)

@@ -3,7 +3,8 @@ and misbehaves on demand.
 
 Each request moves through the queue as it is polled: `queue_polls` polls IN_QUEUE (position counting
 down), then one new log line per poll while IN_PROGRESS, then COMPLETED. Faults are injected per operation
-(`submit`, `status`, `result`, `cancel`, `file`) for a number of hits: slow answers, any HTTP status,
+(`submit`, `status`, `result`, `cancel`, `file`) for a number of hits: slow answers (`slow` waits before
+handling the request, `late` handles it and then waits before answering), any HTTP status,
 dropped connections, malformed JSON, unknown status strings, an echo of the Authorization header.
 
 It also serves files (`/files/{name}`) so image intake can be tested over real HTTP, and fal's NSFW estimator
@@ -33,7 +34,7 @@ NSFW_OWNER_ALIAS = NSFW_APP_ID.rsplit("/", 1)[0]
 MARKER_PIXELS = 64
 #: what the server adds to a prompt it is asked to expand
 EXPANSION = ", intricate, highly detailed, golden hour"
-FaultKind = Literal["status", "drop", "slow", "malformed", "unknown_status", "echo_auth", "foreign_urls"]
+FaultKind = Literal["status", "drop", "slow", "late", "malformed", "unknown_status", "echo_auth", "foreign_urls"]
 
 
 @dataclass
@@ -88,6 +89,9 @@ class FalTestServer:
         self.nsfw_marker: tuple[int, int, int] | None = None  # the estimator flags pictures holding this colour
         self.checks: dict[str, float] = {}  # the estimator's requests: id → the probability it answers
         self.health: dict[str, Any] | None = None  # served at /health (as our worker does) when set
+        #: answer a repeated `Idempotency-Key` with the request it created (as our worker does; hosted fal doesn't)
+        self.honour_keys = False
+        self.keys: dict[str, str] = {}
         self._outputs: dict[tuple[int, int, bool], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
         self.port = 0
@@ -145,7 +149,10 @@ class FalTestServer:
             return await self._check(request)
         parts = request.path.strip("/").split("/")
         if op == "submit":
-            return await self._submit(request, foreign=fault is not None and fault.kind == "foreign_urls")
+            answer = await self._submit(request, foreign=fault is not None and fault.kind == "foreign_urls")
+            if fault is not None and fault.kind == "late":  # taken, but the answer comes too late for the client
+                await asyncio.sleep(fault.delay_s)
+            return answer
         rid = parts[parts.index("requests") + 1]
         job = self.requests.get(rid)
         if job is None:
@@ -211,7 +218,14 @@ class FalTestServer:
         except ValidationError as exc:
             detail = [{"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
             return self._json({"detail": detail}, 422)
+        key = request.headers.get("Idempotency-Key")
+        if self.honour_keys and key in self.keys:
+            known = self.requests[self.keys[key]]
+            return self._json({**self._urls(known.id, foreign=foreign), "status": known.state,
+                               "queue_position": 0}, 200, known.id)
         rid = str(uuid.uuid4())
+        if key is not None:
+            self.keys[key] = rid
         job = FakeRequest(rid, inp, self.queue_polls, self.progress_logs)
         if self.fail_next is not None:
             job.error, job.error_type = self.fail_next

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from services.blob import Blob
 from services.dispatch import JobImages
@@ -19,6 +20,7 @@ class RecordingListener:
         self.ended: list[Job] = []
         self.refuse_to_show: Exception | None = None  # raised from job_queued, as a channel refusing a post would
         self.show_delay_s = 0.0  # how long showing a job takes (a real post to Discord takes a while)
+        self.progress: list[tuple[int, Progress]] = []  # every progress update, with its job id
 
     def event(self, job_id: int) -> asyncio.Event:
         """Set when job `job_id` has ended, with or without a result."""
@@ -32,7 +34,16 @@ class RecordingListener:
         self.queued.append((job, images, position))
 
     async def job_progress(self, job: Job, progress: Progress) -> None:
-        return None
+        self.progress.append((job.id, dataclasses.replace(progress)))
+
+    def said(self, job_id: int) -> list[str]:
+        """Every log line a job's progress showed, in order, without repeats."""
+        lines: list[str] = []
+        for jid, progress in self.progress:
+            for line in progress.logs:
+                if jid == job_id and line not in lines:
+                    lines.append(line)
+        return lines
 
     async def job_succeeded(self, job: Job, output: InpaintOutput, images: list[Blob], *,
                             spoiler: bool = False) -> None:
