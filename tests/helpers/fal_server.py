@@ -73,7 +73,8 @@ class FalTestServer:
     """`async with FalTestServer() as server:` then point a client at `server.base_url`."""
 
     def __init__(self, *, key: str | None = "test-key-id:test-key-secret", queue_polls: int = 2,
-                 progress_logs: int = 3, owner_alias: str = "fal-ai/fast-sdxl") -> None:
+                 progress_logs: int = 3, owner_alias: str = "fal-ai/fast-sdxl", port: int = 0) -> None:
+        """`port`: where to listen (0: any free port)."""
         self.key = key
         self.queue_polls = queue_polls
         self.progress_logs = progress_logs
@@ -94,7 +95,7 @@ class FalTestServer:
         self.keys: dict[str, str] = {}
         self._outputs: dict[tuple[int, int, bool], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
-        self.port = 0
+        self.port = port
         self._runner: web.AppRunner | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -104,7 +105,7 @@ class FalTestServer:
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
         assert server is not None
