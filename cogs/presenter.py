@@ -103,6 +103,8 @@ class DiscordPresenter:
         await self._settle_edits(job)
         if job.channel_id is None or job.result_message_id is not None:
             return
+        if (await self.jobs.get(job.id)).result_message_id is not None:
+            return  # posted meanwhile: with another job's result, found again after a restart
         limit = render.DEFAULT_UPLOAD_LIMIT
         guild = self.client.get_guild(job.guild_id) if job.guild_id else None
         if guild is not None:

@@ -167,6 +167,36 @@ async def test_results_posted_together_are_each_their_own(tmp_path: Path) -> Non
                 assert job.result_message_id == shared.id  # still recorded as posted: a restart won't post it again
 
 
+async def test_results_posted_just_before_a_crash_are_not_posted_again(tmp_path: Path) -> None:
+    """The bot dies after Discord made a (shared) result message but before the store recorded it: on the restart
+    the jobs look unposted, and posting the first again carries the same nonce, so Discord hands back the message
+    it made; every job it shows is recorded, and nothing is posted twice."""
+    async with FalTestServer(key="k:s", queue_polls=10**9) as server:
+        fake = FakeDiscord()
+        fake.channel_budget = (2, 2.0)
+        with fake.installed():
+            config = bot_config(tmp_path, server, fal_key="k:s", channel_budget_ops=2, channel_budget_s=2.0)
+            async with running_bot(config, fake) as (bot, driver):
+                await bot.services.store.server_settings.save(PLACE.guild_id, {"user_concurrent": 4})
+                for job_id, who in {1: ALICE, 2: BOB, 3: ALICE}.items():
+                    await driver.slash(who, "inpaint", **uploads(fake), prompt=f"job {job_id}")
+                await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
+                for request in server.requests.values():
+                    request.queue_polls_left = 0
+                await wait_until(lambda: len(results_by_job(fake)) == 3, what="3 results")
+                shared = results_by_job(fake)[1]
+                assert len(shared.embeds) == 3
+                async with bot.services.store.jobs.db.transaction() as conn:  # as if the records never happened
+                    await conn.execute("UPDATE jobs SET result_message_id = NULL")
+            before = {m.id for m in fake.messages.values() if not m.deleted}
+            async with running_bot(config, fake) as (bot, driver):
+                for job_id in (1, 2, 3):
+                    await result_message(fake, job_id, bot)
+                    assert (await bot.services.store.jobs.get(job_id)).result_message_id == shared.id
+            new = [m for m in fake.messages.values() if m.id not in before and m.files]
+            assert new == [], [m.embeds for m in new]
+
+
 def _modlog_entry(fake: FakeDiscord, job_id: int) -> FakeMessage | None:
     return next((m for m in fake.channel_messages(MODLOG) if f"modlog:delete:{job_id}" in m.custom_ids()), None)
 

@@ -62,6 +62,7 @@ class FakeMessage:
     edits: int = 0
     interaction_token: str | None = None
     created_at: float = field(default_factory=time.time)  # when the bot created it (wall clock)
+    nonce: str | None = None  # as sent; with enforce_nonce, a repeat within NONCE_WINDOW_S returns this message
 
     @property
     def ephemeral(self) -> bool:
@@ -127,6 +128,8 @@ def _http_error(status: int, message: str, code: int = 0) -> discord.HTTPExcepti
 #: Discord's window for the first answer to an interaction, and how long its token works for follow-ups and edits
 ANSWER_WINDOW_S = 3.0
 TOKEN_LIFETIME_S = 15 * 60
+#: how long Discord remembers a message's nonce for `enforce_nonce` ("the past few minutes"; taken as 2 here)
+NONCE_WINDOW_S = 120.0
 
 
 class FakeDiscord:
@@ -355,7 +358,14 @@ class FakeDiscord:
 
     def _create(self, channel_id: int, payload: dict[str, Any], uploads: dict[str, bytes]) -> FakeMessage:
         _validate(payload)
-        message = FakeMessage(id=self.snowflake(), channel_id=channel_id, author_id=self.app_id)
+        nonce = payload.get("nonce")
+        if nonce is not None and payload.get("enforce_nonce"):  # the same author's message with it, within minutes
+            for earlier in self.messages.values():
+                if (earlier.channel_id == channel_id and earlier.nonce == str(nonce) and not earlier.deleted
+                        and time.time() - earlier.created_at < NONCE_WINDOW_S):
+                    return earlier
+        message = FakeMessage(id=self.snowflake(), channel_id=channel_id, author_id=self.app_id,
+                              nonce=str(nonce) if nonce is not None else None)
         self.messages[message.id] = message
         self._apply(message, payload, uploads, new=True)
         if self.on_create is not None:
@@ -440,6 +450,8 @@ def _validate(payload: dict[str, Any], *, modal: bool = False) -> None:
     """Refuse what Discord would refuse (400 Invalid Form Body), so the bot's builders are tested against it."""
     if len(payload.get("content") or "") > LIMITS["content"]:
         raise _invalid(f"content is {len(payload['content'])} characters")
+    if len(str(payload.get("nonce") or "")) > 25:  # an integer or a string of at most 25 characters
+        raise _invalid("nonce is longer than 25 characters")
     embeds = payload.get("embeds") or []
     if len(embeds) > LIMITS["embeds"]:
         raise _invalid("more than 10 embeds")
