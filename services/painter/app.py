@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 import html
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,8 @@ from services.painter.same_origin import from_own_page, origin_of
 from services.painter.tokens import browser_key, session_id_of, verify
 from services.refusals import Refused
 from services.store.painter_sessions import PainterSession, PainterSessions
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MAX_MASK_BYTES = 20 * 1024 * 1024
@@ -162,6 +165,10 @@ class _Painter:
     async def submit(self, request: Request) -> Response:
         try:
             if not from_own_page(request.headers, self.origin):
+                # (an operator whose users reach the painter at another address than PAINTER_PUBLIC_URL sees why)
+                log.warning("painter submit refused: Origin %.100r, Sec-Fetch-Site %.40r; submits must come from "
+                            "%s (PAINTER_PUBLIC_URL's origin)", request.headers.get("origin"),
+                            request.headers.get("sec-fetch-site"), self.origin)
                 raise LinkRefused(403, NOT_FROM_PAGE)
             session = await self.held_session(request)
             raw = await read_capped(request, MAX_BODY_BYTES)
@@ -169,6 +176,8 @@ class _Painter:
         except LinkRefused as exc:
             return JSONResponse({"error": exc.message}, exc.status)
         except BodyTooLarge:
+            # The connection stays open: uvicorn reads and discards whatever of the body still comes (holding none
+            # of it), so the client gets this answer; closing at once would reset the connection and lose it.
             return JSONResponse({"error": f"That mask is too large: at most {MAX_MASK_BYTES // 2**20} MiB."}, 413)
         except (UserError, ImageInputError) as exc:
             return JSONResponse({"error": exc.message}, 400)

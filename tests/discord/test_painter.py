@@ -88,14 +88,21 @@ async def test_chromium_paints_a_stroke_and_submits(discord_env: BotEnv) -> None
     assert bot.services.painter is not None
     local_base = bot.services.painter.local_url
     url = PAINTER_PUBLIC + local.removeprefix(local_base)
-    resolve = f"--host-resolver-rules=MAP {urlsplit(PAINTER_PUBLIC).hostname} {urlsplit(local_base).netloc}"
+    served = urlsplit(local_base).netloc
+    resolve = f"--host-resolver-rules=MAP {urlsplit(PAINTER_PUBLIC).hostname} {served}, MAP elsewhere.example {served}"
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, resolve])
         try:
             page = await browser.new_page(viewport={"width": 900, "height": 760})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(url)
+            first = await page.goto(url)
+            assert first is not None and first.headers["cache-control"] == "no-store"
+            await page.wait_for_selector("#app[data-ready='1']")
+            # reopened later from another site (Discord in a browser tab): the same browser still holds the link
+            await page.goto("http://elsewhere.example/painter/static/painter.css")
+            await page.set_content(f'<a id="again" href="{url}">the painter link</a>')
+            await page.click("#again")
             await page.wait_for_selector("#app[data-ready='1']")
             assert await page.input_value("#prompt") == "a red balloon"  # pre-filled from /inpaint
             assert await page.is_disabled("#submit")  # nothing painted yet
