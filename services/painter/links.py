@@ -84,7 +84,7 @@ class PainterLinks:
             return self
         config = PainterConfig(secret=self.secret, sessions=self.store.painter_sessions,
                                load_image=self.store.blobs.get, on_submit=self.submit,
-                               secure_cookies=self.public_url.startswith("https://"), clock=lambda: self.clock())
+                               public_url=self.public_url, clock=lambda: self.clock())
         self._server = LoopServer(create_painter_app(config), host=self.host, port=self.port)
         try:
             self.local_url = await self._server.start()

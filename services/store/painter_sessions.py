@@ -67,13 +67,12 @@ class PainterSessions:
         return _session(row) if row is not None else None
 
     async def claim_browser(self, session_id: str, browser_key: str) -> bool:
-        """Bind the session to the first browser that opens it; True if this browser holds it."""
+        """Bind the session to `browser_key` if no browser holds it yet; True only for the one call that did (the
+        first browser ever: a claim is never released or moved, and of racing claims exactly one wins)."""
         async with self.db.transaction() as conn:
-            await conn.execute("UPDATE painter_sessions SET browser_key = ? WHERE id = ? AND browser_key IS NULL",
-                               (browser_key, session_id))
-            async with conn.execute("SELECT browser_key FROM painter_sessions WHERE id = ?", (session_id,)) as cur:
-                row = await cur.fetchone()
-        return row is not None and row[0] == browser_key
+            cur = await conn.execute("UPDATE painter_sessions SET browser_key = ? WHERE id = ? AND browser_key IS NULL",
+                                     (browser_key, session_id))
+            return cur.rowcount == 1
 
     async def consume(self, session_id: str, now: float) -> bool:
         """Mark the link used; False if it already was (a link works once)."""

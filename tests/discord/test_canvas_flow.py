@@ -11,7 +11,15 @@ from PIL import Image
 
 from services.images import to_data_uri
 from tests.conftest import BotEnv
-from tests.helpers.bot_env import ALICE, PLACE, ephemeral_text, link_url, message_with, result_message
+from tests.helpers.bot_env import (
+    ALICE,
+    PAINTER_PUBLIC,
+    PLACE,
+    ephemeral_text,
+    link_url,
+    message_with,
+    result_message,
+)
 from tests.helpers.discord_harness import FakeMessage
 from tests.helpers.imagegen import encode, photo
 
@@ -66,8 +74,8 @@ async def test_vary_region_opens_the_painter_on_the_result(discord_env: BotEnv) 
         assert shown.status_code == 200 and "a kite" in shown.text  # the prompt carried over
         image = await browser.get(f"{url}/image")
         assert (np.asarray(Image.open(io.BytesIO(image.content)).convert("RGB")) == posted).all()  # the result
-        sent = await browser.post(f"{url}/submit", json={"prompt": "a red kite", "mask": to_data_uri(
-            encode(_mask((256, 192), (150, 100, 220, 170))), "image/png")})
+        sent = await browser.post(f"{url}/submit", headers={"Origin": PAINTER_PUBLIC}, json={  # as from the page
+            "prompt": "a red kite", "mask": to_data_uri(encode(_mask((256, 192), (150, 100, 220, 170))), "image/png")})
     assert sent.json() == {"job_id": 2}
     child = await bot.services.store.jobs.get(2)
     assert child.parent_job_id == 1 and child.input["prompt"] == "a red kite" and "seed" not in child.input

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from tests.conftest import BotEnv
 from tests.helpers.bot_env import (
     ALICE,
     KEY,
+    PAINTER_PUBLIC,
     PLACE,
     bot_config,
     ephemeral_text,
@@ -31,6 +33,8 @@ from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import box_mask, encode, photo
 
 ALICE_ID = int(ALICE["id"])
+#: what a browser on the painter's page sends with its submit (the public address's origin)
+FROM_PAGE = {"Origin": PAINTER_PUBLIC}
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -46,8 +50,6 @@ def _browser_missing() -> str | None:
     except ImportError:
         return "the playwright package is not installed (it is in the [dev] extra)"
     return None
-
-
 
 
 async def _ask_for_link(fake: FakeDiscord, driver: Driver, size: tuple[int, int] = (320, 240),
@@ -68,19 +70,39 @@ def _painted_mask(width: int, height: int, box: tuple[int, int, int, int]) -> st
     return to_data_uri(encode(mask), "image/png")
 
 
+async def _post(client: httpx.AsyncClient, url: str, prompt: str, box: tuple[int, int, int, int],
+                headers: dict[str, str] = FROM_PAGE) -> httpx.Response:
+    """Submit `prompt` and a 320×240 mask painted over `box`, as the page does (from its origin)."""
+    return await client.post(f"{url}/submit", headers=headers, json={"prompt": prompt,
+                                                                     "mask": _painted_mask(320, 240, box)})
+
+
 @pytest.mark.skipif(_browser_missing() is not None, reason=_browser_missing() or "")
 async def test_chromium_paints_a_stroke_and_submits(discord_env: BotEnv) -> None:
     from playwright.async_api import async_playwright
 
     bot, fake, driver = discord_env
-    url, _ = await _ask_for_link(fake, driver)
+    local, _ = await _ask_for_link(fake, driver)
+    # the browser opens the link as users do, at the public address (so its submit carries that origin), which
+    # Chromium resolves to the painter on loopback
+    assert bot.services.painter is not None
+    local_base = bot.services.painter.local_url
+    url = PAINTER_PUBLIC + local.removeprefix(local_base)
+    served = urlsplit(local_base).netloc
+    resolve = f"--host-resolver-rules=MAP {urlsplit(PAINTER_PUBLIC).hostname} {served}, MAP elsewhere.example {served}"
     async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, resolve])
         try:
             page = await browser.new_page(viewport={"width": 900, "height": 760})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            await page.goto(url)
+            first = await page.goto(url)
+            assert first is not None and first.headers["cache-control"] == "no-store"
+            await page.wait_for_selector("#app[data-ready='1']")
+            # reopened later from another site (Discord in a browser tab): the same browser still holds the link
+            await page.goto("http://elsewhere.example/painter/static/painter.css")
+            await page.set_content(f'<a id="again" href="{url}">the painter link</a>')
+            await page.click("#again")
             await page.wait_for_selector("#app[data-ready='1']")
             assert await page.input_value("#prompt") == "a red balloon"  # pre-filled from /inpaint
             assert await page.is_disabled("#submit")  # nothing painted yet
@@ -142,14 +164,12 @@ async def test_links_are_personal_single_use_and_expire(discord_env: BotEnv) -> 
         assert "This link isn&#x27;t valid." in (await owner.get(forged)).text  # (HTML-escaped)
 
         # a fixable mistake (an empty mask) is refused but keeps the link usable
-        empty = await owner.post(f"{url}/submit", json={"prompt": "x", "mask": _painted_mask(320, 240, (0, 0, 0, 0))})
+        empty = await _post(owner, url, "x", (0, 0, 0, 0))
         assert empty.status_code == 400 and "The mask is empty" in empty.json()["error"]
-        ok = await owner.post(f"{url}/submit", json={"prompt": "a kite", "mask": _painted_mask(320, 240,
-                                                                                                (50, 50, 150, 150))})
+        ok = await _post(owner, url, "a kite", (50, 50, 150, 150))
         assert ok.status_code == 200 and ok.json() == {"job_id": 1}
         # …and then it is used up
-        again = await owner.post(f"{url}/submit", json={"prompt": "a kite", "mask": _painted_mask(320, 240,
-                                                                                                   (50, 50, 150, 150))})
+        again = await _post(owner, url, "a kite", (50, 50, 150, 150))
         assert again.status_code == 410 and "already used" in again.json()["error"]
         assert (await owner.get(url)).status_code == 410
 
@@ -168,8 +188,7 @@ async def test_painter_submit_goes_through_moderation(discord_env: BotEnv) -> No
     url, _ = await _ask_for_link(fake, driver)
     async with httpx.AsyncClient() as owner:
         await owner.get(url)
-        blocked = await owner.post(f"{url}/submit", json={"prompt": "a nude statue",
-                                                          "mask": _painted_mask(320, 240, (0, 0, 100, 100))})
+        blocked = await _post(owner, url, "a nude statue", (0, 0, 100, 100))
     assert blocked.status_code == 400 and "blocked by this server's filters" in blocked.json()["error"]
     from services.job_state import JobStatus
 
