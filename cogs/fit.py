@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import discord
 
+from services.text_limits import PROMPT_MAX_CHARS
+
 CONTENT = 2000
 EMBED_TITLE = 256
 EMBED_DESCRIPTION = 4096
@@ -29,8 +31,8 @@ INPUT_LABEL = 45
 INPUT_VALUE = 4000
 ELLIPSIS = "…"
 #: The longest prompt (or negative prompt, or server default) a user can give: what the result embed and the Edit
-#: form can show back in full.
-PROMPT = 1000
+#: form can show back in full (the painter's page takes the same).
+PROMPT = PROMPT_MAX_CHARS
 
 
 def short(text: str, limit: int) -> str:

@@ -40,14 +40,12 @@ from services.painter.same_origin import from_own_page, origin_of
 from services.painter.tokens import browser_key, session_id_of, verify
 from services.refusals import Refused
 from services.store.painter_sessions import PainterSession, PainterSessions
+from services.text_limits import PROMPT_MAX_CHARS
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MAX_MASK_BYTES = 20 * 1024 * 1024
-#: The longest prompt the page may submit: the /inpaint command's own limit (`cogs.fit.PROMPT`, which a test keeps
-#: equal to this), so a painted job's prompt fits everywhere the bot shows prompts back.
-PROMPT_MAX_CHARS = 1000
 _DATA_URI_PREFIX = len("data:image/png;base64,")
 #: A submit's body: the largest mask as a base64 data URI, and room for the prompt (JSON-escaped) and the keys.
 MAX_BODY_BYTES = (MAX_MASK_BYTES + 2) // 3 * 4 + _DATA_URI_PREFIX + 64 * 1024
