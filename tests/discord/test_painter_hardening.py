@@ -23,7 +23,6 @@ from services.painter.app import (
     MAX_BODY_BYTES,
     NOT_FROM_PAGE,
     NOT_OPENED_HERE,
-    PROMPT_MAX_CHARS,
     PainterConfig,
     create_painter_app,
 )
@@ -32,6 +31,7 @@ from services.painter.tokens import browser_key, new_session_id, sign
 from services.requester import Requester
 from services.store import Store
 from services.store.painter_sessions import PainterSession
+from services.text_limits import PROMPT_MAX_CHARS
 from tests.helpers.imagegen import box_mask, encode, photo
 
 PUBLIC = "http://painter.example"
@@ -238,7 +238,7 @@ async def _chunked(body: bytes) -> AsyncIterator[bytes]:
 def test_the_prompt_cap_is_the_inpaint_commands() -> None:
     from cogs import fit
 
-    assert PROMPT_MAX_CHARS == fit.PROMPT == 1000
+    assert fit.PROMPT == PROMPT_MAX_CHARS == 1000
 
 
 @pytest.mark.parametrize("length", [PROMPT_MAX_CHARS + 1, 5 << 20])
