@@ -37,6 +37,7 @@ _TITLES = {
     "user_banned": "🔨 User banned from the bot",
     "user_unbanned": "♻️ User unbanned",
     "settings_changed": "⚙️ Settings changed",
+    "spend_budget_reached": "💸 Bot-wide daily budget reached",
 }
 
 

@@ -222,6 +222,8 @@ class Settings(commands.Cog):
         embed.add_field(name="Server steps × images", value=left(q.server_steps, q.steps_limit))
         embed.add_field(name="Cooldown", value=f"{q.cooldown_left_s:.0f} s" if q.cooldown_left_s else "ready")
         embed.add_field(name="Resets", value=wording.relative_time(q.resets_at))
+        if q.spend is not None and q.spend.limit is not None:
+            embed.add_field(name="Bot-wide budget (all servers)", value=q.spend.summary(), inline=False)
         if await self.services.store.bans.is_banned(interaction.guild_id, interaction.user.id):
             embed.description = "You are banned from using the bot in this server."
         await interaction.response.send_message(embed=fit.embed(embed), ephemeral=True)

@@ -12,8 +12,10 @@ from services.refusals import (
     Refusal,
     RoleNotAllowed,
     ServerQuotaUsed,
+    SpendBudgetReached,
     StepBudgetExceeded,
     UserQuotaUsed,
+    amount,
 )
 
 
@@ -44,5 +46,12 @@ def refusal_text(reason: Refusal) -> str:
         case StepBudgetExceeded(needed=needed, left=left, limit=limit, resets_at=resets_at):
             return (f"This job needs {needed} steps (steps × images) but the server has {left} of its {limit} left "
                     f"today; try fewer steps or images, or after the reset {relative_time(resets_at)}.")
+        case SpendBudgetReached(needed=needed, left=left, limit=limit, resets_at=resets_at, unit=unit):
+            if reason.used_up:
+                return (f"The bot's daily budget (for all servers together) is used up; it resets "
+                        f"{relative_time(resets_at)}.")
+            return (f"This job needs {amount(needed)} {unit} (megapixels × steps × images) but the bot has only "
+                    f"{amount(left)} of its daily {amount(limit)} left for all servers; try a smaller size, fewer "
+                    f"steps or images, or after the reset {relative_time(resets_at)}.")
         case _:
             return reason.plain()

@@ -2,7 +2,11 @@
 
 In order: a banned user, the allowed channels and roles (moderators pass these), the server's default options,
 the prompt filters (a blocked prompt is stored as a `blocked` job with the rule that matched, and reported to the
-moderation log), then cooldowns, quotas and the step budget. Every refusal is a `Refused` with its reason.
+moderation log), then cooldowns, quotas and the step budget, and last the bot-wide spending budget (`services/spend.py`, every
+server and DMs alike). Every refusal is a `Refused` with its reason.
+
+The spending budget is checked here (a read, so a job past it is refused before its images are fetched) and
+reserved by `reserve` with the request's exact cost just before the job is created (the launcher calls it).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from services.prompt_filter import PromptFilter
 from services.quotas import Quotas
 from services.refusals import Banned, ChannelNotAllowed, PromptBlocked, Refused, RoleNotAllowed
 from services.requester import Requester
-from services.schema import step_cost
+from services.schema import InpaintInput, step_cost
 from services.server_settings import ServerSettings
+from services.spend import SpendBudget, SpendHold, estimated_units, request_units
 from services.store import Store
 
 
@@ -30,11 +35,13 @@ class Admission:
 
 
 class Admissions:
-    def __init__(self, store: Store, quotas: Quotas, modlog: ModerationLog, *, backend: str) -> None:
+    def __init__(self, store: Store, quotas: Quotas, modlog: ModerationLog, *, backend: str,
+                 spend: SpendBudget | None = None) -> None:
         self.store = store
         self.quotas = quotas
         self.modlog = modlog
         self.backend = backend
+        self.spend = spend
 
     async def admit(self, who: Requester, options: dict[str, Any], *, parent_id: int | None = None) -> Admission:
         """The options to run with (None values = not given), or `Refused` saying why not."""
@@ -49,7 +56,16 @@ class Admissions:
             raise Refused(PromptBlocked(hit.field, hit.rule, job_id))
         if who.guild_id is not None:
             await self.quotas.check(settings, who.guild_id, who.user_id, cost=step_cost(options))
+        if self.spend is not None:
+            await self.spend.check(who.guild_id, estimated_units(options))
         return Admission(settings, options)
+
+    async def reserve(self, who: Requester, request: InpaintInput) -> SpendHold:
+        """Reserve the bot-wide budget for the job about to be created from `request` (its exact cost), or raise
+        `Refused` if another job took what was left since admission. Attach the hold to the job once it exists."""
+        if self.spend is None:
+            return SpendHold(self.store.spend, None, request_units(request))
+        return await self.spend.reserve(who.guild_id, request_units(request))
 
     async def _check_access(self, who: Requester, settings: ServerSettings) -> None:
         assert who.guild_id is not None

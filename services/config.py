@@ -56,6 +56,13 @@ class BotConfig(BaseSettings):
     channel_budget_s: float = Field(default=5.0, gt=0, description="…per this many seconds (posts and edits alike)")
     nsfw_threshold: float = Field(default=0.5, gt=0, le=1, description="NSFW probability at which the backend's "
                                   "estimator (fal-ai/imageutils/nsfw) flags a whole upload")
+    spend_daily_budget: float | None = Field(
+        default=None, ge=0, description="Bot-wide daily budget (all servers, UTC days) in megapixel-steps: output "
+        "megapixels × steps × images (services/spend.py); unset: 25000 with FAL_KEY, none with a worker; 0: none")
+    spend_price_per_unit: float | None = Field(default=None, gt=0, description="What one megapixel-step costs, to "
+                                               "show the budget as money in /quota (e.g. 0.0000954)")
+    spend_currency: str = Field(default="USD", min_length=1, max_length=12, description="The currency of "
+                                "SPEND_PRICE_PER_UNIT")
 
 
 def load_config() -> BotConfig:

@@ -32,6 +32,7 @@ from services.launch import Launcher
 from services.modlog import ModerationLog
 from services.painter.links import PainterLinks
 from services.quotas import Quotas
+from services.spend import SpendBudget, SpendPolicy
 from services.store import Store
 from services.upload_check import UploadCheck
 
@@ -73,8 +74,9 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         stack.push_async_callback(backend.aclose)
         limits = IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
         modlog = ModerationLog(store.modlog)
-        quotas = Quotas(store.usage)
-        admissions = Admissions(store, quotas, modlog, backend=choice.name)
+        spend = SpendBudget(store.spend, SpendPolicy.from_config(config, hosted=choice.name == "fal"), modlog)
+        quotas = Quotas(store.usage, spend=spend)
+        admissions = Admissions(store, quotas, modlog, backend=choice.name, spend=spend)
         upload_check = UploadCheck(store, backend, threshold=config.nsfw_threshold)
         capabilities = CapabilityProbe(choice, base_url, http)
 

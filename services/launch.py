@@ -154,6 +154,7 @@ class Launcher:
                                                         output_format=output_format, keep=prepared.keep,
                                                         target=_target_pixels(admission.options))
         request = request.model_copy(update={"image_size": ImageSize(width=plan.sent[0], height=plan.sent[1])})
+        hold = await self.admissions.reserve(who, request)  # the bot-wide budget, at the request's exact cost
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=who.guild_id, channel_id=who.channel_id, backend=self.backend.name,
             input=request.wire(), age_restricted=who.age_restricted, cost=request.cost, asked=admission.options,
@@ -161,6 +162,7 @@ class Launcher:
                 "image": prepared.image_blob, "mask": prepared.mask_blob, "crop_image": Blob(crop, "image/png"),
                 "crop_mask": Blob(crop_mask, "image/png"),
                 **({"original": prepared.original} if prepared.original is not None else {})})
+        await hold.attach(job.id)
         await self.dispatcher.enqueue(job, JobImages(prepared.image, prepared.mask))
         return Launched(job, prepared.mask_source)
 
@@ -189,11 +191,13 @@ class Launcher:
         if any(role not in blobs for role in roles):
             raise Refused(ImagesGone(parent.id))
         images = await asyncio.to_thread(_decode, blobs["image"].data, blobs["mask"].data)  # before a row exists
+        hold = await self.admissions.reserve(who, request)
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=parent.guild_id, channel_id=who.channel_id or parent.channel_id,
             backend=self.backend.name, input=request.wire(), parent_job_id=parent.id, age_restricted=who.age_restricted,
             cost=request.cost, asked=admission.options, plan=plan,
             blob_refs={r: blobs[r].sha256 for r in (*roles, "original") if r in blobs})
+        await hold.attach(job.id)
         await self.dispatcher.enqueue(job, images)
         return Launched(job)
 

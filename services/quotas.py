@@ -1,5 +1,6 @@
 """Quotas: cooldowns, daily job quotas and the daily step budget (steps × images, the hosted API's spend) of a
-user and their server. The counts come from `services/store/usage.py`, so quotas survive restarts. Days are UTC."""
+user and their server. The counts come from `services/store/usage.py`, so quotas survive restarts. Days are UTC.
+The bot-wide spending budget (all servers together) is `services/spend.py`; a quota shows it too."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 from services.refusals import Cooldown, Refused, ServerQuotaUsed, StepBudgetExceeded, UserQuotaUsed
 from services.server_settings import ServerSettings
+from services.spend import SpendBudget, SpendDay
 from services.store.usage import UsageCounts
 
 DAY_S = 86400
@@ -33,6 +35,7 @@ class Quota:
     steps_limit: int | None
     cooldown_left_s: float
     resets_at: float
+    spend: SpendDay | None = None  # the bot-wide spending today (None: not tracked here)
 
     @staticmethod
     def remaining(used: int, limit: int | None) -> int | None:
@@ -41,9 +44,11 @@ class Quota:
 
 
 class Quotas:
-    def __init__(self, usage: UsageCounts, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, usage: UsageCounts, *, clock: Callable[[], float] = time.time,
+                 spend: SpendBudget | None = None) -> None:
         self.usage = usage
         self.clock = clock
+        self.spend = spend
 
     async def quota(self, settings: ServerSettings, guild_id: int, user_id: int) -> Quota:
         now = self.clock()
@@ -54,7 +59,8 @@ class Quotas:
             cooldown = max(0.0, usage.last_user_job_at + settings.user_cooldown_s - now)
         return Quota(user_jobs=usage.user_jobs, user_limit=settings.user_daily_jobs, server_jobs=usage.server_jobs,
                      server_limit=settings.server_daily_jobs, server_steps=usage.server_steps,
-                     steps_limit=settings.server_daily_steps, cooldown_left_s=cooldown, resets_at=start + DAY_S)
+                     steps_limit=settings.server_daily_steps, cooldown_left_s=cooldown, resets_at=start + DAY_S,
+                     spend=await self.spend.today() if self.spend is not None else None)
 
     async def check(self, settings: ServerSettings, guild_id: int, user_id: int, *, cost: int) -> Quota:
         """Refuse a new job of `cost` (steps × images) that would break a limit; returns the quota before it."""

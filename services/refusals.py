@@ -12,6 +12,11 @@ def _utc(timestamp: float) -> str:
     return dt.datetime.fromtimestamp(timestamp, tz=dt.UTC).strftime("%H:%M UTC")
 
 
+def amount(units: float) -> str:
+    """A number of spending units as people read it: 26.2, 40, 1,234, 25,000."""
+    return f"{units:,.0f}" if abs(units) >= 100 or units == int(units) else f"{units:.1f}"
+
+
 @dataclass(frozen=True)
 class Banned:
     def plain(self) -> str:
@@ -84,6 +89,31 @@ class StepBudgetExceeded:
 
 
 @dataclass(frozen=True)
+class SpendBudgetReached:
+    """The bot-wide daily spending budget (all servers together, `services/spend.py`) has less left than the job
+    costs. Amounts are in `unit` (megapixel-steps: output megapixels × denoising steps × images)."""
+
+    needed: float
+    left: float
+    limit: float
+    resets_at: float
+    unit: str = "megapixel-steps"
+
+    @property
+    def used_up(self) -> bool:
+        """Nothing useful is left: less than a tenth of a unit (a 64×64 image at one step is 0.004)."""
+        return self.left < 0.1
+
+    def plain(self) -> str:
+        if self.used_up:
+            return (f"The bot's daily budget (for all servers together) is used up; it resets at "
+                    f"{_utc(self.resets_at)}.")
+        return (f"This job needs {amount(self.needed)} {self.unit} (megapixels × steps × images) but the bot has only "
+                f"{amount(self.left)} of its daily {amount(self.limit)} left for all servers; try a smaller size, "
+                f"fewer steps or images, or after the reset at {_utc(self.resets_at)}.")
+
+
+@dataclass(frozen=True)
 class InvalidOptions:
     problems: tuple[str, ...]
 
@@ -135,7 +165,7 @@ class NotRunning:
 
 
 Refusal = (Banned | ChannelNotAllowed | RoleNotAllowed | PromptBlocked | Cooldown | UserQuotaUsed | ServerQuotaUsed
-           | StepBudgetExceeded | InvalidOptions | JobGone | ImagesGone | DraftGone | Unsupported | NotRunning)
+           | StepBudgetExceeded | SpendBudgetReached | InvalidOptions | JobGone | ImagesGone | DraftGone | Unsupported | NotRunning)
 
 
 class Refused(Exception):

@@ -1,0 +1,75 @@
+"""The bot-wide spending ledger: what each job costs (in the units `services/spend.py` defines), by UTC day, and
+which servers the moderation log has told that the day's budget was reached. `services/spend.py` decides what the
+totals allow; this is where they are counted."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from services.store.database import Database
+
+#: The day's total: rows not tied to a job yet count (a job being created); a job's row counts unless the job
+#: ended without reaching a backend (blocked, or failed / cancelled before any submission), as in quota counting.
+_DAY_TOTAL = ("SELECT COALESCE(SUM(s.units), 0) FROM spend AS s LEFT JOIN jobs AS j ON j.id = s.job_id "
+              "WHERE s.day = ? AND (s.job_id IS NULL OR NOT (j.status = 'blocked' OR "
+              "(j.status IN ('failed', 'cancelled') AND j.attempts = 0)))")
+
+
+class Reserved(BaseModel):
+    """The outcome of a reservation: its row (None when it didn't fit) and the day's total before it."""
+
+    spend_id: int | None
+    used_before: float
+
+
+class SpendLedger:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def used(self, day: int) -> float:
+        """What the jobs of UTC day `day` (unix time // 86400) cost, in units."""
+        return float(await self.db.scalar(_DAY_TOTAL, (day,)) or 0.0)
+
+    async def reserve(self, day: int, units: float, limit: float, *, guild_id: int | None, now: float) -> Reserved:
+        """Record `units` on `day` if the day's total stays within `limit`: the total is read and the row written in
+        one write transaction, so concurrent reservations can't both take the last of the budget."""
+        async with self.db.transaction() as conn:
+            async with conn.execute(_DAY_TOTAL, (day,)) as cur:
+                row = await cur.fetchone()
+            used = float(row[0] if row is not None and row[0] is not None else 0.0)
+            if used + units > limit:
+                return Reserved(spend_id=None, used_before=used)
+            cur = await conn.execute("INSERT INTO spend (day, units, guild_id, created_at) VALUES (?, ?, ?, ?)",
+                                     (day, units, guild_id, now))
+            spend_id = cur.lastrowid
+        assert spend_id is not None
+        return Reserved(spend_id=spend_id, used_before=used)
+
+    async def attach(self, spend_id: int, job_id: int) -> None:
+        """Tie a reservation to the job it was made for: from now on the job's state says whether it counts."""
+        async with self.db.transaction() as conn:
+            await conn.execute("UPDATE spend SET job_id = ? WHERE id = ?", (job_id, spend_id))
+
+    async def release(self, spend_id: int) -> None:
+        """Give a reservation back (its job was never created)."""
+        async with self.db.transaction() as conn:
+            await conn.execute("DELETE FROM spend WHERE id = ?", (spend_id,))
+
+    async def units_of(self, job_id: int) -> float | None:
+        """What a job was recorded as costing (None: no record, e.g. no budget when it was created)."""
+        value = await self.db.scalar("SELECT SUM(units) FROM spend WHERE job_id = ?", (job_id,))
+        return None if value is None else float(value)
+
+    async def first_notice(self, guild_id: int, day: int, *, now: float) -> bool:
+        """True the first time this is asked for a server and day (the mod log says so then), False after."""
+        async with self.db.transaction() as conn:
+            cur = await conn.execute("INSERT OR IGNORE INTO spend_notices (guild_id, day, created_at) VALUES (?, ?, ?)",
+                                     (guild_id, day, now))
+            return cur.rowcount > 0
+
+    async def forget_before(self, day: int) -> int:
+        """Delete the ledger and notices of days before `day` (for retention); returns the ledger rows deleted."""
+        async with self.db.transaction() as conn:
+            cur = await conn.execute("DELETE FROM spend WHERE day < ?", (day,))
+            await conn.execute("DELETE FROM spend_notices WHERE day < ?", (day,))
+            return cur.rowcount
