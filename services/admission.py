@@ -2,8 +2,8 @@
 
 In order: a banned user, the allowed channels and roles (moderators pass these), the server's default options,
 the prompt filters (a blocked prompt is stored as a `blocked` job with the rule that matched, and reported to the
-moderation log), then cooldowns, quotas and the step budget, and last the bot-wide spending budget (`services/spend.py`, every
-server and DMs alike). Every refusal is a `Refused` with its reason.
+moderation log), then cooldowns, quotas and the step budget, and last the bot-wide spending budget
+(`services/spend.py`, every server and DMs alike). Every refusal is a `Refused` with its reason.
 
 The spending budget is checked here (a read, so a job past it is refused before its images are fetched) and
 reserved by `reserve` with the request's exact cost just before the job is created (the launcher calls it).

@@ -74,7 +74,10 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         stack.push_async_callback(backend.aclose)
         limits = IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
         modlog = ModerationLog(store.modlog)
-        spend = SpendBudget(store.spend, SpendPolicy.from_config(config, hosted=choice.name == "fal"), modlog)
+        spend_policy = SpendPolicy.from_config(config, hosted=choice.name == "fal")
+        log.info("bot-wide spending budget: %s (SPEND_DAILY_BUDGET)", f"{spend_policy.daily_units:g} megapixel-steps "
+                 "a UTC day" if spend_policy.daily_units is not None else "none")
+        spend = SpendBudget(store.spend, spend_policy, modlog)
         quotas = Quotas(store.usage, spend=spend)
         admissions = Admissions(store, quotas, modlog, backend=choice.name, spend=spend)
         upload_check = UploadCheck(store, backend, threshold=config.nsfw_threshold)

@@ -165,7 +165,8 @@ class NotRunning:
 
 
 Refusal = (Banned | ChannelNotAllowed | RoleNotAllowed | PromptBlocked | Cooldown | UserQuotaUsed | ServerQuotaUsed
-           | StepBudgetExceeded | SpendBudgetReached | InvalidOptions | JobGone | ImagesGone | DraftGone | Unsupported | NotRunning)
+           | StepBudgetExceeded | SpendBudgetReached | InvalidOptions | JobGone | ImagesGone | DraftGone | Unsupported
+           | NotRunning)
 
 
 class Refused(Exception):
