@@ -22,13 +22,16 @@ than that. (fal's prices change: the model's page has today's.)
 `SPEND_DAILY_BUDGET` changes it (0 turns it off); with our own worker there is no budget unless it is set.
 `SPEND_PRICE_PER_UNIT` (e.g. 0.0000954 for the figure above) and `SPEND_CURRENCY` show it as money in /quota.
 
-**What counts**: admission checks the day's total (a read), so a job past the budget is refused before its
-images are downloaded; then, just before the job is created, its exact cost is reserved: the day's total is read
-and the reservation written in one write transaction, so two admissions at the edge can't both take the last of
-the budget. The reservation is tied to the job, and the job's state decides whether it counts: a job blocked, or
-failed or cancelled before it was ever submitted to the backend, costs nothing (the day's total leaves it out, as
-quota counting does). A job that reached the backend counts, whatever happened after (fal may have billed it).
-Everything is in SQLite (`services/store/spend.py`), so a restart loses nothing.
+**What counts**: admission checks the day's total (a read of one row, the day's running total), so a job past
+the budget is refused before its images are downloaded; then, just before the job is created, its exact cost is
+reserved: the total is read and the reservation written in one write transaction, so two admissions at the edge
+can't both take the last of the budget. The reservation is tied to the job, and the job's state decides whether
+it counts: a job blocked, failed or cancelled before it was ever submitted to the backend costs nothing (a
+trigger on the jobs table takes it off the day's total in the same transaction as that change, whichever code
+path made it; the dispatcher needs no hook). A job that reached the backend counts, whatever happened after (fal
+may have billed it). A reservation whose job was never created is given back; if the bot dies in between, it
+stays counted (over rather than under). Everything is in SQLite (`services/store/spend.py`), so a restart loses
+nothing. The NSFW estimator's request for an upload (`services/upload_check.py`) is not counted.
 
 **The moderation log** of a server where a job was refused by the budget says so once a UTC day.
 """

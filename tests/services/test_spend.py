@@ -119,22 +119,39 @@ async def test_the_day_resets_at_utc_midnight(store: Store) -> None:
     assert (await budget.today()).used == 0
 
 
+async def _used(store: Store, budget: SpendBudget) -> float:
+    """The day's running total, checked against the ledger summed job by job."""
+    used = (await budget.today()).used
+    assert used == pytest.approx(await store.spend.recount(utc_day(budget.clock())))
+    return used
+
+
 async def test_jobs_that_never_reached_a_backend_cost_nothing(store: Store) -> None:
     budget = _budget(store, 100)
     await _job(store, budget, 30, status=JobStatus.CANCELLED)  # cancelled while waiting
     await _job(store, budget, 30, status=JobStatus.FAILED)  # failed before its submission
     await _job(store, budget, 30, status=JobStatus.BLOCKED)  # blocked by moderation (its upload)
-    assert (await budget.today()).used == 0
+    assert await _used(store, budget) == 0
     hold = await budget.reserve(1, 30)  # its job never came to be (e.g. the upload was refused)
     await hold.release()
-    assert (await budget.today()).used == 0
+    await hold.release()  # twice is once
+    assert await _used(store, budget) == 0
     queued = await _job(store, budget, 10, status=None)  # waiting in the queue: counted, it may run
     running = await _job(store, budget, 20)
-    await store.jobs.transition(running, JobStatus.CANCELLED)  # cancelled at the backend: it was billed
-    assert (await budget.today()).used == 30
+    await store.jobs.transition(running, JobStatus.CANCELLED)  # cancelled at the backend: it may have been billed
+    flagged = await _job(store, budget, 5)
+    await store.jobs.transition(flagged, JobStatus.BLOCKED)  # its result was flagged: it ran, so it counts
+    assert await _used(store, budget) == 35
     await store.jobs.transition(queued, JobStatus.CANCELLED)  # cancelled before it was submitted
-    assert (await budget.today()).used == 20
+    assert await _used(store, budget) == 25
     assert await store.spend.units_of(running) == 20
+    # a job that ended before its reservation was tied to it (not the launcher's order, but it can't count either)
+    late = await budget.reserve(1, 40)
+    job = await store.jobs.create(user_id=7, guild_id=1, input={}, backend="fal")
+    await store.jobs.transition(job.id, JobStatus.CANCELLED)
+    await late.attach(job.id)
+    await late.release()  # tied to a job: nothing to give back
+    assert await _used(store, budget) == 25
 
 
 async def test_a_budget_off_still_records_and_never_refuses(store: Store) -> None:
@@ -203,14 +220,34 @@ async def test_concurrent_reservations_at_the_edge_take_the_budget_once(store: S
     admitted = [o for o in outcomes if not isinstance(o, BaseException)]
     refused = [o for o in outcomes if isinstance(o, Refused)]
     assert (len(admitted), len(refused)) == (1, 3)
-    assert (await budget.today()).used == 80
+    assert await _used(store, budget) == 80
 
 
-async def test_the_days_total_is_one_indexed_query(store: Store) -> None:
+async def test_admission_reads_one_row_whatever_the_days_volume(store: Store) -> None:
     from services.store.spend import _DAY_TOTAL
     plan = " | ".join(str(row[3]) for row in await store.db.fetch_all(f"EXPLAIN QUERY PLAN {_DAY_TOTAL}", (1,)))
-    assert "USING COVERING INDEX spend_day (day=?)" in plan, plan
     assert "USING INTEGER PRIMARY KEY (rowid=?)" in plan, plan
+
+
+async def test_a_database_upgraded_mid_day_counts_the_days_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "upgrade.sqlite3"
+    async with await Store.open(path) as store:
+        async def job(input: dict[str, object], status: JobStatus | None = JobStatus.SUBMITTED) -> None:
+            created = await store.jobs.create(user_id=7, guild_id=1, input=input, backend="fal")
+            if status is not None:
+                await store.jobs.transition(created.id, status)
+
+        await job({"image_size": {"width": 1000, "height": 500}, "num_inference_steps": 20, "num_images": 2})  # 20
+        await job({"image_size": "square"})  # 0.262144 × 25
+        await job({})  # fal's defaults: 1024² × 25
+        await job({"image_size": "square"}, JobStatus.CANCELLED)  # never submitted: nothing
+        async with store.db.transaction() as conn:  # back to the schema before V10, with today's jobs
+            for drop in ("TRIGGER spend_job_ended_early", "TABLE spend", "TABLE spend_days", "TABLE spend_notices"):
+                await conn.execute(f"DROP {drop}")
+        await store.db.scalar("PRAGMA user_version = 9")
+    async with await Store.open(path) as store:
+        budget = _budget(store, 100, now=[(await store.jobs.get(1)).created_at])
+        assert await _used(store, budget) == pytest.approx(20 + 0.262144 * 25 + 1.048576 * 25)
 
 
 async def test_old_days_can_be_forgotten(store: Store) -> None:
