@@ -29,9 +29,10 @@ can't both take the last of the budget. The reservation is tied to the job, and 
 it counts: a job blocked, failed or cancelled before it was ever submitted to the backend costs nothing (a
 trigger on the jobs table takes it off the day's total in the same transaction as that change, whichever code
 path made it; the dispatcher needs no hook). A job that reached the backend counts, whatever happened after (fal
-may have billed it). A reservation whose job was never created is given back; if the bot dies in between, it
-stays counted (over rather than under). Everything is in SQLite (`services/store/spend.py`), so a restart loses
-nothing. The NSFW estimator's request for an upload (`services/upload_check.py`) is not counted.
+may have billed it), and so does one that may have: a submit whose answer was lost keeps its `submit_key`. A
+reservation whose job was never created is given back; if the bot dies in between, it stays counted (over rather
+than under). Everything is in SQLite (`services/store/spend.py`), so a restart loses nothing. The NSFW
+estimator's request for an upload (`services/upload_check.py`) is not counted.
 
 **The moderation log** of a server where a job was refused by the budget says so once a UTC day.
 """

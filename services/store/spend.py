@@ -11,10 +11,11 @@ from pydantic import BaseModel
 from services.store.database import Database
 
 #: The day's total recounted from the ledger (what `spend_days` keeps up to date): rows not tied to a job yet count
-#: (a job being created); a job's row counts unless the job ended without ever reaching a backend.
+#: (a job being created); a job's row counts unless the job ended without ever reaching a backend (no submission,
+#: and no submit under way that may have arrived: `submit_key`).
 _DAY_RECOUNT = ("SELECT COALESCE(SUM(s.units), 0) FROM spend AS s LEFT JOIN jobs AS j ON j.id = s.job_id "
                 "WHERE s.day = ? AND (s.job_id IS NULL OR NOT (j.status IN ('blocked', 'failed', 'cancelled') "
-                "AND j.attempts = 0))")
+                "AND j.attempts = 0 AND j.submit_key IS NULL))")
 _DAY_TOTAL = "SELECT units FROM spend_days WHERE day = ?"
 
 
@@ -61,7 +62,8 @@ class SpendLedger:
             await conn.execute("UPDATE spend SET job_id = ? WHERE id = ? AND job_id IS NULL", (job_id, spend_id))
             async with conn.execute(
                     "SELECT s.day, s.units FROM spend AS s JOIN jobs AS j ON j.id = s.job_id WHERE s.id = ? "
-                    "AND j.status IN ('blocked', 'failed', 'cancelled') AND j.attempts = 0", (spend_id,)) as cur:
+                    "AND j.status IN ('blocked', 'failed', 'cancelled') AND j.attempts = 0 AND j.submit_key IS NULL",
+                    (spend_id,)) as cur:
                 ended = await cur.fetchone()
             if ended is not None:
                 await conn.execute("UPDATE spend_days SET units = units - ? WHERE day = ?", (ended[1], ended[0]))

@@ -144,6 +144,15 @@ async def test_jobs_that_never_reached_a_backend_cost_nothing(store: Store) -> N
     assert await _used(store, budget) == 35
     await store.jobs.transition(queued, JobStatus.CANCELLED)  # cancelled before it was submitted
     assert await _used(store, budget) == 25
+    maybe = await _job(store, budget, 15, status=None)
+    await store.jobs.begin_submit(maybe, "job-key")  # its submit's answer was lost: it may be at the backend
+    await store.jobs.transition(maybe, JobStatus.FAILED)
+    assert await _used(store, budget) == 40
+    forgotten = await _job(store, budget, 15, status=None)
+    await store.jobs.begin_submit(forgotten, "job-key-2")
+    await store.jobs.forget_submit(forgotten, "connection refused")  # it certainly never arrived
+    await store.jobs.transition(forgotten, JobStatus.FAILED)
+    assert await _used(store, budget) == 40
     assert await store.spend.units_of(running) == 20
     # a job that ended before its reservation was tied to it (not the launcher's order, but it can't count either)
     late = await budget.reserve(1, 40)
@@ -151,7 +160,7 @@ async def test_jobs_that_never_reached_a_backend_cost_nothing(store: Store) -> N
     await store.jobs.transition(job.id, JobStatus.CANCELLED)
     await late.attach(job.id)
     await late.release()  # tied to a job: nothing to give back
-    assert await _used(store, budget) == 25
+    assert await _used(store, budget) == 40
 
 
 async def test_a_budget_off_still_records_and_never_refuses(store: Store) -> None:

@@ -5,8 +5,9 @@
 -- the job is created, so concurrent admissions can't overshoot; then it is tied to its job (`job_id`).
 -- `spend_days` is each day's running total, so admission reads one row whatever the day's volume. It goes up
 -- with each reservation, down when a reservation is given back, and down (the trigger below) when a job ends
--- without ever reaching a backend (blocked, failed or cancelled with no submission), in the same transaction as
--- that change of state: such a job costs nothing, whichever code path ended it. A row not tied to a job yet
+-- without ever reaching a backend (blocked, failed or cancelled with no submission, and no submit under way that
+-- may have arrived: `submit_key`, V9), in the same transaction as that change of state: such a job costs nothing,
+-- whichever code path ended it. A row not tied to a job yet
 -- counts (a job being created, or a crash in between: counted rather than lost).
 CREATE TABLE spend (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -25,7 +26,7 @@ CREATE TABLE spend_days (
 -- NB: a migration that rebuilds the jobs table (CREATE new, copy, DROP, RENAME) drops this trigger with it and
 -- must create it again (tests/services/test_spend.py notices: an early-ended job would keep counting).
 CREATE TRIGGER spend_job_ended_early AFTER UPDATE OF status ON jobs
-WHEN NEW.attempts = 0 AND NEW.status IN ('blocked', 'failed', 'cancelled')
+WHEN NEW.attempts = 0 AND NEW.submit_key IS NULL AND NEW.status IN ('blocked', 'failed', 'cancelled')
      AND OLD.status NOT IN ('blocked', 'failed', 'cancelled')
 BEGIN
     UPDATE spend_days
@@ -62,5 +63,5 @@ SELECT CAST(created_at / 86400 AS INTEGER),
   FROM jobs
  WHERE created_at >= CAST(strftime('%s', 'now') AS INTEGER) / 86400 * 86400
    AND json_valid(input_json)
-   AND NOT (status IN ('blocked', 'failed', 'cancelled') AND attempts = 0);
+   AND NOT (status IN ('blocked', 'failed', 'cancelled') AND attempts = 0 AND submit_key IS NULL);
 INSERT INTO spend_days (day, units) SELECT day, SUM(units) FROM spend GROUP BY day;
