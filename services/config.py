@@ -60,7 +60,7 @@ class BotConfig(BaseSettings):
                                          "kept (the job itself stays: options, status, error)")
     retention_modlog_days: float = Field(default=365, ge=0, description="Days moderation-log entries are kept")
     retention_interval_s: float = Field(default=3600, gt=0, description="Time between two retention sweeps")
-    retention_convert_max_mb: int = Field(default=1024, ge=0, description="A database created before incremental "
+    retention_convert_max_mb: int = Field(default=256, ge=0, description="A database created before incremental "
                                           "vacuum is converted while running when its live data is at most this")
 
 

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
 #: jobs per write transaction when deleting their pictures or results (rows of job_blobs: a few each)
-JOB_BATCH = 200
+JOB_BATCH = 100
 #: jobs per write transaction when deleting their events (a job may have hundreds)
 EVENT_JOB_BATCH = 20
 #: drafts, painter links, mod-log entries or upload checks per write transaction
@@ -53,9 +53,9 @@ ROW_BATCH = 500
 #: blob hashes looked at per read while collecting
 BLOB_SCAN = 500
 #: the most blob bytes deleted per write transaction (SQLite reads each overflow page it frees)
-BLOB_DELETE_BYTES = 16 * 1024 * 1024
-#: pages handed back to the disk per `incremental_vacuum` step (4 MiB at SQLite's default page size)
-VACUUM_STEP_PAGES = 1024
+BLOB_DELETE_BYTES = 8 * 1024 * 1024
+#: pages handed back to the disk per `incremental_vacuum` step (1 MiB at SQLite's default page size)
+VACUUM_STEP_PAGES = 256
 
 
 class RetentionPolicy(BaseModel):
@@ -106,7 +106,7 @@ class RetentionCleanup:
     """The periodic cleanup. `sweep()` runs one (tests and `python -m services.retention` call it directly)."""
 
     def __init__(self, store: Store, policy: RetentionPolicy, *, interval_s: float = 3600.0,
-                 first_delay_s: float = 60.0, convert_max_bytes: int = 1024 * 1024 * 1024,
+                 first_delay_s: float = 60.0, convert_max_bytes: int = 256 * 1024 * 1024,
                  pause_s: float = 0.002, clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.policy = policy
