@@ -259,7 +259,7 @@ def size_line(what: str, path: Path, jobs: int) -> int:
     return size
 
 
-async def main(jobs: int, days: float, real: int, runs: int, folder: Path) -> None:
+async def main(jobs: int, days: float, real: int, runs: int, folder: Path, convert_max_mb: int) -> None:
     path = folder / "growth.sqlite3"
     for suffix in ("", "-wal", "-shm"):
         path.with_name(path.name + suffix).unlink(missing_ok=True)
@@ -282,7 +282,7 @@ async def main(jobs: int, days: float, real: int, runs: int, folder: Path) -> No
         for label, policy, now in (
                 ("defaults (7/30/30/365 days), at the period's end", RetentionPolicy(), end),
                 ("everything expired (a year later)", RetentionPolicy(), end + 400 * DAY_S)):
-            cleanup = RetentionCleanup(store, policy, pause_s=0)
+            cleanup = RetentionCleanup(store, policy, pause_s=0, convert_max_bytes=convert_max_mb << 20)
             async with write_timer(store.db) as holds:
                 report = await cleanup.sweep(now)
             holds.sort()
@@ -301,11 +301,14 @@ if __name__ == "__main__":
     parser.add_argument("--days", type=float, default=60.0)
     parser.add_argument("--real", type=int, default=200, help="jobs with realistic picture sizes")
     parser.add_argument("--runs", type=int, default=500, help="timed calls per measurement")
+    parser.add_argument("--convert-max-mb", type=int, default=1024,
+                        help="convert the old database while running up to this much live data (the bot's default "
+                             "is 256; 1024 here shows the size after conversion, as `--vacuum` would)")
     parser.add_argument("--dir", type=Path, default=None, help="where to build the database (default a temp dir)")
     args = parser.parse_args()
     if args.dir is not None:
         args.dir.mkdir(parents=True, exist_ok=True)
-        asyncio.run(main(args.jobs, args.days, args.real, args.runs, args.dir))
+        asyncio.run(main(args.jobs, args.days, args.real, args.runs, args.dir, args.convert_max_mb))
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(main(args.jobs, args.days, args.real, args.runs, Path(tmp)))
+            asyncio.run(main(args.jobs, args.days, args.real, args.runs, Path(tmp), args.convert_max_mb))
