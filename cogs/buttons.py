@@ -24,7 +24,8 @@ from services.images import PreparedInputs
 from services.job_state import Job, JobNotFound, JobStatus
 from services.launch import FromJob, Launched, from_result
 from services.outpaint import ZOOM_FACTORS, Direction, Expansion, expand, outpaint_options, pan, zoom_out
-from services.refusals import ImagesGone, JobGone, Refused
+from services.refusals import JobGone, Refused
+from services.retention import pictures_gone
 
 #: the most jobs' results one message shows: a message has 5 rows of buttons, one per job
 SHARED_MOST = 5
@@ -107,7 +108,11 @@ class EditButton(JobButton, DynamicButton, action="edit"):
     label, emoji = "Edit", "✏️"
 
     async def run(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_modal(EditModal(await self.job(interaction)))
+        job = await self.job(interaction)
+        store = services_of(interaction.client).store
+        if not {"image", "mask"} <= set(await store.jobs.blob_refs(job.id)):  # say so before the form, not after
+            raise Refused(await pictures_gone(store, job.id))
+        await interaction.response.send_modal(EditModal(job))
 
 
 class DeleteButton(JobButton, DynamicButton, action="delete"):
@@ -222,7 +227,7 @@ class VaryRegionButton(JobButton, DynamicButton, action="region"):
         parent = await job_or_refusal(interaction.client, self.job_id)
         result = (await services.store.jobs.blobs(parent.id)).get("output_0")
         if result is None:
-            raise Refused(ImagesGone(parent.id))
+            raise Refused(await pictures_gone(services.store, parent.id, result=True))
         link = await services.painter.offer(requester_of(interaction), result.data,
                                             {**parent.options(), "seed": None, "num_images": None},
                                             parent_job_id=parent.id)

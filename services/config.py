@@ -63,6 +63,17 @@ class BotConfig(BaseSettings):
                                                "show the budget as money in /quota (e.g. 0.0000954)")
     spend_currency: str = Field(default="USD", min_length=1, max_length=12, description="The currency of "
                                 "SPEND_PRICE_PER_UNIT")
+    # retention (services/retention.py): days after a job finished; 0 keeps forever
+    retention_inputs_days: float = Field(default=7, ge=0, description="Days a finished job's pictures (upload, "
+                                         "mask, crops) and unconfirmed drafts are kept")
+    retention_results_days: float = Field(default=30, ge=0, description="Days a finished job's result images are "
+                                          "kept (a result not yet posted is kept until it is)")
+    retention_events_days: float = Field(default=30, ge=0, description="Days a finished job's event history is "
+                                         "kept (the job itself stays: options, status, error)")
+    retention_modlog_days: float = Field(default=365, ge=0, description="Days moderation-log entries are kept")
+    retention_interval_s: float = Field(default=3600, gt=0, description="Time between two retention sweeps")
+    retention_convert_max_mb: int = Field(default=256, ge=0, description="A database created before incremental "
+                                          "vacuum is converted while running when its live data is at most this")
 
 
 def load_config() -> BotConfig:

@@ -32,6 +32,7 @@ from services.launch import Launcher
 from services.modlog import ModerationLog
 from services.painter.links import PainterLinks
 from services.quotas import Quotas
+from services.retention import RetentionCleanup, RetentionPolicy
 from services.spend import SpendBudget, SpendPolicy
 from services.store import Store
 from services.upload_check import UploadCheck
@@ -102,6 +103,9 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
                 public_url=config.painter_public_url,
                 secret=config.painter_secret.get_secret_value() if config.painter_secret else None,
                 ttl_s=config.painter_link_ttl_s))
+        await stack.enter_async_context(RetentionCleanup(  # stopped first: a batch in progress rolls back
+            store, RetentionPolicy.from_config(config), interval_s=config.retention_interval_s,
+            convert_max_bytes=config.retention_convert_max_mb * 1024 * 1024))
         yield Services(config=config, store=store, http=http, backend=backend, backend_choice=choice,
                        intake_limits=limits, modlog=modlog, quotas=quotas, admissions=admissions,
                        dispatcher=dispatcher, launcher=launcher, drafts=DraftReview(store, limits), painter=painter)

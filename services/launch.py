@@ -36,6 +36,7 @@ from services.outpaint import Expansion, expand
 from services.preview import mask_overlay_jpeg
 from services.refusals import ImagesGone, InvalidOptions, JobGone, NotRunning, Refused, Unsupported
 from services.requester import Requester
+from services.retention import pictures_gone
 from services.schema import IMAGE_SIZE_PRESETS, ImageSize, InpaintInput
 from services.stitch import TARGET_PIXELS, stage
 from services.store import Store
@@ -95,7 +96,7 @@ def from_result(store: Store, job_id: int, make: Callable[[Image.Image], Prepare
     async def prepare() -> PreparedInputs:
         blob = (await store.jobs.blobs(job_id)).get("output_0")
         if blob is None:
-            raise Refused(ImagesGone(job_id))
+            raise Refused(await pictures_gone(store, job_id, result=True))
         return await asyncio.to_thread(lambda: make(Image.open(io.BytesIO(blob.data)).convert("RGB")))
 
     return NewImages(prepare, may_draft=False, parent_id=job_id)
@@ -189,14 +190,16 @@ class Launcher:
             request = request.model_copy(update={"image_size": ImageSize(width=plan.sent[0], height=plan.sent[1])})
         blobs = await self.store.jobs.blobs(parent.id)
         if any(role not in blobs for role in roles):
-            raise Refused(ImagesGone(parent.id))
+            raise Refused(await pictures_gone(self.store, parent.id))
         images = await asyncio.to_thread(_decode, blobs["image"].data, blobs["mask"].data)  # before a row exists
         hold = await self.admissions.reserve(who, request)
         job = await self.store.jobs.create(
             user_id=who.user_id, guild_id=parent.guild_id, channel_id=who.channel_id or parent.channel_id,
             backend=self.backend.name, input=request.wire(), parent_job_id=parent.id, age_restricted=who.age_restricted,
             cost=request.cost, asked=admission.options, plan=plan,
-            blob_refs={r: blobs[r].sha256 for r in (*roles, "original") if r in blobs})
+            # the blobs themselves, not their hashes: stored once by content all the same, and stored again should
+            # the retention cleanup collect them meanwhile (the parent's pictures expiring as this is pressed)
+            blobs={r: blobs[r] for r in (*roles, "original") if r in blobs})
         await hold.attach(job.id)
         await self.dispatcher.enqueue(job, images)
         return Launched(job)

@@ -132,11 +132,30 @@ class JobGone:
 @dataclass(frozen=True)
 class ImagesGone:
     job_id: int | None  # None: a draft's or a painter link's images
+    #: the retention cleanup deleted them this long after the job finished (None: gone for another reason)
+    deleted_after_s: float | None = None
+    result: bool = False  # the job's result images (Zoom Out, Pan, Vary Region), not the pictures it started from
 
     def plain(self) -> str:
         if self.job_id is None:
             return "The images for this are no longer stored: run /inpaint again."
+        if self.deleted_after_s is not None:
+            kept = _duration(self.deleted_after_s)
+            if self.result:
+                return (f"Job #{self.job_id}'s result was deleted after {kept} (this bot keeps results that long), "
+                        "so it can't be zoomed, panned or varied any more: start a new job with /inpaint.")
+            return (f"Job #{self.job_id}'s pictures were deleted after {kept} (this bot keeps a job's pictures that "
+                    "long), so it can't be run again: start a new job with /inpaint.")
         return f"Job #{self.job_id}'s images are no longer stored, so it can't be run again."
+
+
+def _duration(seconds: float) -> str:
+    """Days, or hours under a day: "7 days", "1 day", "12 hours"."""
+    if seconds >= 86400:
+        days = round(seconds / 86400)
+        return f"{days} day{'s' if days != 1 else ''}"
+    hours = max(1, round(seconds / 3600))
+    return f"{hours} hour{'s' if hours != 1 else ''}"
 
 
 @dataclass(frozen=True)

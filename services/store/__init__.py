@@ -5,7 +5,8 @@
 
 `store.jobs` (jobs and their events), `store.blobs`, `store.bans` and `store.modlog` (moderation),
 `store.usage` (quota counts), `store.painter_sessions`, `store.drafts`, `store.server_settings`,
-`store.upload_checks`, `store.spend` (the bot-wide spending ledger).
+`store.upload_checks`, `store.spend` (the bot-wide spending ledger), `store.retention` (what the retention
+cleanup deletes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from services.store.drafts import Drafts
 from services.store.jobs import Jobs
 from services.store.moderation import Bans, ModerationLogStore
 from services.store.painter_sessions import PainterSessions
+from services.store.retention import RetentionStore
 from services.store.server_settings import ServerSettingsStore
 from services.store.spend import SpendLedger
 from services.store.upload_checks import UploadChecks
@@ -40,6 +42,7 @@ class Store:
         self.server_settings = ServerSettingsStore(db)
         self.upload_checks = UploadChecks(db)
         self.spend = SpendLedger(db)
+        self.retention = RetentionStore(db)
 
     @classmethod
     async def open(cls, path: str | Path) -> Self:

@@ -7,6 +7,10 @@ task's transaction. Rows are read by column name (`sqlite3.Row`).
 Migrations are the numbered files `migrations/V<n>__<what>.sql` (as in RoboDanny), applied in order inside one
 transaction each; `PRAGMA user_version` records the last one applied, so a database written by older code is
 upgraded in place when it is opened, and a database from newer code is refused rather than misread.
+
+Space: a new database is created with `auto_vacuum=INCREMENTAL`, so the retention cleanup (`services/retention.py`)
+can hand freed pages back to the disk a few at a time (`incremental_vacuum`). A database created before that
+keeps reusing its free pages but never shrinks until one full `VACUUM` converts it (`vacuum()`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,30 @@ _MIGRATION_NAME = re.compile(r"^V(?P<version>\d+)__(?P<name>\w+)\.sql$")
 
 Row = sqlite3.Row
 
+#: `PRAGMA auto_vacuum` values
+AUTO_VACUUM_MODES = {0: "none", 1: "full", 2: "incremental"}
+
 
 def as_dict(row: Row, *, without: tuple[str, ...] = ()) -> dict[str, Any]:
     """A row as {column: value}, leaving out the columns in `without`."""
     return {key: value for key, value in zip(row.keys(), row, strict=True) if key not in without}
+
+
+@dataclass(frozen=True)
+class Space:
+    """The database file's pages: all of them, and those free (reused by new rows, or handed back to the disk)."""
+
+    page_size: int
+    pages: int
+    free_pages: int
+
+    @property
+    def file_bytes(self) -> int:
+        return self.page_size * self.pages
+
+    @property
+    def used_bytes(self) -> int:
+        return self.page_size * (self.pages - self.free_pages)
 
 
 @dataclass(frozen=True)
@@ -72,7 +96,9 @@ class Database:
         conn = await aiosqlite.connect(str(path), isolation_level=None)
         try:
             conn.row_factory = sqlite3.Row
-            for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON", "busy_timeout=5000"):
+            # auto_vacuum first: it takes effect only before the first page is written (WAL mode writes one)
+            for pragma in ("auto_vacuum=INCREMENTAL", "journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                           "busy_timeout=5000"):
                 await conn.execute(f"PRAGMA {pragma}")
             database = cls(conn)
             await database._migrate()
@@ -116,6 +142,35 @@ class Database:
 
     async def journal_mode(self) -> str:
         return str(await self.scalar("PRAGMA journal_mode") or "")
+
+    async def auto_vacuum(self) -> str:
+        """"incremental" for a database this code created; "none" for an older one, which needs `vacuum()` once."""
+        return AUTO_VACUUM_MODES.get(int(await self.scalar("PRAGMA auto_vacuum") or 0), "none")
+
+    async def space(self) -> Space:
+        return Space(page_size=int(await self.scalar("PRAGMA page_size")),
+                     pages=int(await self.scalar("PRAGMA page_count")),
+                     free_pages=int(await self.scalar("PRAGMA freelist_count")))
+
+    async def incremental_vacuum(self, pages: int) -> int:
+        """Hand up to `pages` free pages back to the disk (an incremental database; one short write); returns how
+        many are still free. The file shrinks at the next WAL checkpoint (`checkpoint()`)."""
+        async with self._write_lock:
+            # executescript steps the pragma to completion (a cursor's execute frees one page per step)
+            await self._conn.executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+        return int(await self.scalar("PRAGMA freelist_count"))
+
+    async def vacuum(self) -> None:
+        """Rewrite the whole database as an incremental one (`VACUUM`): once, for a database created before
+        incremental vacuum. It holds the connection while it copies the live data, and needs that much free disk."""
+        async with self._write_lock:
+            await self._conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            await self._conn.execute("VACUUM")
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database file and empty it: the file then has its vacuumed size."""
+        async with self._write_lock:
+            await self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def _migrate(self) -> None:
         version = await self.schema_version()
