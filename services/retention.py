@@ -92,6 +92,7 @@ class SweepReport:
     painter_sessions: int = 0
     modlog: int = 0
     upload_checks: int = 0
+    spend_days: int = 0  # spending-ledger rows of days past the events' retention
     blobs: int = 0
     blob_bytes: int = 0
     reclaimed_bytes: int = 0  # how much smaller the database file got
@@ -157,6 +158,8 @@ class RetentionCleanup:
                                                      ROW_BATCH)
         if (before := policy.cutoff(policy.modlog_days, now)) is not None:
             report.modlog = await self._drain(partial(retention.delete_modlog, before, limit=ROW_BATCH), ROW_BATCH)
+        if (before := policy.cutoff(policy.events_days, now)) is not None:  # the spending ledger's old days
+            report.spend_days = await self.store.spend.forget_before(int(before // DAY_S))
         report.painter_sessions = await self._drain(
             partial(retention.delete_painter_sessions, now - policy.painter_grace_s, limit=ROW_BATCH), ROW_BATCH)
         report.blobs, report.blob_bytes = await self.collect_blobs()

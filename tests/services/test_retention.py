@@ -243,3 +243,13 @@ async def test_quotas_and_start_up_read_indexes_not_rows(store: Store) -> None:
     assert await plan("SELECT id FROM jobs INDEXED BY jobs_unposted WHERE status = 'succeeded' AND result_message_id "
                       "IS NULL AND channel_id IS NOT NULL ORDER BY id", ()) == "SCAN jobs USING INDEX jobs_unposted"
     assert await store.jobs.unposted_results() == []
+
+
+async def test_the_spending_ledger_keeps_only_recent_days(store: Store) -> None:
+    """The bot-wide budget's ledger (services/spend.py) is history too: days older than the events' retention go."""
+    now = 100 * DAY_S
+    for day in (60, 69, 70, 99):
+        await store.spend.reserve(day, 5.0, 1000.0, guild_id=1, now=day * DAY_S)
+    report = await RetentionCleanup(store, RetentionPolicy(events_days=30)).sweep(now)
+    assert report.spend_days == 2  # days 60 and 69: before day 70
+    assert [await store.spend.used(day) for day in (60, 69, 70, 99)] == [0, 0, 5.0, 5.0]
