@@ -5,6 +5,9 @@ reached a backend), a restart, and concurrent admissions at the edge."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from services.spend import (
     utc_day,
 )
 from services.store import Store
+from services.store.database import MIGRATIONS
 
 NOON = 1_800_000_000 - 1_800_000_000 % DAY_S + DAY_S / 2  # 12:00 UTC on some day
 KEY = "key-id:key-secret"
@@ -239,23 +243,24 @@ async def test_admission_reads_one_row_whatever_the_days_volume(store: Store) ->
 
 
 async def test_a_database_upgraded_mid_day_counts_the_days_jobs(tmp_path: Path) -> None:
+    """A database written before V10 (the schema up to V9, as the previous code left it) with today's jobs: the
+    upgrade counts those that reached the backend."""
     path = tmp_path / "upgrade.sqlite3"
+    raw = sqlite3.connect(path, isolation_level=None)
+    for migration in MIGRATIONS[:9]:
+        raw.executescript(f"BEGIN;\n{migration.sql}\n;PRAGMA user_version = {migration.version};\nCOMMIT;")
+    now = time.time()
+    for input, status, attempts in (
+            ({"image_size": {"width": 1000, "height": 500}, "num_inference_steps": 20, "num_images": 2},
+             "submitted", 1),  # 20
+            ({"image_size": "square"}, "submitted", 1),  # 0.262144 × 25
+            ({}, "succeeded", 1),  # fal's defaults: 1024² × 25
+            ({"image_size": "square"}, "cancelled", 0)):  # never submitted: nothing
+        raw.execute("INSERT INTO jobs (guild_id, user_id, status, backend, input_json, attempts, created_at, "
+                    "updated_at) VALUES (1, 7, ?, 'fal', ?, ?, ?, ?)", (status, json.dumps(input), attempts, now, now))
+    raw.close()
     async with await Store.open(path) as store:
-        async def job(input: dict[str, object], status: JobStatus | None = JobStatus.SUBMITTED) -> None:
-            created = await store.jobs.create(user_id=7, guild_id=1, input=input, backend="fal")
-            if status is not None:
-                await store.jobs.transition(created.id, status)
-
-        await job({"image_size": {"width": 1000, "height": 500}, "num_inference_steps": 20, "num_images": 2})  # 20
-        await job({"image_size": "square"})  # 0.262144 × 25
-        await job({})  # fal's defaults: 1024² × 25
-        await job({"image_size": "square"}, JobStatus.CANCELLED)  # never submitted: nothing
-        async with store.db.transaction() as conn:  # back to the schema before V10, with today's jobs
-            for drop in ("TRIGGER spend_job_ended_early", "TABLE spend", "TABLE spend_days", "TABLE spend_notices"):
-                await conn.execute(f"DROP {drop}")
-        await store.db.scalar("PRAGMA user_version = 9")
-    async with await Store.open(path) as store:
-        budget = _budget(store, 100, now=[(await store.jobs.get(1)).created_at])
+        budget = _budget(store, 100, now=[now])
         assert await _used(store, budget) == pytest.approx(20 + 0.262144 * 25 + 1.048576 * 25)
 
 
