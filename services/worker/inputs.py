@@ -91,10 +91,14 @@ def resolve_asset(path: str, folder: Path | None, field: str, setting: str) -> P
     if "://" in path:
         raise RequestError(field, f"only files inside {setting} can be used, not URLs")
     root = folder.resolve()
-    candidate = (root / path).resolve()
+    try:
+        candidate = (root / path).resolve()
+        found = candidate.is_relative_to(root) and candidate.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte: no such file either
+        raise RequestError(field, f"{path[:200]!r} was not found in {setting}") from exc
     if not candidate.is_relative_to(root):
         raise RequestError(field, f"{path!r} is outside {setting}")
-    if not candidate.is_file():
+    if not found:
         raise RequestError(field, f"{path!r} was not found in {setting}")
     return candidate
 
