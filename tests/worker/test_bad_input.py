@@ -140,9 +140,12 @@ def test_an_image_url_at_the_length_limit_and_a_large_data_uri_are_taken(worker:
 
 # --- fuzz: JSON of any shape, URL strings ---------------------------------------------------------------------
 
+#: any text, lone surrogates, controls and separators included (JSON escapes them, as a hostile client would send)
+_TEXT = st.text(st.characters(categories=["Cs", "Cc", "Cf", "Zs", "Zl", "Zp", "L", "M", "N", "P", "S"]), max_size=24)
 _JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    st.none() | st.booleans() | st.integers(min_value=-(10**80), max_value=10**80)
+    | st.floats(allow_nan=False, allow_infinity=False) | _TEXT,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(_TEXT, children, max_size=4),
     max_leaves=12)
 _FIELDS = st.sampled_from(["image_url", "mask_url", "prompt", "negative_prompt", "image_size", "num_inference_steps",
                            "guidance_scale", "strength", "seed", "num_images", "sync_mode", "loras", "embeddings",
@@ -177,12 +180,12 @@ def test_any_bytes_as_a_body_are_never_a_500(worker: httpx.Client, raw: bytes) -
 
 #: URL-like strings whose hosts are address literals (refused at once, never looked up) or that aren't http(s)
 _URLS = st.one_of(
-    st.text(max_size=60).filter(lambda t: not t.lower().startswith(("http", "data"))),
+    _TEXT.filter(lambda t: not t.lower().startswith(("http", "data"))),
     st.builds(lambda head, tail: head + tail,
               st.sampled_from(["http://127.0.0.1:1/", "https://[::1]/", "http://0x7f000001/", "http://10.1.2.3/",
                                "http://[::ffff:169.254.169.254]/", "http://127.1", "http://[", "https://:80/",
                                "data:", "data:image/png;base64,", "ftp://127.0.0.1/", "HTTP://0/"]),
-              st.text(max_size=60)))
+              _TEXT))
 
 
 @FUZZ
