@@ -146,6 +146,15 @@ class HostList:
         return any(ip.version == net.version and ip in net for net in self.networks)
 
 
+def host_list_setting(value: object) -> object:
+    """A settings validator (mode "before") for a host-list setting such as FETCH_ALLOW: a comma-separated string
+    becomes a list of entries, each of which must parse (`HostList.parse`), so a typo fails at start, not later."""
+    entries = [e.strip() for e in value.split(",") if e.strip()] if isinstance(value, str) else value
+    if isinstance(entries, (list, tuple)):
+        HostList.parse(str(e) for e in entries)
+    return entries
+
+
 def _host_pattern(entry: str) -> HostPattern:
     wildcard = entry.startswith("*.")
     try:

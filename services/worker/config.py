@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.images import IntakeLimits
-from services.url_fetch import HostList
+from services.url_fetch import host_list_setting
 
 
 class WorkerConfig(BaseSettings):
@@ -50,8 +50,8 @@ class WorkerConfig(BaseSettings):
     sse_ping_s: float = Field(default=15.0, gt=0)
     warmup: bool = True
 
-    fetch_allow: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated hosts (`name`, `*.suffix`, `name:port`) and networks "
+    fetch_allow: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="Comma-separated hosts (`name`, `*.suffix`, `name:port`) and networks "
         "(`10.0.0.0/8`, `127.0.0.1`) image URLs may reach although they are not public addresses; by default only "
         "public addresses are fetched (services/url_fetch.py)")
     fetch_deadline_s: float = Field(
@@ -61,8 +61,4 @@ class WorkerConfig(BaseSettings):
     @field_validator("fetch_allow", mode="before")
     @classmethod
     def _split_fetch_allow(cls, value: object) -> object:
-        """FETCH_ALLOW is a comma-separated list; every entry must parse (a typo fails at start, not per fetch)."""
-        entries = [e.strip() for e in value.split(",") if e.strip()] if isinstance(value, str) else value
-        if isinstance(entries, list):
-            HostList.parse(str(e) for e in entries)
-        return entries
+        return host_list_setting(value)

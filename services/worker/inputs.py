@@ -60,7 +60,7 @@ def intake_limits(config: WorkerConfig) -> IntakeLimits:
 
 def url_policy(config: WorkerConfig) -> FetchPolicy:
     """What the worker's image downloads may reach: public addresses, and what FETCH_ALLOW trusts."""
-    return fetch_policy(config.fetch_allow)
+    return fetch_policy(config.fetch_allow or ())
 
 
 def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: bool,
