@@ -297,7 +297,7 @@ async def fetch_url(url: str, *, policy: FetchPolicy = STRICT, max_bytes: int, d
     except FetchError as exc:
         cause = exc
     except (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
-            OSError, ssl.SSLError) as exc:
+            OSError, ssl.SSLError, ValueError) as exc:  # ValueError: what the HTTP parser refuses (h11, httpcore)
         cause = FetchError(f"{type(exc).__name__}: {exc}")
     log.info("download from %s failed: %s", where, cause)
     raise cause
