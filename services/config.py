@@ -6,11 +6,13 @@ Secrets are `SecretStr`, so they print as `**********` in reprs, logs and traceb
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.schema import INPAINT_APP_ID
+from services.url_fetch import FAL_CDN_HOSTS, host_list_setting
 
 FAL_QUEUE_BASE = "https://queue.fal.run"
 
@@ -74,6 +76,18 @@ class BotConfig(BaseSettings):
     retention_interval_s: float = Field(default=3600, gt=0, description="Time between two retention sweeps")
     retention_convert_max_mb: int = Field(default=256, ge=0, description="A database created before incremental "
                                           "vacuum is converted while running when its live data is at most this")
+    fetch_allow: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="Comma-separated hosts (`name`, `*.suffix`, `name:port`) and networks "
+        "(`10.0.0.0/8`, `127.0.0.1`) downloads may reach although they are not public addresses (the worker reads "
+        "the same setting); by default only public addresses are fetched (services/url_fetch.py)")
+    result_hosts: Annotated[list[str], NoDecode] = Field(
+        default=list(FAL_CDN_HOSTS), description="Hosts besides the backend's own origin that result images may "
+        "be downloaded from (comma-separated, `*.suffix` for subdomains): by default hosted fal's CDN")
+
+    @field_validator("fetch_allow", "result_hosts", mode="before")
+    @classmethod
+    def _split_host_lists(cls, value: object) -> object:
+        return host_list_setting(value)
 
 
 def load_config() -> BotConfig:

@@ -36,6 +36,7 @@ from services.retention import RetentionCleanup, RetentionPolicy
 from services.spend import SpendBudget, SpendPolicy
 from services.store import Store
 from services.upload_check import UploadCheck
+from services.url_fetch import result_policy
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
 
         dispatcher = Dispatcher(store, backend, http, modlog, upload_check=upload_check,
                                 concurrency=config.dispatch_concurrency, deadline_s=config.backend_total_timeout_s,
-                                outage_s=config.backend_outage_s, keys_honoured=keys_honoured)
+                                outage_s=config.backend_outage_s, keys_honoured=keys_honoured,
+                                results_from=result_policy(base_url, result_hosts=config.result_hosts,
+                                                           allow=config.fetch_allow or ()))
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
         known = await capabilities.current()

@@ -59,6 +59,7 @@ from services.schema import InpaintOutput, QueueHandle
 from services.stitch import stitch_encoded
 from services.store import Store
 from services.upload_check import UploadCheck
+from services.url_fetch import FetchPolicy, result_policy
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,14 @@ class Dispatcher:
     def __init__(self, store: Store, backend: FalQueueClient, http: httpx.AsyncClient, modlog: ModerationLog, *,
                  upload_check: UploadCheck | None = None, concurrency: int = 4, max_attempts: int = 3,
                  deadline_s: float = 600.0, outage_s: float = 120.0,
-                 keys_honoured: Callable[[], Awaitable[bool]] = _never, event_interval_s: float = 2.0) -> None:
+                 keys_honoured: Callable[[], Awaitable[bool]] = _never, event_interval_s: float = 2.0,
+                 results_from: FetchPolicy | None = None) -> None:
         """`deadline_s`: a job's total time at the backend; `outage_s`: how long an unreachable backend is waited
-        for; `keys_honoured`: whether the backend answers a repeated `Idempotency-Key` with the request it has."""
+        for; `keys_honoured`: whether the backend answers a repeated `Idempotency-Key` with the request it has;
+        `results_from`: where result images may be downloaded from (default: the backend's own origin, and hosted
+        fal's CDN)."""
         self.store = store
+        self.results_from = results_from or result_policy(backend.base_url)
         self.upload_check = upload_check
         self.jobs = store.jobs
         self.backend = backend
@@ -537,7 +542,7 @@ class Dispatcher:
     async def _succeed(self, job_id: int, output: InpaintOutput) -> None:
         blobs: dict[str, Blob] = {}
         for i, image in enumerate(output.images):
-            data = await fetch_source(image.url, http=self.http, limits=OUTPUT_LIMITS, role="result")
+            data = await fetch_source(image.url, limits=OUTPUT_LIMITS, role="result", policy=self.results_from)
             blobs[f"output_{i}"] = Blob(data, image.content_type)
         job = await self.jobs.get(job_id)
         if job.plan is not None:

@@ -23,6 +23,7 @@ import httpx
 from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 
 from services.blob import Blob
+from services.url_fetch import PUBLIC_MESSAGE, STRICT, FetchError, FetchPolicy, FetchTooLarge, fetch_url
 
 #: Formats we accept, by sniffed content (Pillow identifies by magic bytes, never by name or MIME type).
 #: MPO is how Pillow names many phone-camera JPEGs; AVIF is taken when this Pillow build has it.
@@ -71,6 +72,7 @@ class IntakeLimits:
     max_bytes: int = 25 * 1024 * 1024
     max_pixels: int = 40_000_000
     min_side: int = 64
+    #: the total deadline of a download (lookup, connection, redirects and every byte), not a per-read timeout
     download_timeout_s: float = 20.0
 
 
@@ -148,9 +150,16 @@ def parse_data_uri(uri: str, *, max_bytes: int) -> bytes:
         raise ImageInputError("bad_source", "That data URI is not valid base64.") from exc
 
 
-async def fetch_source(source: str | bytes, *, http: httpx.AsyncClient, limits: IntakeLimits,
-                       role: str = "image") -> bytes:
-    """Bytes from raw bytes, a `data:` URI or an `http(s)` URL, never reading more than `limits.max_bytes`."""
+async def fetch_source(source: str | bytes, *, http: httpx.AsyncClient | None = None, limits: IntakeLimits,
+                       role: str = "image", policy: FetchPolicy = STRICT) -> bytes:
+    """Bytes from raw bytes, a `data:` URI or an `http(s)` URL, never reading more than `limits.max_bytes`.
+
+    A URL is downloaded as `policy` allows (`services.url_fetch`; the default, `STRICT`, reaches public addresses
+    only), within `limits.download_timeout_s` in all. Every failed download reads the same to the user
+    (`url_fetch.PUBLIC_MESSAGE`: "download_failed"), except a file over the cap ("too_many_bytes"); the cause is
+    logged. `http` is not used for downloads (each has its own connections, made only to checked addresses); it
+    is still accepted so callers needn't change.
+    """
     try:
         if isinstance(source, bytes):
             if len(source) > limits.max_bytes:
@@ -158,32 +167,21 @@ async def fetch_source(source: str | bytes, *, http: httpx.AsyncClient, limits: 
             return source
         if source[:5].lower() == "data:":
             return parse_data_uri(source, max_bytes=limits.max_bytes)
-        if source.lower().startswith(("http://", "https://")):
-            return await _download(source, http=http, limits=limits)
+        if source[:8].lower().startswith(("http://", "https://")):
+            return await _download(source, limits=limits, policy=policy)
         raise ImageInputError("bad_source", "Images must be attachments, http(s) links or data URIs.")
     except ImageInputError as exc:
         exc.role = role
         raise
 
 
-async def _download(url: str, *, http: httpx.AsyncClient, limits: IntakeLimits) -> bytes:
+async def _download(url: str, *, limits: IntakeLimits, policy: FetchPolicy) -> bytes:
     try:
-        async with http.stream("GET", url, timeout=limits.download_timeout_s, follow_redirects=True) as resp:
-            if resp.status_code != 200:
-                raise ImageInputError("download_failed", f"Downloading the image failed (HTTP {resp.status_code}).")
-            declared = resp.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes))
-            chunks: list[bytes] = []
-            total = 0
-            async for chunk in resp.aiter_bytes():
-                total += len(chunk)
-                if total > limits.max_bytes:
-                    raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes))
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise ImageInputError("download_failed", f"Downloading the image failed ({type(exc).__name__}).") from exc
+        return await fetch_url(url, policy=policy, max_bytes=limits.max_bytes, deadline_s=limits.download_timeout_s)
+    except FetchTooLarge as exc:
+        raise ImageInputError("too_many_bytes", _too_many_bytes_message(limits.max_bytes)) from exc
+    except FetchError as exc:
+        raise ImageInputError("download_failed", PUBLIC_MESSAGE) from exc
 
 
 def _too_many_bytes_message(max_bytes: int) -> str:
@@ -525,18 +523,20 @@ def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: Inta
     return assemble_inputs(decoded, image_bytes, mask_l, options, mask_rgb=mask_rgb)
 
 
-async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, http: httpx.AsyncClient,
-                               limits: IntakeLimits, options: MaskOptions = MaskOptions()) -> PreparedInputs:
-    """Fetch (bytes, data: URI or http(s) URL) and prepare an image and mask without blocking the loop.
+async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, http: httpx.AsyncClient | None = None,
+                               limits: IntakeLimits, options: MaskOptions = MaskOptions(),
+                               policy: FetchPolicy = STRICT) -> PreparedInputs:
+    """Fetch (bytes, data: URI or http(s) URL, URLs as `policy` allows: `fetch_source`) and prepare an image and
+    mask without blocking the loop.
 
     The image and the mask are fetched, then decoded, concurrently (in worker threads); when both are
     wrong, the image's error is the one reported.
     """
     if mask is None:
-        image_bytes = await fetch_source(image, http=http, limits=limits, role="image")
+        image_bytes = await fetch_source(image, limits=limits, role="image", policy=policy)
         return await asyncio.to_thread(prepare_inputs, image_bytes, None, limits=limits, options=options)
-    image_bytes, mask_bytes = await _both(fetch_source(image, http=http, limits=limits, role="image"),
-                                          fetch_source(mask, http=http, limits=limits, role="mask"))
+    image_bytes, mask_bytes = await _both(fetch_source(image, limits=limits, role="image", policy=policy),
+                                          fetch_source(mask, limits=limits, role="mask", policy=policy))
     decoded, (mask_l, mask_rgb) = await _both(asyncio.to_thread(decode_image, image_bytes, limits, role="image"),
                                               asyncio.to_thread(decode_mask, mask_bytes, limits))
     return await asyncio.to_thread(lambda: assemble_inputs(decoded, image_bytes, mask_l, options, mask_rgb=mask_rgb))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, NonNegativeInt
 
 ImageSizePreset = Literal[
     "square_hd", "square", "portrait_4_3", "portrait_16_9", "landscape_4_3", "landscape_16_9"
@@ -28,6 +28,37 @@ IMAGE_SIZE_PRESETS: dict[str, tuple[int, int]] = {
 
 MAX_IMAGE_SIDE = 14142
 INPAINT_APP_ID = "fal-ai/fast-sdxl/inpainting"
+#: the longest link (anything but a `data:` URI, whose size the request body's cap and the image byte cap bound)
+MAX_URL_CHARS = 8192
+#: the longest LoRA or embedding path
+MAX_PATH_CHARS = 4096
+
+
+def _printable(value: str, what: str) -> str:
+    """Refuse control characters (CR, LF, NUL, …) and whitespace of any kind: no link or path has them, and a
+    header or log line must not get them from a user. (`isprintable` is false for controls and separators except
+    the ASCII space, checked apart: both C-speed, even on a 30 MB data URI.)"""
+    if not value.isprintable() or " " in value:
+        raise ValueError(f"{what} may not contain whitespace or control characters")
+    return value
+
+
+def _url(value: str) -> str:
+    if value[:5].lower() != "data:" and len(value) > MAX_URL_CHARS:
+        raise ValueError(f"a URL may be at most {MAX_URL_CHARS} characters long (or send the image as a data URI)")
+    return _printable(value, "a URL")
+
+
+def _path(value: str) -> str:
+    if len(value) > MAX_PATH_CHARS:
+        raise ValueError(f"a path may be at most {MAX_PATH_CHARS} characters long")
+    return _printable(value, "a path")
+
+
+#: an image input: an http(s) link or a data URI (fal's file inputs), one line of printable characters
+ImageUrl = Annotated[str, Field(min_length=1), AfterValidator(_url)]
+#: a LoRA's or embedding's "URL or path", one line of printable characters
+AssetPath = Annotated[str, AfterValidator(_path)]
 
 
 class _Wire(BaseModel):
@@ -42,13 +73,13 @@ class ImageSize(_Wire):
 
 
 class LoraWeight(_Wire):
-    path: str = Field(description="URL or path to the LoRA weights (safetensors)")
+    path: AssetPath = Field(description="URL or path to the LoRA weights (safetensors)")
     scale: Annotated[float, Field(ge=0, le=1)] = 1.0
     force: bool = False
 
 
 class Embedding(_Wire):
-    path: str = Field(description="URL or path to the embedding weights")
+    path: AssetPath = Field(description="URL or path to the embedding weights")
     tokens: list[str] = Field(default_factory=lambda: ["<s0>", "<s1>"])
 
 
@@ -58,8 +89,8 @@ class InpaintInput(BaseModel):
     # fal's own endpoint ignores keys it doesn't know; so do we (a newer client's extra field is no error).
     model_config = ConfigDict(extra="ignore")
 
-    image_url: str = Field(min_length=1)
-    mask_url: str = Field(min_length=1)
+    image_url: ImageUrl
+    mask_url: ImageUrl
     prompt: str
     negative_prompt: str = ""
     image_size: ImageSize | ImageSizePreset = "square_hd"
@@ -127,7 +158,7 @@ NSFW_APP_ID = "fal-ai/imageutils/nsfw"
 class NsfwCheckInput(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    image_url: str = Field(min_length=1)
+    image_url: ImageUrl
 
 
 class NsfwCheckOutput(_Wire):

@@ -64,6 +64,7 @@ from services.worker.protocol import (
 )
 from services.worker.queue import QueueFull, RequestQueue
 from services.worker.records import RequestRecord
+from services.worker.request_body import BodyError, max_body_bytes, read_json_body
 from services.worker.safety import SafetyChecker, load_safety_checker
 
 log = logging.getLogger(__name__)
@@ -256,10 +257,9 @@ async def _accept(request: Request[WorkerState]) -> RequestRecord | Response:
     if submit_to is None:
         return json_response({"detail": f"unknown app; this worker serves {' and '.join(_APPS)}"}, 404)
     try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return json_response(
-            {"detail": [{"loc": ["body"], "msg": "the body is not valid JSON", "type": "json_invalid"}]}, 422)
+        body = await read_json_body(request, max_bytes=max_body_bytes(request.state["config"].max_image_bytes))
+    except BodyError as exc:
+        return json_response({"detail": exc.detail}, 422)
     try:
         return submit_to(request, body)
     except ValidationError as exc:

@@ -20,7 +20,7 @@ from PIL import Image
 from services.images import ImageInputError, decode_image, fetch_source, to_rgb
 from services.schema import NsfwCheckOutput
 from services.worker.config import WorkerConfig
-from services.worker.inputs import RequestError, intake_limits
+from services.worker.inputs import RequestError, intake_limits, url_policy
 from services.worker.pipelines.base import Cancelled
 from services.worker.records import CheckRecord
 from services.worker.safety import SafetyChecker
@@ -36,10 +36,11 @@ def nsfw_probability(flagged: bool) -> float:
 
 async def fetch_check_image(image_url: str, config: WorkerConfig, http: httpx.AsyncClient) -> Image.Image:
     """The image at `image_url` (http(s) URL or data URI), decoded in a thread to RGB. Raises `RequestError` on
-    `image_url` for an image the client must fix."""
+    `image_url` for an image the client must fix. The URL is fetched as `inputs.url_policy` allows (`http` is not
+    used: downloads make their own connections, to checked addresses only)."""
     limits = intake_limits(config)
     try:
-        data = await fetch_source(image_url, http=http, limits=limits, role="image")
+        data = await fetch_source(image_url, limits=limits, role="image", policy=url_policy(config))
         return await asyncio.to_thread(lambda: to_rgb(decode_image(data, limits, role="image").image))
     except ImageInputError as exc:
         raise RequestError.from_image_error(exc, "image_url") from exc

@@ -4,12 +4,13 @@ name in upper case: PIPELINE, MODEL_PATH, SAFETY_CHECKER_PATH, PROMPT_EXPANDER_P
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from services.images import IntakeLimits
+from services.url_fetch import host_list_setting
 
 
 class WorkerConfig(BaseSettings):
@@ -48,3 +49,16 @@ class WorkerConfig(BaseSettings):
     max_image_bytes: int = Field(default=IntakeLimits.max_bytes, description="Largest image or mask file accepted")
     sse_ping_s: float = Field(default=15.0, gt=0)
     warmup: bool = True
+
+    fetch_allow: Annotated[list[str] | None, NoDecode] = Field(
+        default=None, description="Comma-separated hosts (`name`, `*.suffix`, `name:port`) and networks "
+        "(`10.0.0.0/8`, `127.0.0.1`) image URLs may reach although they are not public addresses; by default only "
+        "public addresses are fetched (services/url_fetch.py)")
+    fetch_deadline_s: float = Field(
+        default=IntakeLimits.download_timeout_s, gt=0,
+        description="Total time one image download may take, from the name lookup to the last byte")
+
+    @field_validator("fetch_allow", mode="before")
+    @classmethod
+    def _split_fetch_allow(cls, value: object) -> object:
+        return host_list_setting(value)

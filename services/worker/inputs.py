@@ -1,7 +1,8 @@
 """From a validated fal request to a `PipelineJob`: checks that need the worker's configuration (the models a request
 asks for among them), output size, seeds, image and mask fetched and fitted to the size (the upload safety-checked),
 LoRA and embedding paths resolved inside their folders, and which requests can share a batch. Also the image intake
-limits every app of the worker fetches its images with (`intake_limits`)."""
+limits and the URL policy every app of the worker fetches its images with (`intake_limits`, `url_policy`): public
+addresses only, plus what the operator lists in FETCH_ALLOW, within FETCH_DEADLINE_S in all."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from services.images import MASK_THRESHOLD, ImageInputError, IntakeLimits, PreparedInputs, prepare_inputs_async
 from services.schema import InpaintInput
+from services.url_fetch import FetchPolicy, fetch_policy
 from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import EmbeddingSpec, LoraSpec, PipelineJob
 from services.worker.safety import SafetyChecker
@@ -51,8 +53,14 @@ def output_size(inp: InpaintInput) -> tuple[int, int]:
 
 
 def intake_limits(config: WorkerConfig) -> IntakeLimits:
-    """The limits every image the worker fetches is held to (8 pixels: the smallest output side)."""
-    return IntakeLimits(max_bytes=config.max_image_bytes, min_side=8)
+    """The limits every image the worker fetches is held to (8 pixels: the smallest output side; the download's
+    total deadline)."""
+    return IntakeLimits(max_bytes=config.max_image_bytes, min_side=8, download_timeout_s=config.fetch_deadline_s)
+
+
+def url_policy(config: WorkerConfig) -> FetchPolicy:
+    """What the worker's image downloads may reach: public addresses, and what FETCH_ALLOW trusts."""
+    return fetch_policy(config.fetch_allow or ())
 
 
 def check_request(inp: InpaintInput, config: WorkerConfig, *, safety_available: bool,
@@ -83,10 +91,14 @@ def resolve_asset(path: str, folder: Path | None, field: str, setting: str) -> P
     if "://" in path:
         raise RequestError(field, f"only files inside {setting} can be used, not URLs")
     root = folder.resolve()
-    candidate = (root / path).resolve()
+    try:
+        candidate = (root / path).resolve()
+        found = candidate.is_relative_to(root) and candidate.is_file()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte: no such file either
+        raise RequestError(field, f"{path[:200]!r} was not found in {setting}") from exc
     if not candidate.is_relative_to(root):
         raise RequestError(field, f"{path!r} is outside {setting}")
-    if not candidate.is_file():
+    if not found:
         raise RequestError(field, f"{path!r} was not found in {setting}")
     return candidate
 
@@ -127,9 +139,11 @@ async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *, htt
                       safety: SafetyChecker | None) -> PipelineJob:
     """Fetch and decode the request's image and mask, build its job and, when the request wants the safety
     checker and the worker checks inputs, check the upload too (nobody gets to launder an image through the bot).
-    Decoding and checking run in threads. Raises `RequestError` for what the client must fix."""
+    Decoding and checking run in threads. Raises `RequestError` for what the client must fix. (`http` is not used:
+    downloads make their own connections, to checked addresses only: `services.url_fetch`.)"""
     try:
-        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, http=http, limits=intake_limits(config))
+        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, limits=intake_limits(config),
+                                              policy=url_policy(config))
     except ImageInputError as exc:
         raise RequestError.from_image_error(exc, "mask_url" if exc.role == "mask" else "image_url") from exc
     job = await asyncio.to_thread(build_job, inp, prepared, seed, config)

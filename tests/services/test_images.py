@@ -26,6 +26,7 @@ from services.images import (
     prepare_inputs_async,
     to_data_uri,
 )
+from services.url_fetch import fetch_policy
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.imagegen import SHARED_EXAMPLES, box_mask, encode, photo, png_bomb
 
@@ -242,28 +243,32 @@ async def test_sources_bytes_data_uri_and_http(file_server: FalTestServer) -> No
     mask = encode(box_mask((256, 192), (10, 10, 100, 100)))
     file_server.files["in.png"] = (png, "text/plain")  # a lying content type doesn't matter: we sniff
     file_server.files["mask.bin"] = (mask, "application/octet-stream")
-    async with httpx.AsyncClient() as http:
-        from_url = await prepare_inputs_async(f"{file_server.base_url}/files/in.png",
-                                              f"{file_server.base_url}/files/mask.bin", http=http, limits=LIMITS)
-        from_uri = await prepare_inputs_async(to_data_uri(png, "image/png"), to_data_uri(mask, "image/png"),
-                                              http=http, limits=LIMITS)
-        from_bytes = await prepare_inputs_async(png, mask, http=http, limits=LIMITS)
-        assert from_url.image_blob.sha256 == from_uri.image_blob.sha256 == from_bytes.image_blob.sha256
-        assert from_url.mask.tobytes() == from_bytes.mask.tobytes()
+    local = fetch_policy("127.0.0.1")  # the test server is on loopback, which only an allow-list lets us reach
+    from_url = await prepare_inputs_async(f"{file_server.base_url}/files/in.png",
+                                          f"{file_server.base_url}/files/mask.bin", limits=LIMITS, policy=local)
+    from_uri = await prepare_inputs_async(to_data_uri(png, "image/png"), to_data_uri(mask, "image/png"),
+                                          limits=LIMITS)
+    from_bytes = await prepare_inputs_async(png, mask, limits=LIMITS)
+    assert from_url.image_blob.sha256 == from_uri.image_blob.sha256 == from_bytes.image_blob.sha256
+    assert from_url.mask.tobytes() == from_bytes.mask.tobytes()
 
-        with pytest.raises(ImageInputError) as info:
-            await fetch_source(f"{file_server.base_url}/files/missing.png", http=http, limits=LIMITS)
-        assert info.value.code == "download_failed"
-        with pytest.raises(ImageInputError) as info:
-            await fetch_source(f"{file_server.base_url}/files/in.png", http=http,
-                               limits=IntakeLimits(max_bytes=1000), role="mask")
-        assert info.value.code == "too_many_bytes" and info.value.role == "mask"
-        with pytest.raises(ImageInputError) as info:
-            await fetch_source("ftp://example.invalid/x.png", http=http, limits=LIMITS)
-        assert info.value.code == "bad_source"
-        with pytest.raises(ImageInputError) as info:
-            await fetch_source("http://127.0.0.1:9/x.png", http=http, limits=LIMITS)  # nothing listens
-        assert info.value.code == "download_failed"
+    with pytest.raises(ImageInputError) as info:
+        await fetch_source(f"{file_server.base_url}/files/missing.png", limits=LIMITS, policy=local)
+    assert info.value.code == "download_failed"
+    with pytest.raises(ImageInputError) as info:
+        await fetch_source(f"{file_server.base_url}/files/in.png", limits=IntakeLimits(max_bytes=1000), role="mask",
+                           policy=local)
+    assert info.value.code == "too_many_bytes" and info.value.role == "mask"
+    with pytest.raises(ImageInputError) as info:
+        await fetch_source("ftp://example.invalid/x.png", limits=LIMITS)
+    assert info.value.code == "bad_source"
+    with pytest.raises(ImageInputError) as info:
+        await fetch_source("http://127.0.0.1:9/x.png", limits=LIMITS, policy=local)  # nothing listens
+    assert info.value.code == "download_failed"
+    served = len(file_server.hits("file"))
+    with pytest.raises(ImageInputError) as info:  # the default policy: public addresses only
+        await fetch_source(f"{file_server.base_url}/files/in.png", limits=LIMITS)
+    assert info.value.code == "download_failed" and len(file_server.hits("file")) == served
 
 
 async def test_intake_does_not_block_the_event_loop() -> None:

@@ -17,6 +17,7 @@ ENVIRONMENT = {
     "MAX_BATCH_IMAGES": "4", "HOST": "0.0.0.0", "PORT": "9000", "PUBLIC_URL": "https://worker.example",
     "WORKER_KEY": "id:secret", "MAX_QUEUE": "5", "RESULT_TTL_S": "90", "MAX_OUTPUT_PIXELS": "1048576",
     "MAX_IMAGE_BYTES": "1000000", "SSE_PING_S": "2.5", "WARMUP": "0", "PROMPT_EXPANDER_PATH": "/models/magicprompt",
+    "FETCH_ALLOW": "10.0.0.0/8, images.internal:8443,*.lan", "FETCH_DEADLINE_S": "7.5",
 }
 
 
@@ -33,9 +34,17 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
         "embedding_dir": Path("/embeddings"), "device": "cuda:1", "dtype": "float16", "fast_path": "on",
         "fast_compile": "auto", "max_batch_images": 4, "host": "0.0.0.0", "port": 9000,
         "public_url": "https://worker.example", "max_queue": 5, "result_ttl_s": 90.0, "max_output_pixels": 1048576,
-        "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False}
+        "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False,
+        "fetch_allow": ["10.0.0.0/8", "images.internal:8443", "*.lan"], "fetch_deadline_s": 7.5}
 
 
 def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MAX_IMAGE_BYTES", raising=False)
     assert WorkerConfig(_env_file=None).max_image_bytes == IntakeLimits().max_bytes
+
+
+@pytest.mark.parametrize("allow", ["10.0.0.0/33", "http://host/", "a b"])
+def test_a_bad_fetch_allow_entry_fails_at_start(monkeypatch: pytest.MonkeyPatch, allow: str) -> None:
+    monkeypatch.setenv("FETCH_ALLOW", allow)
+    with pytest.raises(ValueError, match="not a host name"):
+        WorkerConfig(_env_file=None)

@@ -54,8 +54,8 @@ async def _check(http: httpx.AsyncClient, image_url: str) -> tuple[dict[str, Any
 
 @pytest.fixture
 async def red_checker() -> AsyncIterator[str]:
-    """A worker whose checker flags red images."""
-    async with serve(create_app(_config(), safety=flag_red)) as base:
+    """A worker whose checker flags red images (and may fetch from loopback, where its test files are)."""
+    async with serve(create_app(_config(fetch_allow=["127.0.0.1"]), safety=flag_red)) as base:
         yield base
 
 
