@@ -375,8 +375,12 @@ class Dispatcher:
             await self._overdue(job_id)
             return
         await events.flush(final=True)
-        if output is not None:
+        if output is None:
+            return
+        try:
             await self._succeed(job_id, output)
+        except (FalError, UserError, ImageInputError) as exc:
+            await self._fail(job_id, exc)
 
     async def _at_backend(self, job: Job, progress: Progress, events: EventBuffer) -> InpaintOutput | None:
         """Submit and follow until the backend has the result (None: the job ended some other way). A request the
@@ -512,6 +516,10 @@ class Dispatcher:
                             "moment.", retryable=True)
         elif isinstance(exc, FalError):
             await self._end(job_id, JobStatus.FAILED, f"The backend answered something unexpected: {exc}",
+                            retryable=True)
+        elif isinstance(exc, ImageInputError) and exc.role == "result":
+            await self._end(job_id, JobStatus.FAILED, f"The backend's result couldn't be fetched: {exc.message} (a "
+                            "result is downloaded only from the backend itself or the hosts in RESULT_HOSTS).",
                             retryable=True)
         else:
             await self._end(job_id, JobStatus.FAILED, exc.message)

@@ -92,6 +92,9 @@ class FalTestServer:
         self.health: dict[str, Any] | None = None  # served at /health (as our worker does) when set
         #: answer a repeated `Idempotency-Key` with the request it created (as our worker does; hosted fal doesn't)
         self.honour_keys = False
+        #: serve result images as files under this base URL (its `/files/…`), as hosted fal serves them from its CDN,
+        #: instead of data URIs; None: data URIs
+        self.results_at: str | None = None
         self.keys: dict[str, str] = {}
         self._outputs: dict[tuple[int, int, bool], str] = {}  # encoded result image per size: the server is "instant"
         self.base_url = ""
@@ -276,7 +279,12 @@ class FalTestServer:
             buf = io.BytesIO()
             Image.new("RGB", (width, height), (0, 0, 0) if flagged else (40, 120, 200)).save(buf, format="PNG")
             self._outputs[key] = to_data_uri(buf.getvalue(), "image/png")
-        images = [{"url": self._outputs[key], "width": width, "height": height,
+        url = self._outputs[key]
+        if self.results_at is not None:
+            name = f"result-{width}x{height}-{int(flagged)}.png"
+            self.files[name] = (parse_data_uri(url, max_bytes=64 << 20), "image/png")
+            url = f"{self.results_at}/files/{name}"
+        images = [{"url": url, "width": width, "height": height,
                    "content_type": "image/png"} for _ in range(job.input.num_images)]
         seed = job.input.seed if job.input.seed is not None else 17454220438242315174
         prompt = job.input.prompt + (EXPANSION if job.input.expand_prompt else "")  # as fal returns an expanded one

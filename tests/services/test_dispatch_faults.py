@@ -231,3 +231,23 @@ async def test_a_database_error_keeps_the_job_and_tells_its_user(tmp_path: Path)
         await dispatcher.close()
         assert [j.status for j in ended] == [JobStatus.SUCCEEDED] * 3
         assert sorted(r.listener.succeeded) == [j.id for j in jobs]  # each once
+
+
+async def test_results_come_only_from_the_backend_or_the_hosts_the_operator_allows(tmp_path: Path) -> None:
+    """A backend's result URL is downloaded only from the backend's own origin (or RESULT_HOSTS): one pointing
+    anywhere else (here another server on this machine) fails the job without a connection being made."""
+    async with rig(tmp_path, queue_polls=0, progress_logs=0) as r, FalTestServer(key=None) as elsewhere:
+        r.server.results_at = r.server.base_url  # its own origin, as our worker serves /files/
+        own = await r.job("own origin")
+        dispatcher = r.dispatcher()
+        await dispatcher.start(r.listener)
+        (ended,) = await r.ended(own)
+        assert ended.status is JobStatus.SUCCEEDED
+        r.server.results_at = elsewhere.base_url
+        elsewhere.files = r.server.files
+        foreign = await r.job("foreign result", user_id=2)
+        dispatcher._push(foreign)
+        (ended,) = await r.ended(foreign)
+        await dispatcher.close()
+        assert ended.status is JobStatus.FAILED and "could not be downloaded" in (ended.error or "")
+        assert elsewhere.hits("file") == []
