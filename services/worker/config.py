@@ -48,3 +48,19 @@ class WorkerConfig(BaseSettings):
     max_image_bytes: int = Field(default=IntakeLimits.max_bytes, description="Largest image or mask file accepted")
     sse_ping_s: float = Field(default=15.0, gt=0)
     warmup: bool = True
+
+    # bounded memory and work per request (services.worker.storage, .preparation, .cost)
+    worker_data_dir: Path | None = Field(
+        default=None, description="Folder where waiting requests' image and mask sources and finished requests' "
+        "results are kept (its inputs/ and results/ subfolders are emptied at start and stop: one worker per "
+        "folder). Default: a fresh temporary folder, removed at stop")
+    max_queue_bytes: int = Field(
+        default=1024**3, ge=1024 * 1024, description="Bytes of image and mask sources (data URIs, URLs) that "
+        "waiting requests may hold in all (on disk, in WORKER_DATA_DIR); a submit beyond it is refused with 503")
+    max_request_cost: int = Field(
+        default=1024 * 1024 * 8 * 65, ge=64 * 64, description="Output pixels × num_images × steps one request "
+        "may cost (the classic pipeline counts every request as 25 steps); more is refused with 422. Default: "
+        "any request at fal's preset sizes (1024×1024 at most) with up to 8 images of up to 65 steps")
+    prepare_concurrency: int = Field(
+        default=2, ge=1, le=64, description="Requests whose image and mask are fetched, decoded and checked at "
+        "once, ahead of the running batch (each holds its decoded images in memory while it is prepared)")

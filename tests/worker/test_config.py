@@ -18,6 +18,8 @@ ENVIRONMENT = {
     "WORKER_KEY": "id:secret", "MAX_QUEUE": "5", "RESULT_TTL_S": "90", "MAX_OUTPUT_PIXELS": "1048576",
     "MAX_IMAGE_BYTES": "1000000", "SSE_PING_S": "2.5", "WARMUP": "0", "PROMPT_EXPANDER_PATH": "/models/magicprompt",
 }
+ENVIRONMENT |= {"WORKER_DATA_DIR": "/var/lib/worker", "MAX_QUEUE_BYTES": "2097152", "MAX_REQUEST_COST": "1000000",
+                "PREPARE_CONCURRENCY": "3"}
 
 
 def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -33,7 +35,9 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
         "embedding_dir": Path("/embeddings"), "device": "cuda:1", "dtype": "float16", "fast_path": "on",
         "fast_compile": "auto", "max_batch_images": 4, "host": "0.0.0.0", "port": 9000,
         "public_url": "https://worker.example", "max_queue": 5, "result_ttl_s": 90.0, "max_output_pixels": 1048576,
-        "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False}
+        "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False,
+        "worker_data_dir": Path("/var/lib/worker"), "max_queue_bytes": 2097152, "max_request_cost": 1000000,
+        "prepare_concurrency": 3}
 
 
 def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.MonkeyPatch) -> None:
