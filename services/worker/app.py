@@ -72,6 +72,12 @@ from services.worker.safety import SafetyChecker, load_safety_checker
 
 log = logging.getLogger(__name__)
 
+#: submit bodies larger than this (data URIs) are read a few at a time (`_body_slot`); smaller ones at once
+LARGE_BODY_BYTES = 1024 * 1024
+LARGE_BODIES_AT_ONCE = 1
+#: how long a large submit waits for its turn before it is answered 503 (Retry-After)
+BODY_SLOT_WAIT_S = 30.0
+
 #: how long a client refused with 503 (a full queue) is asked to wait before trying again, in seconds
 RETRY_AFTER_S = 5
 
@@ -84,6 +90,7 @@ class WorkerState(TypedDict):
 
     config: WorkerConfig
     queue: RequestQueue
+    large_bodies: asyncio.Semaphore  # submits with a large body read at once (`_body_slot`)
 
 
 def create_app(config: WorkerConfig, *, pipeline: Pipeline | None = None, safety: SafetyChecker | None = None,
@@ -105,7 +112,7 @@ async def lifespan(app: Starlette, *, config: WorkerConfig, pipeline: Pipeline |
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as http:
         queue = RequestQueue(config, http, models.pipeline, models.safety, models.expander)
         async with queue.background_tasks():
-            yield {"config": config, "queue": queue}
+            yield {"config": config, "queue": queue, "large_bodies": asyncio.Semaphore(LARGE_BODIES_AT_ONCE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +145,8 @@ async def load_models(config: WorkerConfig, pipeline: Pipeline | None, safety: S
 async def submit(request: Request[WorkerState]) -> Response:
     """Queue a request; the handle answers with its status (IN_QUEUE, unless an `Idempotency-Key` named a
     request that has moved on since)."""
-    record = await _accept(request)
+    async with _body_slot(request) as refused:
+        record = refused or await _accept(request)
     if isinstance(record, Response):
         return record
     queue = request.state["queue"]
@@ -203,7 +211,8 @@ async def cancel(request: Request[WorkerState]) -> Response:
 
 
 async def sync_run(request: Request[WorkerState]) -> Response:
-    record = await _accept(request)
+    async with _body_slot(request) as refused:
+        record = refused or await _accept(request)
     if isinstance(record, Response):
         return record
     queue = request.state["queue"]
@@ -293,6 +302,30 @@ async def _accept(request: Request[WorkerState]) -> RequestRecord | Response:
     except QueueFull as exc:
         return json_response({"detail": str(exc), "error_type": "queue_full"}, 503,
                              headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@contextlib.asynccontextmanager
+async def _body_slot(request: Request[WorkerState]) -> AsyncIterator[Response | None]:
+    """Hold one of the `LARGE_BODIES_AT_ONCE` slots while a large submit body (over `LARGE_BODY_BYTES`, or of
+    unknown length) is read, parsed and queued: each holds its data URIs two or three times over meanwhile, so
+    without a bound, many uploads at once would take memory without limit. Small bodies (URLs) never wait. A body
+    waiting for its slot is not read yet (the client's upload waits in the network buffers). Yields None, or the
+    503 to answer when no slot came free within `BODY_SLOT_WAIT_S`."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= LARGE_BODY_BYTES:
+        yield None
+        return
+    slots = request.state["large_bodies"]
+    try:
+        await asyncio.wait_for(slots.acquire(), BODY_SLOT_WAIT_S)
+    except TimeoutError:
+        yield json_response({"detail": "the worker is busy receiving other uploads; try again shortly",
+                             "error_type": "queue_full"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return
+    try:
+        yield None
+    finally:
+        slots.release()
 
 
 def _record_or_404(request: Request[WorkerState]) -> RequestRecord | Response:

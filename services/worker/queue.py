@@ -159,7 +159,7 @@ class RequestQueue:
         self._arriving += 1
         self._arriving_bytes += chars
         try:
-            if chars <= SPOOL_ABOVE_BYTES:
+            if chars <= SPOOL_ABOVE_BYTES // 4:  # kept in memory, nothing written
                 sources = self.storage.put_sources(record.id, image_url, mask_url)
             else:
                 sources = await asyncio.to_thread(self.storage.put_sources, record.id, image_url, mask_url)
@@ -180,14 +180,15 @@ class RequestQueue:
 
     def _refuse_when_full(self, waiting: int, chars: int) -> None:
         """Refuse a request when `max_queue` of its line already wait, or its sources would take the waiting
-        requests' sources (both lines) past `max_queue_bytes`."""
+        requests' sources (both lines) past `max_queue_bytes` (a request finding nothing waiting is never refused
+        for its size: MAX_IMAGE_BYTES bounds that)."""
         if waiting + self._arriving >= self.config.max_queue:
             raise QueueFull(f"the worker's queue is full ({self.config.max_queue} requests waiting); "
                             "try again shortly")
-        if self.waiting_bytes + chars > self.config.max_queue_bytes:
-            raise QueueFull(f"the worker's queue is full (the waiting requests' images take "
-                            f"{self.waiting_bytes / 2**20:.0f} MiB of its {self.config.max_queue_bytes / 2**20:.0f} "
-                            "MiB); try again shortly")
+        held = self.waiting_bytes
+        if held and held + chars > self.config.max_queue_bytes:
+            raise QueueFull(f"the worker's queue is full (the waiting requests' images take {held / 2**20:.1f} "
+                            f"MiB of its {self.config.max_queue_bytes / 2**20:.0f} MiB); try again shortly")
 
     @property
     def waiting_bytes(self) -> int:
