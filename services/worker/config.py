@@ -59,7 +59,7 @@ class WorkerConfig(BaseSettings):
         "waiting requests may hold in all (on disk, in WORKER_DATA_DIR); a submit beyond it is refused with 503")
     max_request_cost: int = Field(
         default=1024 * 1024 * 8 * 65, ge=64 * 64, description="Output pixels × num_images × steps one request "
-        "may cost (the classic pipeline counts every request as 25 steps); more is refused with 422. Default: "
+        "may cost (the classic pipeline counts 25 steps per megapixel); more is refused with 422. Default: "
         "any request at fal's preset sizes (1024×1024 at most) with up to 8 images of up to 65 steps")
     prepare_concurrency: int = Field(
         default=2, ge=1, le=64, description="Requests whose image and mask are fetched, decoded and checked at "

@@ -438,6 +438,7 @@ class RequestQueue:
         contexts = [record.start() for record in batch]
         prepared = await asyncio.gather(*(self._job_for(record, ctx) for record, ctx in zip(batch, contexts,
                                                                                            strict=True)))
+        self._fill()  # the batch's jobs are taken: room to prepare the next ones
         live = [(record, ctx, job) for record, ctx, job in zip(batch, contexts, prepared, strict=True)
                 if job is not None]
         if not live:
