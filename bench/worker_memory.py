@@ -47,7 +47,7 @@ MiB = 1024 * 1024
 def rss_reader(pid: int) -> Callable[[], int]:
     """Bytes resident for `pid`: psutil when installed, else /proc/<pid>/status."""
     try:
-        import psutil
+        import psutil  # type: ignore[import-untyped]
 
         process = psutil.Process(pid)
         return lambda: int(process.memory_info().rss)
@@ -167,8 +167,12 @@ async def submit_all(http: httpx.AsyncClient, bodies: list[dict[str, Any]], conc
 
 
 async def wait_idle(http: httpx.AsyncClient) -> None:
-    while (await http.get("/health")).json()["queue_length"]:
+    """Poll /health (the worker's only signal across processes) until nothing waits or runs."""
+    for _ in range(36_000):
+        if not (await http.get("/health")).json()["queue_length"]:
+            return
         await asyncio.sleep(0.1)
+    raise TimeoutError("the worker never emptied its queue")
 
 
 async def fetch_results(http: httpx.AsyncClient, handles: list[dict[str, Any]]) -> tuple[int, int]:

@@ -92,7 +92,7 @@ async def test_keys_are_per_app_and_forgotten_when_the_request_expires() -> None
 async def test_a_malformed_key_is_a_422_at_the_header(value: str) -> None:
     async with serve(create_app(WorkerConfig(_env_file=None, pipeline="classic"), pipeline=FakePipeline())) as base, \
             httpx.AsyncClient(base_url=base, timeout=30) as http:
-        resp = await http.post(f"/{APP}", json=_body(), headers={"Idempotency-Key": value.encode()})
+        resp = await http.post(f"/{APP}", json=_body(), headers={b"Idempotency-Key": value.encode()})
     assert resp.status_code == 422
     assert resp.json()["detail"][0]["loc"] == ["header", "Idempotency-Key"]
 
