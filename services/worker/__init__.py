@@ -12,5 +12,10 @@ estimator (`fal-ai/imageutils/nsfw`) with its safety checker.
 - `checks`: one NSFW check, from its image URL to `nsfw_probability`
 - `expander`: prompt expansion for `expand_prompt` (a local causal text-generation model)
 - `pipelines/`: the `sdxl` and `classic` pipelines behind one interface; `safety`: the safety checker
+- `preparation`: requests prepared (fetched, decoded, checked) ahead of the device, a bounded number at once
+- `storage`: the data folder: waiting requests' sources, results' files and large output bodies
+- `cost`: what a request costs (pixels × images × steps) and MAX_REQUEST_COST
+- `idempotency`: the `Idempotency-Key` header of submits
+- `memory`: freed memory handed back to the OS
 - `config`: `WorkerConfig`, from the environment
 """

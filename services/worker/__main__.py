@@ -8,10 +8,12 @@ import uvicorn
 
 from services.worker.app import create_app
 from services.worker.config import WorkerConfig
+from services.worker.memory import map_large_blocks
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    map_large_blocks()  # large request buffers go back to the OS when freed (services.worker.memory)
     config = WorkerConfig()
     if config.pipeline == "sdxl" and config.model_path is None:
         raise SystemExit("PIPELINE=sdxl needs MODEL_PATH: a local diffusers folder or a .safetensors file "

@@ -11,14 +11,15 @@ Routes (each with or without a trailing slash; `{app}` is the app id's `owner/al
 `fal-ai/imageutils` — and the full app id is accepted before `/requests/` too; a request is found only under its
 own app):
 
-    POST /{app id}                                     submit → 200 {request_id, *_url, status, queue_position}
+    POST /{app id}                                     submit → 200 {request_id, *_url, status, queue_position};
+                                                       with `Idempotency-Key`, a known key's request instead
     GET  /{app}/requests/{id}/status?logs=1           202 while queued/running, 200 when completed
     GET  /{app}/requests/{id}/status/stream?logs=1    SSE: status events with new logs, ": ping", closes at the end
     GET  /{app}/requests/{id}                          the output (200), the stored error, or 202 + status
     PUT  /{app}/requests/{id}/cancel                   OK 200 | CANCELLATION_REQUESTED 202 | ALREADY_COMPLETED 400
                                                        | NOT_FOUND 404
     POST /sync/{app id}                                synchronous: waits and returns the output
-    GET  /files/{id}/{name}                            result images (when sync_mode is false)
+    GET  /files/{id}/{name}                            result images (when sync_mode is false), from disk
     GET  /health                                       readiness, pipeline, model, device, queue length, which
                                                        optional models are loaded (safety checker, prompt expander)
 
@@ -36,7 +37,7 @@ import dataclasses
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypedDict
 
 import httpx
@@ -44,12 +45,15 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from services.schema import INPAINT_APP_ID, NSFW_APP_ID, CancelOutcome, InpaintInput, NsfwCheckInput
 from services.worker.config import WorkerConfig
+from services.worker.cost import check_cost
 from services.worker.expander import PromptExpander, load_prompt_expander
+from services.worker.idempotency import HEADER as IDEMPOTENCY_HEADER
+from services.worker.idempotency import IdempotencyScope, caller_of, parse_key
 from services.worker.inputs import RequestError, check_request
 from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Pipeline
@@ -69,6 +73,15 @@ from services.worker.safety import SafetyChecker, load_safety_checker
 
 log = logging.getLogger(__name__)
 
+#: submit bodies larger than this (data URIs) are read a few at a time (`_body_slot`); smaller ones at once
+LARGE_BODY_BYTES = 1024 * 1024
+LARGE_BODIES_AT_ONCE = 1
+#: how long a large submit waits for its turn before it is answered 503 (Retry-After)
+BODY_SLOT_WAIT_S = 30.0
+
+#: how long a client refused with 503 (a full queue) is asked to wait before trying again, in seconds
+RETRY_AFTER_S = 5
+
 _CANCEL_STATUS: dict[CancelOutcome, int] = {"OK": 200, "CANCELLATION_REQUESTED": 202, "ALREADY_COMPLETED": 400,
                                            "NOT_FOUND": 404}
 
@@ -78,6 +91,7 @@ class WorkerState(TypedDict):
 
     config: WorkerConfig
     queue: RequestQueue
+    large_bodies: asyncio.Semaphore  # submits with a large body read at once (`_body_slot`)
 
 
 def create_app(config: WorkerConfig, *, pipeline: Pipeline | None = None, safety: SafetyChecker | None = None,
@@ -99,7 +113,7 @@ async def lifespan(app: Starlette, *, config: WorkerConfig, pipeline: Pipeline |
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as http:
         queue = RequestQueue(config, http, models.pipeline, models.safety, models.expander)
         async with queue.background_tasks():
-            yield {"config": config, "queue": queue}
+            yield {"config": config, "queue": queue, "large_bodies": asyncio.Semaphore(LARGE_BODIES_AT_ONCE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,13 +144,18 @@ async def load_models(config: WorkerConfig, pipeline: Pipeline | None, safety: S
 # --- handlers -------------------------------------------------------------------------------------------
 
 async def submit(request: Request[WorkerState]) -> Response:
-    record = await _accept(request)
+    """Queue a request; the handle answers with its status (IN_QUEUE, unless an `Idempotency-Key` named a
+    request that has moved on since)."""
+    async with _body_slot(request) as refused:
+        record = refused or await _accept(request)
     if isinstance(record, Response):
         return record
     queue = request.state["queue"]
     log.info("queued %s for %s (queue length %d)", record.id, record.app_id, queue.queue_length)
-    return json_response({**request_urls(record), "status": "IN_QUEUE", "queue_position": queue.position(record)},
-                         200, record.id)
+    handle: dict[str, Any] = {**request_urls(record), "status": record.state}
+    if record.state == "IN_QUEUE":
+        handle["queue_position"] = queue.position(record)
+    return json_response(handle, 200, record.id)
 
 
 async def status(request: Request[WorkerState]) -> Response:
@@ -193,7 +212,8 @@ async def cancel(request: Request[WorkerState]) -> Response:
 
 
 async def sync_run(request: Request[WorkerState]) -> Response:
-    record = await _accept(request)
+    async with _body_slot(request) as refused:
+        record = refused or await _accept(request)
     if isinstance(record, Response):
         return record
     queue = request.state["queue"]
@@ -205,12 +225,13 @@ async def sync_run(request: Request[WorkerState]) -> Response:
 
 
 async def files(request: Request[WorkerState]) -> Response:
+    """A result image, streamed from the worker's storage."""
     record = request.state["queue"].get(request.path_params["rid"])
     item = record.files.get(request.path_params["name"]) if record else None
     if item is None:
         return json_response({"detail": "file not found (results are kept for a limited time)"}, 404)
-    data, content_type = item
-    return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+    path, content_type = item
+    return FileResponse(path, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
 
 
 async def health(request: Request[WorkerState]) -> Response:
@@ -219,34 +240,49 @@ async def health(request: Request[WorkerState]) -> Response:
     pipeline = queue.pipeline
     return json_response({"ready": True, "pipeline": pipeline.name, "model": pipeline.model,
                           "device": pipeline.device, "queue_length": queue.queue_length,
-                          "safety_checker": queue.safety is not None, "expand_prompt": queue.expander is not None},
+                          "safety_checker": queue.safety is not None, "expand_prompt": queue.expander is not None,
+                          # a repeated submit's Idempotency-Key is answered with the request it made (the bot relies
+                          # on this to send a submit again after a crash without running it twice)
+                          "idempotency_keys": True},
                          200)
 
 
 # --- helpers --------------------------------------------------------------------------------------------
 
-def _submit_inpaint(request: Request[WorkerState], body: Any) -> RequestRecord:
-    """Validate an inpainting request, refuse what this worker can't serve, and queue it."""
+async def _submit_inpaint(request: Request[WorkerState], body: Any) -> RequestRecord:
+    """Validate an inpainting request, refuse what this worker can't serve (or what would cost it too much), and
+    queue it; or, for a known `Idempotency-Key`, the request made with it."""
+    scope = _idempotency(request, INPAINT_APP_ID)
     inp = InpaintInput.model_validate(body)
-    queue = request.state["queue"]
-    check_request(inp, request.state["config"], safety_available=queue.safety is not None,
+    config, queue = request.state["config"], request.state["queue"]
+    check_request(inp, config, safety_available=queue.safety is not None,
                   expander_available=queue.expander is not None)
-    return queue.submit(inp, _base_url(request))
+    check_cost(inp, queue.pipeline, config.max_request_cost)
+    return await queue.submit(inp, _base_url(request), scope)
 
 
-def _submit_check(request: Request[WorkerState], body: Any) -> RequestRecord:
+async def _submit_check(request: Request[WorkerState], body: Any) -> RequestRecord:
     """Validate an NSFW check and start it; refused when this worker has no safety checker to answer it with."""
+    scope = _idempotency(request, NSFW_APP_ID)
     inp = NsfwCheckInput.model_validate(body)
     queue = request.state["queue"]
     if queue.safety is None:
         raise RequestError("", f"{NSFW_APP_ID} needs a safety checker and this worker has none configured "
                            "(set SAFETY_CHECKER_PATH)")
-    return queue.submit_check(inp, _base_url(request))
+    return await queue.submit_check(inp, _base_url(request), scope)
+
+
+def _idempotency(request: Request[WorkerState], app_id: str) -> IdempotencyScope | None:
+    """The request's `Idempotency-Key`, filed under its caller and app; None without one (422 when malformed)."""
+    key = parse_key(request.headers.get(IDEMPOTENCY_HEADER))
+    if key is None:
+        return None
+    return IdempotencyScope(caller_of(request.headers.get("authorization")), app_id, key)
 
 
 #: the apps this worker serves: app id → how a submitted body becomes a queued request (raising pydantic's
 #: `ValidationError` or `RequestError` for a 422, `QueueFull` for a 503)
-_APPS: dict[str, Callable[[Request[WorkerState], Any], RequestRecord]] = {
+_APPS: dict[str, Callable[[Request[WorkerState], Any], Awaitable[RequestRecord]]] = {
     INPAINT_APP_ID: _submit_inpaint, NSFW_APP_ID: _submit_check}
 
 
@@ -261,13 +297,38 @@ async def _accept(request: Request[WorkerState]) -> RequestRecord | Response:
     except BodyError as exc:
         return json_response({"detail": exc.detail}, 422)
     try:
-        return submit_to(request, body)
+        return await submit_to(request, body)
     except ValidationError as exc:
         return json_response({"detail": validation_detail(exc)}, 422)
     except RequestError as exc:
         return json_response({"detail": exc.detail}, 422)
     except QueueFull as exc:
-        return json_response({"detail": str(exc), "error_type": "queue_full"}, 503)
+        return json_response({"detail": str(exc), "error_type": "queue_full"}, 503,
+                             headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+@contextlib.asynccontextmanager
+async def _body_slot(request: Request[WorkerState]) -> AsyncIterator[Response | None]:
+    """Hold one of the `LARGE_BODIES_AT_ONCE` slots while a large submit body (over `LARGE_BODY_BYTES`, or of
+    unknown length) is read, parsed and queued: each holds its data URIs two or three times over meanwhile, so
+    without a bound, many uploads at once would take memory without limit. Small bodies (URLs) never wait. A body
+    waiting for its slot is not read yet (the client's upload waits in the network buffers). Yields None, or the
+    503 to answer when no slot came free within `BODY_SLOT_WAIT_S`."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) <= LARGE_BODY_BYTES:
+        yield None
+        return
+    slots = request.state["large_bodies"]
+    try:
+        await asyncio.wait_for(slots.acquire(), BODY_SLOT_WAIT_S)
+    except TimeoutError:
+        yield json_response({"detail": "the worker is busy receiving other uploads; try again shortly",
+                             "error_type": "queue_full"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        return
+    try:
+        yield None
+    finally:
+        slots.release()
 
 
 def _record_or_404(request: Request[WorkerState]) -> RequestRecord | Response:

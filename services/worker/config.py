@@ -58,6 +58,22 @@ class WorkerConfig(BaseSettings):
         default=IntakeLimits.download_timeout_s, gt=0,
         description="Total time one image download may take, from the name lookup to the last byte")
 
+    # bounded memory and work per request (services.worker.storage, .preparation, .cost)
+    worker_data_dir: Path | None = Field(
+        default=None, description="Folder where waiting requests' image and mask sources and finished requests' "
+        "results are kept (its inputs/ and results/ subfolders are emptied at start and stop: one worker per "
+        "folder). Default: a fresh temporary folder, removed at stop")
+    max_queue_bytes: int = Field(
+        default=1024**3, ge=1024 * 1024, description="Bytes of image and mask sources (data URIs, URLs) that "
+        "waiting requests may hold in all (on disk, in WORKER_DATA_DIR); a submit beyond it is refused with 503")
+    max_request_cost: int = Field(
+        default=1024 * 1024 * 8 * 65, ge=64 * 64, description="Output pixels × num_images × steps one request "
+        "may cost (the classic pipeline counts 25 steps per megapixel); more is refused with 422. Default: "
+        "any request at fal's preset sizes (1024×1024 at most) with up to 8 images of up to 65 steps")
+    prepare_concurrency: int = Field(
+        default=2, ge=1, le=64, description="Requests whose image and mask are fetched, decoded and checked at "
+        "once, ahead of the running batch (each holds its decoded images in memory while it is prepared)")
+
     @field_validator("fetch_allow", mode="before")
     @classmethod
     def _split_fetch_allow(cls, value: object) -> object:

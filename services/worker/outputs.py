@@ -1,7 +1,8 @@
 """From a pipeline's images to a request's output body (`InpaintOutput`): the safety checker's verdict on each image
 (flagged images are replaced with black), the encoding the request asked for, and where each image is found — a
-data URI with `sync_mode`, else a file this worker serves at `/files/{request id}/{name}`. The output's `prompt` is
-the one the images were made from (the expanded one, when the request asked for `expand_prompt`)."""
+data URI with `sync_mode`, else a file this worker serves at `/files/{request id}/{name}` (kept on disk, in the
+worker's storage, until the request expires). The output's `prompt` is the one the images were made from (the
+expanded one, when the request asked for `expand_prompt`)."""
 
 from __future__ import annotations
 
@@ -14,20 +15,21 @@ from services.images import CONTENT_TYPES, encode_image, to_data_uri
 from services.schema import InpaintOutput, OutputImage
 from services.worker.records import InpaintRecord
 from services.worker.safety import SafetyChecker
+from services.worker.storage import RequestStorage
 
 JPEG_QUALITY = 90
 FILE_EXTENSIONS = {"jpeg": "jpg", "png": "png"}
 
 
-async def build_output(record: InpaintRecord, images: list[Image.Image],
-                       safety: SafetyChecker | None) -> dict[str, Any]:
+async def build_output(record: InpaintRecord, images: list[Image.Image], safety: SafetyChecker | None,
+                       storage: RequestStorage) -> dict[str, Any]:
     """The output body for `record`'s images: safety-checked when the request asks for it, then encoded (both in
-    threads). Encoded files are kept on the record."""
+    threads). Encoded files are written to `storage`; the record has their paths."""
     nsfw = [False] * len(images)
     if record.input.enable_safety_checker:
         assert safety is not None, "requests needing the checker are refused at submit without one"
         nsfw, images = await check_safety(record, images, safety)
-    return await asyncio.to_thread(encode_output, record, images, nsfw)
+    return await asyncio.to_thread(encode_output, record, images, nsfw, storage)
 
 
 async def check_safety(record: InpaintRecord, images: list[Image.Image],
@@ -43,8 +45,10 @@ async def check_safety(record: InpaintRecord, images: list[Image.Image],
     return flags, checked
 
 
-def encode_output(record: InpaintRecord, images: list[Image.Image], nsfw: list[bool]) -> dict[str, Any]:
-    """Encode the images in the requested format and build the output body (CPU work: call it in a thread)."""
+def encode_output(record: InpaintRecord, images: list[Image.Image], nsfw: list[bool],
+                  storage: RequestStorage) -> dict[str, Any]:
+    """Encode the images in the requested format, write the files, and build the output body (CPU work and
+    blocking writes: call it in a thread)."""
     fmt = record.input.format
     content_type = CONTENT_TYPES[fmt]
     outputs = []
@@ -54,7 +58,7 @@ def encode_output(record: InpaintRecord, images: list[Image.Image], nsfw: list[b
             url = to_data_uri(data, content_type)
         else:
             name = f"{i}.{FILE_EXTENSIONS[fmt]}"
-            record.files[name] = (data, content_type)
+            record.files[name] = (storage.write_file(record.id, name, data), content_type)
             url = f"{record.base_url}/files/{record.id}/{name}"
         outputs.append(OutputImage(url=url, width=image.width, height=image.height, content_type=content_type))
     timings = {"inference": record.inference_time or 0.0, "total": record.running_for_s()}

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 from pydantic import ValidationError
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.worker.queue import RequestQueue
@@ -42,12 +42,16 @@ def status_body(record: RequestRecord, queue: RequestQueue, logs: list[dict[str,
 
 
 def result_response(record: RequestRecord, queue: RequestQueue) -> Response:
-    """The output (200), the stored error (its own status, `x-fal-error-type`), or 202 and the status."""
+    """The output (200; from disk when it was too large to keep in memory), the stored error (its own status,
+    `x-fal-error-type`), or 202 and the status."""
     if record.state != "COMPLETED":
         return json_response(status_body(record, queue, None), 202, record.id)
     if record.error is not None:
         return json_response(record.error_body, record.error_status, record.id,
                              headers={"x-fal-error-type": record.error_type or ""})
+    if record.result_file is not None:
+        return FileResponse(record.result_file, media_type="application/json",
+                            headers={REQUEST_ID_HEADER: record.id})
     return json_response(record.result, 200, record.id)
 
 

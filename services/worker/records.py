@@ -1,6 +1,10 @@
 """One request on the worker, from submit until its result expires: its fal state, the log lines clients see, its
 result or error, and the image files it serves.
 
+A record holds little: an inpainting request's image and mask sources wait in the worker's storage
+(`services.worker.storage`) until the request is prepared, and are dropped then; result files, and output bodies too
+large for memory, are kept there too (the record has their paths).
+
 Every app the worker serves speaks the same queue protocol, so what the protocol needs lives in one base class,
 `RequestRecord` (id, base URL, app id and its URL prefix, state, logs, result or error, files, change
 notification); each app's record adds only what its requests carry: `InpaintRecord` for
@@ -17,10 +21,12 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar
 
 from services.schema import INPAINT_APP_ID, NSFW_APP_ID, InpaintInput, NsfwCheckInput, QueueState
 from services.worker.pipelines.base import RunContext
+from services.worker.storage import WaitingSources
 
 
 @dataclass(kw_only=True)
@@ -38,14 +44,20 @@ class RequestRecord:
     started_at: float | None = None  # time.monotonic()
     finished_at: float | None = None
     inference_time: float | None = None  # seconds in the model (shared by every request of an inpainting batch)
-    result: dict[str, Any] | None = None  # the output body, once completed without error
+    result: dict[str, Any] | None = None  # the output body, once completed without error (unless in result_file)
+    result_file: Path | None = None  # the output body (JSON) on disk, when too large to keep in memory
     error: str | None = None
     error_type: str | None = None
     error_status: int = 500
     error_body: dict[str, Any] | None = None
-    files: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # name → (data, content type)
+    files: dict[str, tuple[Path, str]] = field(default_factory=dict)  # name → (where on disk, content type)
     ctx: RunContext | None = None  # from `start()` on
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def has_result(self) -> bool:
+        """Completed without error: the output is in `result` or `result_file`."""
+        return self.result is not None or self.result_file is not None
 
     @property
     def url_prefix(self) -> str:
@@ -117,13 +129,16 @@ class RequestRecord:
 
 @dataclass(kw_only=True)
 class InpaintRecord(RequestRecord):
-    """A `fal-ai/fast-sdxl/inpainting` request: its input, its seed (resolved at submit) and, when the request
-    asked for `expand_prompt`, the expanded prompt the pipeline ran with."""
+    """A `fal-ai/fast-sdxl/inpainting` request: its input without the image and mask (`image_url` and
+    `mask_url` are empty: they wait in `sources` until the request is prepared, then are dropped), its seed
+    (resolved at submit) and, when the request asked for `expand_prompt`, the expanded prompt the pipeline ran
+    with."""
 
     app_id: ClassVar[str] = INPAINT_APP_ID
 
     input: InpaintInput
     seed: int
+    sources: WaitingSources | None = None
     expanded_prompt: str | None = None
 
     @property
@@ -134,8 +149,9 @@ class InpaintRecord(RequestRecord):
 
 @dataclass(kw_only=True)
 class CheckRecord(RequestRecord):
-    """A `fal-ai/imageutils/nsfw` request: one image to estimate."""
+    """A `fal-ai/imageutils/nsfw` request: one image to estimate (stored until the check runs)."""
 
     app_id: ClassVar[str] = NSFW_APP_ID
 
-    input: NsfwCheckInput
+    input: NsfwCheckInput  # its `image_url` is empty except while the check runs: it waits in `waiting`
+    waiting: WaitingSources | None = None

@@ -19,6 +19,8 @@ ENVIRONMENT = {
     "MAX_IMAGE_BYTES": "1000000", "SSE_PING_S": "2.5", "WARMUP": "0", "PROMPT_EXPANDER_PATH": "/models/magicprompt",
     "FETCH_ALLOW": "10.0.0.0/8, images.internal:8443,*.lan", "FETCH_DEADLINE_S": "7.5",
 }
+ENVIRONMENT |= {"WORKER_DATA_DIR": "/var/lib/worker", "MAX_QUEUE_BYTES": "2097152", "MAX_REQUEST_COST": "1000000",
+                "PREPARE_CONCURRENCY": "3"}
 
 
 def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,7 +37,9 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
         "fast_compile": "auto", "max_batch_images": 4, "host": "0.0.0.0", "port": 9000,
         "public_url": "https://worker.example", "max_queue": 5, "result_ttl_s": 90.0, "max_output_pixels": 1048576,
         "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False,
-        "fetch_allow": ["10.0.0.0/8", "images.internal:8443", "*.lan"], "fetch_deadline_s": 7.5}
+        "fetch_allow": ["10.0.0.0/8", "images.internal:8443", "*.lan"], "fetch_deadline_s": 7.5,
+        "worker_data_dir": Path("/var/lib/worker"), "max_queue_bytes": 2097152, "max_request_cost": 1000000,
+        "prepare_concurrency": 3}
 
 
 def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.MonkeyPatch) -> None:

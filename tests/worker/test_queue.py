@@ -29,8 +29,8 @@ def _queue(http: httpx.AsyncClient, pipeline: FakePipeline | None = None, **conf
     return RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", **config), http, pipeline or FakePipeline())
 
 
-def _submit(queue: RequestQueue, **overrides: Any) -> InpaintRecord:
-    return queue.submit(inpaint_input(**overrides), "http://worker")
+async def _submit(queue: RequestQueue, **overrides: Any) -> InpaintRecord:
+    return await queue.submit(inpaint_input(**overrides), "http://worker")
 
 
 async def _until_completed(*records: RequestRecord) -> None:
@@ -45,10 +45,10 @@ def _messages(record: RequestRecord) -> list[str]:
 
 async def test_positions_full_queue_and_cancel(http: httpx.AsyncClient) -> None:
     queue = _queue(http, max_queue=2)
-    first, second = _submit(queue), _submit(queue)
+    first, second = await _submit(queue), await _submit(queue)
     assert (queue.position(first), queue.position(second), queue.queue_length) == (0, 1, 2)
     with pytest.raises(QueueFull, match="queue is full"):
-        _submit(queue)
+        await _submit(queue)
 
     assert queue.cancel(first.id) == "OK"
     assert first.state == "COMPLETED" and first.error_type == "cancelled" and first.error_status == 400
@@ -67,11 +67,11 @@ async def test_positions_full_queue_and_cancel(http: httpx.AsyncClient) -> None:
 
 async def test_compatible_requests_are_batched_up_to_the_image_limit(http: httpx.AsyncClient) -> None:
     queue = _queue(http, max_batch_images=4)
-    a = _submit(queue)
-    other_steps = _submit(queue, num_inference_steps=DEFAULT_STEPS + 1)
-    b = _submit(queue, num_images=2)
-    big = _submit(queue, num_images=2)  # 1 + 2 + 2 images would pass max_batch_images
-    small = _submit(queue)  # would fit, but does not overtake the request before it
+    a = await _submit(queue)
+    other_steps = await _submit(queue, num_inference_steps=DEFAULT_STEPS + 1)
+    b = await _submit(queue, num_images=2)
+    big = await _submit(queue, num_images=2)  # 1 + 2 + 2 images would pass max_batch_images
+    small = await _submit(queue)  # would fit, but does not overtake the request before it
     assert queue.take_batch() == [a, b]
     assert list(queue.pending) == [other_steps, big, small]
     assert (queue.position(other_steps), queue.position(big), queue.position(small)) == (0, 1, 2)
@@ -86,33 +86,33 @@ async def test_compatible_requests_are_batched_up_to_the_image_limit(http: httpx
 )
 async def test_requests_that_differ_run_apart(http: httpx.AsyncClient, difference: dict[str, Any]) -> None:
     queue = _queue(http)
-    first, second = _submit(queue), _submit(queue, **difference)
+    first, second = await _submit(queue), await _submit(queue, **difference)
     assert queue.take_batch() == [first]
     assert queue.take_batch() == [second]
 
 
 async def test_different_prompts_and_seeds_share_a_batch(http: httpx.AsyncClient) -> None:
     queue = _queue(http)
-    records = [_submit(queue, prompt="a blue door", seed=1), _submit(queue, prompt="a green door", seed=2)]
+    records = [await _submit(queue, prompt="a blue door", seed=1), await _submit(queue, prompt="a green door", seed=2)]
     assert queue.take_batch() == records
 
 
 async def test_adapters_or_a_pipeline_that_cannot_batch_run_alone(http: httpx.AsyncClient) -> None:
     queue = _queue(http)
-    with_lora = [_submit(queue, loras=[{"path": "style.safetensors"}]), _submit(queue),
-                 _submit(queue, loras=[{"path": "style.safetensors"}])]
+    with_lora = [await _submit(queue, loras=[{"path": "style.safetensors"}]), await _submit(queue),
+                 await _submit(queue, loras=[{"path": "style.safetensors"}])]
     assert [queue.take_batch() for _ in with_lora] == [[record] for record in with_lora]
 
     single = _queue(http, FakePipeline(batches=False))
-    records = [_submit(single), _submit(single)]
+    records = [await _submit(single), await _submit(single)]
     assert [single.take_batch() for _ in records] == [[record] for record in records]
 
 
 async def test_the_runner_batches_what_waits_together(http: httpx.AsyncClient) -> None:
     pipeline = FakePipeline()
     queue = _queue(http, pipeline)
-    a = _submit(queue, seed=5, format="png")  # not sync_mode: the images become files
-    b = _submit(queue, num_images=2, sync_mode=True)
+    a = await _submit(queue, seed=5, format="png")  # not sync_mode: the images become files
+    b = await _submit(queue, num_images=2, sync_mode=True)
     async with queue.background_tasks():
         await _until_completed(a, b)
     assert [len(call) for call in pipeline.calls] == [2]
@@ -132,8 +132,8 @@ async def test_the_runner_batches_what_waits_together(http: httpx.AsyncClient) -
 async def test_a_request_that_cannot_be_prepared_leaves_its_batch(http: httpx.AsyncClient) -> None:
     pipeline = FakePipeline()
     queue = _queue(http, pipeline)
-    bad = _submit(queue, mask_url="data:image/png;base64,bm90IGFuIGltYWdl")
-    good = _submit(queue)
+    bad = await _submit(queue, mask_url="data:image/png;base64,bm90IGFuIGltYWdl")
+    good = await _submit(queue)
     await queue.run(queue.take_batch())
     assert bad.error_status == 422 and bad.error_type == "validation_error"
     assert bad.error_body is not None and bad.error_body["detail"][0]["loc"] == ["body", "mask_url"]
@@ -143,7 +143,7 @@ async def test_a_request_that_cannot_be_prepared_leaves_its_batch(http: httpx.As
 
 async def test_a_pipeline_error_fails_the_whole_batch(http: httpx.AsyncClient) -> None:
     queue = _queue(http, FakePipeline(error=RuntimeError("boom")))
-    records = [_submit(queue), _submit(queue)]
+    records = [await _submit(queue), await _submit(queue)]
     await queue.run(queue.take_batch())
     for record in records:
         assert (record.state, record.error_type, record.error_status) == ("COMPLETED", "runner_error", 500)
@@ -155,7 +155,7 @@ async def test_cancelling_one_request_of_a_running_batch(http: httpx.AsyncClient
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate)
     queue = _queue(http, pipeline)
-    keep, drop = _submit(queue), _submit(queue)
+    keep, drop = await _submit(queue), await _submit(queue)
     run = asyncio.create_task(queue.run(queue.take_batch()))
     assert await asyncio.to_thread(pipeline.entered.wait, 30)
     assert queue.cancel(drop.id) == "CANCELLATION_REQUESTED"
@@ -169,7 +169,7 @@ async def test_cancelling_every_request_stops_the_batch(http: httpx.AsyncClient)
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate)
     queue = _queue(http, pipeline)
-    records = [_submit(queue), _submit(queue)]
+    records = [await _submit(queue), await _submit(queue)]
     run = asyncio.create_task(queue.run(queue.take_batch()))
     assert await asyncio.to_thread(pipeline.entered.wait, 30)
     for record in records:
@@ -182,7 +182,7 @@ async def test_cancelling_every_request_stops_the_batch(http: httpx.AsyncClient)
 
 async def test_reap_frees_completed_requests_past_the_ttl(http: httpx.AsyncClient) -> None:
     queue = _queue(http, result_ttl_s=60)
-    old, recent, waiting = _submit(queue), _submit(queue), _submit(queue)
+    old, recent, waiting = await _submit(queue), await _submit(queue), await _submit(queue)
     for record in (old, recent):
         queue.cancel(record.id)
     assert old.finished_at is not None
@@ -198,10 +198,10 @@ async def test_checks_run_beside_the_batch_and_expire_like_the_others(http: http
     queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", result_ttl_s=60), http, pipeline,
                          safety=flag_red)
     async with queue.background_tasks():
-        inpaint = _submit(queue)
+        inpaint = await _submit(queue)
         assert await asyncio.to_thread(pipeline.entered.wait, 30)
-        red = queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
-        blue = queue.submit_check(NsfwCheckInput(image_url=BLUE_URI), "http://worker")
+        red = await queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
+        blue = await queue.submit_check(NsfwCheckInput(image_url=BLUE_URI), "http://worker")
         assert red.url_prefix == "fal-ai/imageutils" and inpaint.url_prefix == "fal-ai/fast-sdxl"
         await _until_completed(red, blue)
         assert inpaint.state == "IN_PROGRESS" and queue.queue_length == 1
@@ -220,7 +220,7 @@ async def test_a_failing_checker_fails_only_its_check(http: httpx.AsyncClient) -
         raise RuntimeError("no memory")
 
     queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic"), http, FakePipeline(), safety=broken)
-    record = queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
+    record = await queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
     await _until_completed(record)
     assert (record.error_type, record.error_status) == ("runner_error", 500)
     assert record.error == "the worker failed: RuntimeError: no memory"

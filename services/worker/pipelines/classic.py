@@ -5,12 +5,17 @@ Real pixels inside the mask, identical pixels outside it. The prompt is not used
 
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 from PIL import Image
 
 from services.images import MASK_THRESHOLD
 from services.worker.pipelines.base import PipelineJob, RunContext
+
+#: what a request costs on this pipeline (`cost_steps`), per megapixel of output
+CLASSIC_STEPS_PER_MEGAPIXEL = 25
 
 # Alternate the two OpenCV methods across num_images so a batch offers a choice.
 _METHODS = ((cv2.INPAINT_TELEA, "telea"), (cv2.INPAINT_NS, "navier-stokes"))
@@ -21,6 +26,11 @@ class ClassicPipeline:
     device = "cpu"
     model = "opencv-inpaint"
     batches = False
+
+    def cost_steps(self, width: int, height: int, steps: int) -> int:
+        """25 steps per megapixel: the fill's time grows with the square of the pixels (`services.worker.cost`);
+        the request's own steps don't matter (no denoising steps run)."""
+        return math.ceil(CLASSIC_STEPS_PER_MEGAPIXEL * width * height / 2**20)
 
     def warmup(self) -> None:
         image = np.zeros((16, 16, 3), np.uint8)
