@@ -348,6 +348,7 @@ async def test_no_backend_configured_runs_the_embedded_worker(tmp_path: Path, mo
             services = bot.services
             assert services.backend_choice.name == "embedded"
             assert services.backend.base_url.startswith("http://127.0.0.1:")
+            assert await services.dispatcher._keys_honoured()  # the worker's /health: a submit can be sent again
             assert "NO BACKEND CONFIGURED" in caplog.text
             await driver.slash(ALICE, "inpaint", **uploads(fake, (128, 96)), prompt="ignored by the fill",
                                size="square", format="png")

@@ -78,7 +78,7 @@ async def _wait(http: httpx.AsyncClient, status_url: str, state: str) -> dict[st
 
 
 async def test_a_trickling_image_url_does_not_delay_the_request_behind_it() -> None:
-    config = WorkerConfig(_env_file=None, pipeline="classic")
+    config = WorkerConfig(_env_file=None, pipeline="classic", fetch_allow=["127.0.0.1"], fetch_deadline_s=60)
     async with TricklingServer() as slow_url, serve(create_app(config, pipeline=FakePipeline())) as base, \
             httpx.AsyncClient(base_url=base, timeout=30) as http:
         slow = (await http.post(f"/{APP}", json=_body(image_url=slow_url))).json()
