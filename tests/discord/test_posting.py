@@ -9,7 +9,7 @@ import copy
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import discord
 
@@ -30,7 +30,7 @@ from tests.helpers.bot_env import (
     running_bot,
     uploads,
 )
-from tests.helpers.discord_harness import ALL_PERMISSIONS, FakeDiscord, FakeMessage, user
+from tests.helpers.discord_harness import ALL_PERMISSIONS, Driver, FakeDiscord, FakeMessage, user
 from tests.helpers.fal_server import FalTestServer
 from tests.helpers.waits import wait_until
 
@@ -115,13 +115,7 @@ async def test_results_posted_together_are_each_their_own(tmp_path: Path) -> Non
                 await bot.services.store.server_settings.save(PLACE.guild_id, {"modlog_channel_id": MODLOG,
                                                                                "user_concurrent": 4})
                 owner = {1: ALICE, 2: BOB, 3: ALICE}
-                for job_id, who in owner.items():
-                    await driver.slash(who, "inpaint", **uploads(fake), prompt=f"job {job_id}")
-                await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
-                for request in server.requests.values():
-                    request.queue_polls_left = 0
-                await wait_until(lambda: len(results_by_job(fake)) == 3, what="3 results")
-                shared = results_by_job(fake)[1]
+                shared = await _three_results_together(driver, fake, server, owner)
                 assert len(shared.embeds) == 3 and len(shared.components) == 3
                 assert sorted(shared.content.split()) == ["<@10>", "<@20>"]  # each author mentioned once
                 outputs = {j: (await bot.services.store.jobs.blobs(j))["output_0"].data for j in owner}
@@ -178,13 +172,7 @@ async def test_results_posted_just_before_a_crash_are_not_posted_again(tmp_path:
             config = bot_config(tmp_path, server, fal_key="k:s", channel_budget_ops=2, channel_budget_s=2.0)
             async with running_bot(config, fake) as (bot, driver):
                 await bot.services.store.server_settings.save(PLACE.guild_id, {"user_concurrent": 4})
-                for job_id, who in {1: ALICE, 2: BOB, 3: ALICE}.items():
-                    await driver.slash(who, "inpaint", **uploads(fake), prompt=f"job {job_id}")
-                await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
-                for request in server.requests.values():
-                    request.queue_polls_left = 0
-                await wait_until(lambda: len(results_by_job(fake)) == 3, what="3 results")
-                shared = results_by_job(fake)[1]
+                shared = await _three_results_together(driver, fake, server, {1: ALICE, 2: BOB, 3: ALICE})
                 assert len(shared.embeds) == 3
                 async with bot.services.store.jobs.db.transaction() as conn:  # as if the records never happened
                     await conn.execute("UPDATE jobs SET result_message_id = NULL")
@@ -195,6 +183,19 @@ async def test_results_posted_just_before_a_crash_are_not_posted_again(tmp_path:
                     assert (await bot.services.store.jobs.get(job_id)).result_message_id == shared.id
             new = [m for m in fake.messages.values() if m.id not in before and m.files]
             assert new == [], [m.embeds for m in new]
+
+
+async def _three_results_together(driver: Driver, fake: FakeDiscord, server: FalTestServer,
+                                  owner: dict[int, dict[str, Any]]) -> FakeMessage:
+    """Three jobs (`owner`: job id → who starts it) finishing at once in a channel paced at one operation a second:
+    their results go out as one message, returned."""
+    for job_id, who in owner.items():
+        await driver.slash(who, "inpaint", **uploads(fake), prompt=f"job {job_id}")
+    await wait_until(lambda: len(server.requests) == 3, what="3 submissions")
+    for request in server.requests.values():
+        request.queue_polls_left = 0
+    await wait_until(lambda: len(results_by_job(fake)) == 3, what="3 results")
+    return results_by_job(fake)[1]
 
 
 def _modlog_entry(fake: FakeDiscord, job_id: int) -> FakeMessage | None:
