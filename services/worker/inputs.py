@@ -7,6 +7,7 @@ addresses only, plus what the operator lists in FETCH_ALLOW, within FETCH_DEADLI
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,19 @@ def intake_limits(config: WorkerConfig) -> IntakeLimits:
     """The limits every image the worker fetches is held to (8 pixels: the smallest output side; the download's
     total deadline)."""
     return IntakeLimits(max_bytes=config.max_image_bytes, min_side=8, download_timeout_s=config.fetch_deadline_s)
+
+
+#: how many times the largest output's pixels an inpainting request's image may have: room for a picture larger than
+#: its output, and a bound on what decoding one request's image holds in memory while it is prepared
+INPUT_PIXELS_PER_OUTPUT_PIXEL = 4
+
+
+def inpaint_limits(config: WorkerConfig) -> IntakeLimits:
+    """`intake_limits` for an inpainting request's image and mask: at most `INPUT_PIXELS_PER_OUTPUT_PIXEL` ×
+    MAX_OUTPUT_PIXELS pixels (16.8 MP by default), so a small file can't decode to hundreds of MiB while it waits
+    to run. (The NSFW estimator takes whole uploads, and keeps the intake's own limit.)"""
+    return dataclasses.replace(intake_limits(config),
+                               max_pixels=INPUT_PIXELS_PER_OUTPUT_PIXEL * config.max_output_pixels)
 
 
 def url_policy(config: WorkerConfig) -> FetchPolicy:
@@ -142,7 +156,7 @@ async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *, htt
     Decoding and checking run in threads. Raises `RequestError` for what the client must fix. (`http` is not used:
     downloads make their own connections, to checked addresses only: `services.url_fetch`.)"""
     try:
-        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, limits=intake_limits(config),
+        prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, limits=inpaint_limits(config),
                                               policy=url_policy(config))
     except ImageInputError as exc:
         raise RequestError.from_image_error(exc, "mask_url" if exc.role == "mask" else "image_url") from exc

@@ -8,10 +8,13 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 
+from services.images import to_data_uri
 from services.worker.config import WorkerConfig
 from services.worker.inputs import RequestError, prepare_job
 from services.worker.safety import SafetyChecker
+from tests.helpers.imagegen import encode
 from tests.worker.fakes import flag_all, inpaint_input, must_not_run
 
 
@@ -58,3 +61,17 @@ async def test_an_image_that_is_not_an_image_names_its_field(http: httpx.AsyncCl
     (item,) = info.value.detail
     assert item["loc"] == ["body", "mask_url"] and item["type"].startswith("image_error.")
     assert info.value.error_type == "validation_error"
+
+
+async def test_an_image_with_more_pixels_than_the_worker_takes_is_refused(http: httpx.AsyncClient) -> None:
+    """A small file that would decode to a huge picture is refused before it is decoded: the worker takes at most
+    4 × MAX_OUTPUT_PIXELS (a 41 KB PNG of 4100 × 4100 here, against 16.8 megapixels)."""
+    big = encode(Image.new("RGB", (4100, 4100), (90, 120, 30)), "PNG")
+    assert len(big) < 100_000
+    inp = inpaint_input(image_url=to_data_uri(big, "image/png"))
+    with pytest.raises(RequestError) as info:
+        await prepare_job(inp, 1, _config(), http=http, safety=None)
+    (item,) = info.value.detail
+    assert item["loc"] == ["body", "image_url"] and item["type"] == "image_error.too_many_pixels"
+    accepted = await prepare_job(inp, 1, _config(max_output_pixels=4100 * 4100 // 4 + 1), http=http, safety=None)
+    assert accepted.image.size == (64, 64)
