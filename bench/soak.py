@@ -90,8 +90,8 @@ async def bot_main(database: Path, backend_url: str, channel: Path, concurrency:
                                  retry=RetryPolicy(3, 0.1, 0.5), request_timeout_s=5.0)
         probe = CapabilityProbe(BackendChoice("worker", backend_url, None), backend_url, http)
 
-        async def keys_honoured() -> bool:
-            return (await probe.current()).idempotency_keys
+        async def keys_honoured() -> bool | None:
+            return (await probe.current(recheck_unknown=True)).idempotency_keys
 
         dispatcher = Dispatcher(store, backend, http, ModerationLog(store.modlog), concurrency=concurrency,
                                 outage_s=120.0, keys_honoured=keys_honoured)

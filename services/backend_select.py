@@ -38,7 +38,8 @@ class Capabilities:
     safety_checker: bool | None = None
     pipeline: str | None = None
     #: a repeated submit with the same `Idempotency-Key` is answered with the request the backend already has
-    idempotency_keys: bool = False
+    #: (None: it didn't say: its /health didn't answer)
+    idempotency_keys: bool | None = None
 
 
 class CapabilityProbe:
@@ -55,9 +56,10 @@ class CapabilityProbe:
 
     async def current(self, *, recheck_no: bool = False, recheck_unknown: bool = False) -> Capabilities:
         """What the backend said; asked again when it has never answered, or (with `recheck_no` /
-        `recheck_unknown`) when it said no to a prompt expander / didn't say whether it has a safety checker, longer
-        than `recheck_s` ago."""
-        again = recheck_no or (recheck_unknown and self._known is not None and self._known.safety_checker is None)
+        `recheck_unknown`) when it said no to a prompt expander / didn't say whether it has a safety checker or
+        honours Idempotency-Key, longer than `recheck_s` ago."""
+        again = recheck_no or (recheck_unknown and self._known is not None and (
+            self._known.safety_checker is None or self._known.idempotency_keys is None))
         stale = self._known is None or (again and self.clock() - self._asked_at >= self.recheck_s)
         if stale:
             self._known = await probe_capabilities(self.choice, self.base_url, self.http)
@@ -69,8 +71,8 @@ class CapabilityProbe:
 async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.AsyncClient) -> Capabilities:
     """Hosted fal does everything its schema offers; our worker says what it can in `/health` (a worker that
     can't do something it is asked still refuses it with a 422 naming the setting)."""
-    if choice.name == "fal":
-        return Capabilities(expand_prompt=True, safety_checker=True)
+    if choice.name == "fal":  # fal's documentation promises nothing about a repeated submit
+        return Capabilities(expand_prompt=True, safety_checker=True, idempotency_keys=False)
     try:
         response = await http.get(f"{base_url.rstrip('/')}/health", timeout=10.0)
         health = response.json()
@@ -78,7 +80,7 @@ async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.A
         log.warning("could not read the worker's /health at %s: assuming it can't expand prompts", base_url)
         return Capabilities()
     if not isinstance(health, dict):
-        return Capabilities()
+        return Capabilities(idempotency_keys=False)
     checker = health.get("safety_checker")
     pipeline = health.get("pipeline")
     return Capabilities(expand_prompt=health.get("expand_prompt") is True,

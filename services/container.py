@@ -85,8 +85,8 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         upload_check = UploadCheck(store, backend, threshold=config.nsfw_threshold)
         capabilities = CapabilityProbe(choice, base_url, http)
 
-        async def keys_honoured() -> bool:
-            return (await capabilities.current()).idempotency_keys
+        async def keys_honoured() -> bool | None:
+            return (await capabilities.current(recheck_unknown=True)).idempotency_keys
 
         dispatcher = Dispatcher(store, backend, http, modlog, upload_check=upload_check,
                                 concurrency=config.dispatch_concurrency, deadline_s=config.backend_total_timeout_s,

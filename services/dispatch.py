@@ -36,6 +36,7 @@ from PIL import Image
 from services.backends.fal_queue import (
     FalAuthError,
     FalError,
+    FalHTTPError,
     FalNotFoundError,
     FalQueueClient,
     FalRequestFailed,
@@ -100,7 +101,7 @@ class Outage:
         return float(min(0.5 * 2 ** (self._tries - 1), 10.0, self.limit_s - waited))
 
 
-async def _never() -> bool:
+async def _never() -> bool | None:
     return False
 
 
@@ -153,10 +154,11 @@ class Dispatcher:
     def __init__(self, store: Store, backend: FalQueueClient, http: httpx.AsyncClient, modlog: ModerationLog, *,
                  upload_check: UploadCheck | None = None, concurrency: int = 4, max_attempts: int = 3,
                  deadline_s: float = 600.0, outage_s: float = 120.0,
-                 keys_honoured: Callable[[], Awaitable[bool]] = _never, event_interval_s: float = 2.0,
+                 keys_honoured: Callable[[], Awaitable[bool | None]] = _never, event_interval_s: float = 2.0,
                  results_from: FetchPolicy | None = None) -> None:
         """`deadline_s`: a job's total time at the backend; `outage_s`: how long an unreachable backend is waited
-        for; `keys_honoured`: whether the backend answers a repeated `Idempotency-Key` with the request it has;
+        for; `keys_honoured`: whether the backend answers a repeated `Idempotency-Key` with the request it has (None:
+        it hasn't said yet);
         `results_from`: where result images may be downloaded from (default: the backend's own origin, and hosted
         fal's CDN)."""
         self.store = store
@@ -181,6 +183,9 @@ class Dispatcher:
         self._keys_honoured = keys_honoured
         self._storage_failures: Counter[int] = Counter()
         self._retrying: dict[int, asyncio.Task[None]] = {}  # jobs waiting out a database error
+        self._submits: dict[int, asyncio.Task[QueueHandle]] = {}  # submits on the wire, by job
+        #: requests the backend took whose handles aren't recorded yet (the database failed): used before sending again
+        self._handles: dict[int, QueueHandle] = {}
         #: the order jobs started in (job ids), for tests and the fairness benchmark
         self.started: list[int] = []
 
@@ -208,7 +213,7 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Stop without changing any job's state: whatever was in flight resumes on the next start."""
-        tasks = [task for _, task in self._running.values()] + list(self._retrying.values())
+        tasks = [task for _, task in self._running.values()] + [*self._retrying.values(), *self._submits.values()]
         if self._scheduler is not None:
             tasks.append(self._scheduler)
         for task in tasks:
@@ -217,6 +222,8 @@ class Dispatcher:
         self._scheduler = None
         self._running.clear()
         self._retrying.clear()
+        self._submits.clear()
+        self._handles.clear()
         self._queue = FairQueue()
 
     # --- operations ---------------------------------------------------------------------------------
@@ -265,9 +272,18 @@ class Dispatcher:
         await self._cancel_at_backend(job)
         return True
 
-    async def _cancel_at_backend(self, job: Job) -> None:
-        handle = _handle(job)
+    async def _cancel_at_backend(self, job: Job, *, wait_for_submit: bool = False) -> None:
+        """Cancel the job's request at the backend: the recorded one, or one its submit may have created (learnt by
+        sending its key again, where the backend honours keys). A submit on the wire is left to the job's own run,
+        which cancels once it answers, unless `wait_for_submit` (that run is over)."""
+        if (not wait_for_submit and _handle(job) is None and job.id not in self._handles
+                and job.id in self._submits):
+            return
+        handle = await self._known_request(job)
         if handle is None:
+            if job.submit_key is not None:
+                await self.jobs.add_event(job.id, "note", "cancelled, but a request its submit may have created at "
+                                          "the backend can't be found to cancel there")
             return
         try:
             async with asyncio.timeout(15.0):
@@ -326,26 +342,27 @@ class Dispatcher:
             self._running.pop(item.job_id, None)
             self._wakeup.set()
         if storage_error is not None:
-            await self._retry_after_storage_error(item, storage_error)
+            self._retry_after_storage_error(item, storage_error)
 
-    async def _retry_after_storage_error(self, item: QueuedJob, exc: sqlite3.Error) -> None:
+    def _retry_after_storage_error(self, item: QueuedJob, exc: sqlite3.Error) -> None:
         """The database failed while running a job: put the job back in the queue after a backoff (it resumes from
         what the database last recorded), and tell its user when this persists."""
         failures = self._storage_failures[item.job_id] = self._storage_failures[item.job_id] + 1
         delay = min(0.5 * 2 ** (failures - 1), MAX_STORAGE_RETRY_S)
         log.error("job %s: database error (%s, %d in a row); trying it again in %.1f s", item.job_id, exc, failures,
                   delay)
-        if failures == TELL_AFTER_STORAGE_FAILURES:
-            await self._tell_storage_trouble(item.job_id)
 
         async def requeue() -> None:
+            if failures == TELL_AFTER_STORAGE_FAILURES:
+                await self._tell_storage_trouble(item.job_id)
             await asyncio.sleep(delay)
             self._retrying.pop(item.job_id, None)
-            if item.job_id not in self._queue and item.job_id not in self._running:
+            if self.running and item.job_id not in self._queue and item.job_id not in self._running:
                 self._queue.push(item)
                 self._wakeup.set()
 
-        self._retrying[item.job_id] = asyncio.create_task(requeue(), name=f"job-{item.job_id}-retry")
+        if self.running:  # a dispatcher being closed starts nothing new: the next start recovers the job
+            self._retrying[item.job_id] = asyncio.create_task(requeue(), name=f"job-{item.job_id}-retry")
 
     async def _tell_storage_trouble(self, job_id: int) -> None:
         try:
@@ -392,11 +409,17 @@ class Dispatcher:
                 handle = _handle(job)
                 if job.status is JobStatus.QUEUED or handle is None:
                     if job_id in self._cancel_requested:
+                        await self._cancel_at_backend(job)  # a request its submit may have left there
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
                         return None
-                    if job.submit_key is not None and not await self._keys_honoured():
-                        await self._end(job_id, JobStatus.FAILED, _MAYBE_SUBMITTED, retryable=True)
-                        return None
+                    if job.submit_key is not None and job_id not in self._handles:
+                        honoured = await self._keys_honoured()
+                        if honoured is None:  # wait for the backend to say, as for an outage
+                            raise FalUnavailableError("the backend hasn't said (/health) whether it honours "
+                                                      "Idempotency-Key, so this job's submit can't be sent again yet")
+                        if not honoured:
+                            await self._end(job_id, JobStatus.FAILED, _MAYBE_SUBMITTED, retryable=True)
+                            return None
                     if not await self._upload_allowed(job):
                         return None
                     job, handle = await self._submit(job, progress)
@@ -438,7 +461,7 @@ class Dispatcher:
         job = await self.jobs.get(job_id)
         if job.terminal:
             return
-        await self._cancel_at_backend(job)
+        await self._cancel_at_backend(job, wait_for_submit=True)  # the deadline may have cut a submit short
         await self._end(job_id, JobStatus.FAILED, f"The backend didn't finish this job within "
                         f"{_duration(self.deadline_s)}, so it was stopped. Try again in a while.", retryable=True,
                         data={"deadline_at": job.deadline_at})
@@ -461,27 +484,74 @@ class Dispatcher:
         return True
 
     async def _submit(self, job: Job, progress: Progress) -> tuple[Job, QueueHandle]:
-        """Record the submission's key, then send it (a job that already has a key sends it again with it)."""
-        body = await self._request_body(job)
-        fresh = job.submit_key is None
-        if fresh:
-            job = await self.jobs.begin_submit(job.id, f"job-{job.id}-{job.attempts + 1}-{secrets.token_hex(8)}")
-        assert job.submit_key is not None
-        try:
-            handle = await self.backend.submit(body, idempotency_key=job.submit_key)
-        except FalSubmitUncertain:
-            raise  # the key stays: whatever is sent next for this job carries it
-        except FalUnavailableError as exc:
-            if fresh:  # never arrived (no connection, or refused with 429/503): nothing to find at the backend
-                await self.jobs.forget_submit(job.id, str(exc))
-            raise
+        """Record the submission's key, then send it (a job that already has a key sends it again with it), then
+        record the request. The POST runs on, shielded, if the job's deadline interrupts it (`_overdue` cancels what
+        it created); a request taken whose record failed is kept here, so the retry records it instead of sending
+        again."""
+        handle = self._handles.get(job.id)
+        if handle is None:
+            body = await self._request_body(job)
+            fresh = job.submit_key is None
+            if fresh:
+                job = await self.jobs.begin_submit(job.id, f"job-{job.id}-{job.attempts + 1}-{secrets.token_hex(8)}")
+            assert job.submit_key is not None
+            try:
+                handle = await asyncio.shield(self._send(job.id, body, job.submit_key))
+            except FalSubmitUncertain:
+                raise  # the key stays: whatever is sent next for this job carries it
+            except FalUnavailableError as exc:
+                if fresh:  # never arrived (no connection, or refused with 429/503): nothing to find at the backend
+                    await self.jobs.forget_submit(job.id, str(exc))
+                raise
+            except FalHTTPError as exc:
+                if fresh and _refused(exc):  # answered "no": nothing was created there (nor spent)
+                    await self.jobs.forget_submit(job.id, str(exc))
+                raise
         job = await self.jobs.transition(
             job.id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
             backend_request_id=handle.request_id, status_url=handle.status_url, response_url=handle.response_url,
             cancel_url=handle.cancel_url)
+        self._handles.pop(job.id, None)
         progress.status = job.status
         await self.listener.job_progress(job, progress)
         return job, handle
+
+    def _send(self, job_id: int, body: dict[str, Any], key: str) -> asyncio.Task[QueueHandle]:
+        """The POST, as a task of its own (kept in `_submits` while on the wire); a handle it gets is kept in
+        `_handles` until the job records it."""
+        task = asyncio.create_task(self.backend.submit(body, idempotency_key=key), name=f"job-{job_id}-submit")
+        self._submits[job_id] = task
+
+        def settled(done: asyncio.Task[QueueHandle]) -> None:
+            if self._submits.get(job_id) is done:
+                del self._submits[job_id]
+            if not done.cancelled() and done.exception() is None:
+                self._handles[job_id] = done.result()
+
+        task.add_done_callback(settled)
+        return task
+
+    async def _known_request(self, job: Job) -> QueueHandle | None:
+        """The backend's request for a job whose handle isn't recorded: a submit still on the wire is waited for;
+        a key the backend honours is sent again to learn it. None when there is none (or no way to know)."""
+        handle = _handle(job) or self._handles.get(job.id)
+        if handle is not None:
+            return handle
+        task = self._submits.get(job.id)
+        if task is not None:
+            try:
+                async with asyncio.timeout(30.0):
+                    return await asyncio.shield(task)
+            except (FalError, TimeoutError):
+                pass
+        if job.submit_key is None or await self._keys_honoured() is not True:
+            return None
+        try:
+            async with asyncio.timeout(30.0):
+                return await self.backend.submit(await self._request_body(job), idempotency_key=job.submit_key)
+        except (FalError, UserError, TimeoutError) as exc:
+            log.warning("job %s: could not learn its request at the backend: %s", job.id, exc)
+            return None
 
     async def _lost(self, job_id: int, exc: FalNotFoundError) -> Job | None:
         """The backend doesn't know the request: queue the job to submit again (None when it ended instead)."""
@@ -579,6 +649,7 @@ class Dispatcher:
                 return
             spoiler = action == "spoiler"
         job = await self.jobs.transition(job_id, JobStatus.SUCCEEDED, result=result, blobs=blobs)
+        self._ended(job_id)
         await self.listener.job_succeeded(job, output, list(blobs.values()), spoiler=spoiler)
 
     async def _stitched(self, job: Job, plan: CropPlan, outputs: dict[str, Blob],
@@ -654,13 +725,25 @@ class Dispatcher:
                                               data={"retryable": retryable, **(data or {})})
         except IllegalTransition:
             job = await self.jobs.get(job_id)
+        self._ended(job_id)
         log.info("job %s ended %s: %s", job_id, job.status, job.error)
         await self.listener.job_ended(job)
+
+    def _ended(self, job_id: int) -> None:
+        """Forget what was kept about a job while it ran (it has ended)."""
+        self._cancel_requested.discard(job_id)
+        self._handles.pop(job_id, None)
+        self._storage_failures.pop(job_id, None)
 
 
 _MAYBE_SUBMITTED = ("The connection to the backend broke while this job was being sent, so it may or may not have "
                     "started there. To be sure it doesn't run (and cost) twice, it was stopped: press Retry to run it "
                     "again.")
+
+
+def _refused(exc: FalHTTPError) -> bool:
+    """A definite "no" to a submit (a 4xx other than the busy ones): the backend created nothing."""
+    return 400 <= exc.status_code < 500 and exc.status_code not in (408, 409, 429)
 
 
 def _duration(seconds: float) -> str:

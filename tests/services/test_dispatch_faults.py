@@ -251,3 +251,103 @@ async def test_results_come_only_from_the_backend_or_the_hosts_the_operator_allo
         await dispatcher.close()
         assert ended.status is JobStatus.FAILED and "could not be downloaded" in (ended.error or "")
         assert elsewhere.hits("file") == []
+
+
+async def test_a_database_error_right_after_the_submit_records_the_request_it_got(tmp_path: Path) -> None:
+    """The backend took the request, then the database failed to record it: the retry records the request the
+    submit got (kept in memory) instead of sending it again, or failing it as "maybe submitted" (a backend without
+    keys) while the request runs unfollowed."""
+    async with rig(tmp_path, queue_polls=1, progress_logs=1) as r:
+        late = r.server.inject("submit", "late", delay_s=0.4, times=1)
+        job = await r.job()
+        dispatcher = r.dispatcher(keys_honoured=honoured(False))
+        await dispatcher.start(r.listener)
+        for _ in range(300):
+            if late.times == 0:  # the request exists; its answer is on the way
+                break
+            await asyncio.sleep(0.01)
+        db = r.store.jobs.db
+        await db.fetch_all("PRAGMA query_only = 1")
+        await asyncio.sleep(1.0)
+        await db.fetch_all("PRAGMA query_only = 0")
+        (ended,) = await r.ended(job)
+        await dispatcher.close()
+        assert ended.status is JobStatus.SUCCEEDED, ended.error
+        assert len(r.server.hits("submit")) == 1 and len(r.server.requests) == 1
+
+
+async def test_a_deadline_that_cuts_a_submit_short_cancels_what_it_created(tmp_path: Path) -> None:
+    async with rig(tmp_path, queue_polls=1000) as r:
+        r.server.inject("submit", "late", delay_s=1.0, times=1)
+        job = await r.job()
+        dispatcher = r.dispatcher(deadline_s=0.4)
+        await dispatcher.start(r.listener)
+        (ended,) = await r.ended(job)
+        await dispatcher.close()
+        assert ended.status is JobStatus.FAILED and "didn't finish" in (ended.error or "")
+        (request,) = r.server.requests.values()
+        assert request.error_type == "cancelled" and len(r.server.hits("cancel")) == 1
+
+
+async def test_a_cancel_while_an_uncertain_submit_waits_cancels_it_at_the_backend(tmp_path: Path) -> None:
+    """The submit's answer was lost (the job waits to send it again with its key): Cancel learns the request by
+    sending the key again, and cancels it there."""
+    async with rig(tmp_path, queue_polls=1000) as r:
+        r.server.honour_keys = True
+        r.server.inject("submit", "late", delay_s=0.5, times=1)
+        r.server.inject("submit", "status", code=503, times=-1)  # then the backend is too busy to take it again
+        job = await r.job()
+        dispatcher = r.dispatcher(request_timeout_s=0.2, keys_honoured=honoured(True), outage_s=30.0)
+        await dispatcher.start(r.listener)
+        for _ in range(300):
+            if r.server.requests and len(r.server.hits("submit")) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        r.server.faults.clear()
+        assert await dispatcher.cancel(job.id)
+        (ended,) = await r.ended(job)
+        await dispatcher.close()
+        assert ended.status is JobStatus.CANCELLED
+        (request,) = r.server.requests.values()
+        assert request.error_type == "cancelled"
+        assert not dispatcher._cancel_requested  # nothing kept about a job that ended
+
+
+async def test_a_refused_submit_leaves_nothing_to_find(tmp_path: Path) -> None:
+    """A 422 on the submit: the backend created nothing, so the job's key is forgotten (a key would mean "maybe at
+    the backend", and keep the job's cost on the day's spending)."""
+    async with rig(tmp_path) as r:
+        r.server.inject("submit", "status", code=422, body={"detail": [{"loc": ["body", "prompt"], "msg": "bad",
+                                                                        "type": "value_error"}]})
+        job = await r.job()
+        dispatcher = r.dispatcher()
+        await dispatcher.start(r.listener)
+        (ended,) = await r.ended(job)
+        await dispatcher.close()
+        assert ended.status is JobStatus.FAILED and ended.submit_key is None
+
+
+async def test_whether_a_backend_honours_keys_is_asked_again_until_it_says(tmp_path: Path) -> None:
+    """The worker isn't listening yet when the bot starts (it loads its model first): "unknown", not "no", and
+    asked again, so a job found with a submit key waits for the answer instead of failing."""
+    from services.backend_select import BackendChoice, CapabilityProbe
+
+    now = [0.0]
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with httpx.AsyncClient() as http:
+        probe = CapabilityProbe(BackendChoice("worker", url, None), url, http, recheck_s=5, clock=lambda: now[0])
+        assert (await probe.current(recheck_unknown=True)).idempotency_keys is None
+        async with FalTestServer(key=None, port=port) as worker:
+            worker.health = {"ready": True, "idempotency_keys": True}
+            assert (await probe.current(recheck_unknown=True)).idempotency_keys is None  # asked 0 s ago
+            now[0] = 6.0
+            assert (await probe.current(recheck_unknown=True)).idempotency_keys is True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
