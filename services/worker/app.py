@@ -75,7 +75,10 @@ log = logging.getLogger(__name__)
 
 #: submit bodies larger than this (data URIs) are read a few at a time (`_body_slot`); smaller ones at once
 LARGE_BODY_BYTES = 1024 * 1024
-LARGE_BODIES_AT_ONCE = 1
+LARGE_BODIES_AT_ONCE = 2
+#: the longest a submit body may take to arrive (it holds a slot meanwhile): a client that stops sending is answered
+#: 408 and frees its slot (enough for the largest body at about 1 MB/s)
+BODY_READ_S = 60.0
 #: how long a large submit waits for its turn before it is answered 503 (Retry-After)
 BODY_SLOT_WAIT_S = 30.0
 
@@ -293,9 +296,12 @@ async def _accept(request: Request[WorkerState]) -> RequestRecord | Response:
     if submit_to is None:
         return json_response({"detail": f"unknown app; this worker serves {' and '.join(_APPS)}"}, 404)
     try:
-        body = await read_json_body(request, max_bytes=max_body_bytes(request.state["config"].max_image_bytes))
+        async with asyncio.timeout(BODY_READ_S):
+            body = await read_json_body(request, max_bytes=max_body_bytes(request.state["config"].max_image_bytes))
     except BodyError as exc:
         return json_response({"detail": exc.detail}, 422)
+    except TimeoutError:
+        return json_response({"detail": f"the request body didn't arrive within {BODY_READ_S:g} s"}, 408)
     try:
         return await submit_to(request, body)
     except ValidationError as exc:

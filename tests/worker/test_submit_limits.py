@@ -156,3 +156,26 @@ async def test_large_bodies_wait_their_turn_and_are_served(chunked: bool) -> Non
         assert [resp.status_code for resp in sent] == [200, 200, 200]
         for resp in sent:
             await _wait(http, resp.json()["status_url"], "COMPLETED")
+
+
+async def test_a_client_that_stops_sending_its_body_frees_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two connections announce 3 MB submits and send one byte: past the body deadline each is answered 408, and a
+    real large submit behind them is served (they can't hold the large-body slots for as long as they stay open)."""
+    monkeypatch.setattr("services.worker.app.BODY_READ_S", 0.5)
+    body = _body(image_url=_noise_uri(600), image_size={"width": 64, "height": 64})
+    async with serve(create_app(_config(), pipeline=FakePipeline())) as base, \
+            httpx.AsyncClient(base_url=base, timeout=30) as http:
+        host, port = base.removeprefix("http://").split(":")
+        stalled = []
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(f"POST /{APP} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 3000000\r\n\r\n{{".encode())
+            await writer.drain()
+            stalled.append((reader, writer))
+        resp = await http.post(f"/{APP}", json=body)
+        assert resp.status_code == 200
+        for reader, writer in stalled:
+            answer = await asyncio.wait_for(reader.read(200), 5)
+            assert answer.startswith(b"HTTP/1.1 408")
+            writer.close()
