@@ -17,8 +17,6 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpx
-
 from services.images import IntakeLimits, prepare_inputs, prepare_inputs_async
 from services.job_state import JobStatus
 from services.store import Store
@@ -68,10 +66,9 @@ async def main(runs: int) -> None:
         sync_samples.append(time.perf_counter() - start)
     print(f"intake, in the calling thread:       {_pct(sync_samples)}")
 
-    async with httpx.AsyncClient() as http:
-        async def intake() -> object:
-            return await prepare_inputs_async(image, mask, http=http, limits=LIMITS)
-        print(f"intake, async (worker thread):       {_pct(await _time(intake, runs))}")
+    async def intake() -> object:
+        return await prepare_inputs_async(image, mask, limits=LIMITS)
+    print(f"intake, async (worker thread):       {_pct(await _time(intake, runs))}")
 
     prepared = prepare_inputs(image, mask, limits=LIMITS)
     with tempfile.TemporaryDirectory() as tmp:

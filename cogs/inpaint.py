@@ -190,7 +190,7 @@ class Inpaint(commands.Cog):
 
         async def prepare() -> PreparedInputs:
             image_bytes, mask_bytes = await upload.read()
-            return await prepare_inputs_async(image_bytes, mask_bytes, http=services.http, limits=limits,
+            return await prepare_inputs_async(image_bytes, mask_bytes, limits=limits,
                                               options=mask_options)
 
         try:

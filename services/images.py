@@ -19,7 +19,6 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-import httpx
 from PIL import Image, ImageChops, ImageFilter, ImageOps, UnidentifiedImageError
 
 from services.blob import Blob
@@ -150,15 +149,14 @@ def parse_data_uri(uri: str, *, max_bytes: int) -> bytes:
         raise ImageInputError("bad_source", "That data URI is not valid base64.") from exc
 
 
-async def fetch_source(source: str | bytes, *, http: httpx.AsyncClient | None = None, limits: IntakeLimits,
-                       role: str = "image", policy: FetchPolicy = STRICT) -> bytes:
+async def fetch_source(source: str | bytes, *, limits: IntakeLimits, role: str = "image",
+                       policy: FetchPolicy = STRICT) -> bytes:
     """Bytes from raw bytes, a `data:` URI or an `http(s)` URL, never reading more than `limits.max_bytes`.
 
     A URL is downloaded as `policy` allows (`services.url_fetch`; the default, `STRICT`, reaches public addresses
     only), within `limits.download_timeout_s` in all. Every failed download reads the same to the user
     (`url_fetch.PUBLIC_MESSAGE`: "download_failed"), except a file over the cap ("too_many_bytes"); the cause is
-    logged. `http` is not used for downloads (each has its own connections, made only to checked addresses); it
-    is still accepted so callers needn't change.
+    logged. Each download makes its own connections, only to addresses the policy checked.
     """
     try:
         if isinstance(source, bytes):
@@ -523,8 +521,8 @@ def prepare_inputs(image_bytes: bytes, mask_bytes: bytes | None, *, limits: Inta
     return assemble_inputs(decoded, image_bytes, mask_l, options, mask_rgb=mask_rgb)
 
 
-async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, http: httpx.AsyncClient | None = None,
-                               limits: IntakeLimits, options: MaskOptions = MaskOptions(),
+async def prepare_inputs_async(image: str | bytes, mask: str | bytes | None, *, limits: IntakeLimits,
+                               options: MaskOptions = MaskOptions(),
                                policy: FetchPolicy = STRICT) -> PreparedInputs:
     """Fetch (bytes, data: URI or http(s) URL, URLs as `policy` allows: `fetch_source`) and prepare an image and
     mask without blocking the loop.

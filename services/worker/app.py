@@ -40,7 +40,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypedDict
 
-import httpx
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -113,10 +112,9 @@ async def lifespan(app: Starlette, *, config: WorkerConfig, pipeline: Pipeline |
                    expander: PromptExpander | None) -> AsyncIterator[WorkerState]:
     """Load the models, then run the queue (its runner and reaper) for as long as the app serves."""
     models = await load_models(config, pipeline, safety, expander)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)) as http:
-        queue = RequestQueue(config, http, models.pipeline, models.safety, models.expander)
-        async with queue.background_tasks():
-            yield {"config": config, "queue": queue, "large_bodies": asyncio.Semaphore(LARGE_BODIES_AT_ONCE)}
+    queue = RequestQueue(config, models.pipeline, models.safety, models.expander)
+    async with queue.background_tasks():
+        yield {"config": config, "queue": queue, "large_bodies": asyncio.Semaphore(LARGE_BODIES_AT_ONCE)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 
-import httpx
 from PIL import Image
 
 from services.images import ImageInputError, decode_image, fetch_source, to_rgb
@@ -34,10 +33,10 @@ def nsfw_probability(flagged: bool) -> float:
     return 1.0 if flagged else 0.0
 
 
-async def fetch_check_image(image_url: str, config: WorkerConfig, http: httpx.AsyncClient) -> Image.Image:
+async def fetch_check_image(image_url: str, config: WorkerConfig) -> Image.Image:
     """The image at `image_url` (http(s) URL or data URI), decoded in a thread to RGB. Raises `RequestError` on
-    `image_url` for an image the client must fix. The URL is fetched as `inputs.url_policy` allows (`http` is not
-    used: downloads make their own connections, to checked addresses only)."""
+    `image_url` for an image the client must fix. The URL is fetched as `inputs.url_policy` allows (downloads make
+    their own connections, to checked addresses only)."""
     limits = intake_limits(config)
     try:
         data = await fetch_source(image_url, limits=limits, role="image", policy=url_policy(config))
@@ -46,14 +45,13 @@ async def fetch_check_image(image_url: str, config: WorkerConfig, http: httpx.As
         raise RequestError.from_image_error(exc, "image_url") from exc
 
 
-async def run_check(record: CheckRecord, config: WorkerConfig, http: httpx.AsyncClient,
-                    safety: SafetyChecker) -> None:
+async def run_check(record: CheckRecord, config: WorkerConfig, safety: SafetyChecker) -> None:
     """Start `record`, check its image and complete it: with the output, the image's 422, or cancelled."""
     ctx = record.start()
     record.add_log("estimating the NSFW probability with the safety checker (v1: it answers 1.0 for a flagged "
                    "image, 0.0 for any other)")
     try:
-        image = await fetch_check_image(record.input.image_url, config, http)
+        image = await fetch_check_image(record.input.image_url, config)
         ctx.check()
         start = time.perf_counter()
         flagged = (await asyncio.to_thread(safety, [image]))[0]

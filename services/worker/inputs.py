@@ -12,7 +12,6 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-import httpx
 from PIL import Image
 
 from services.images import MASK_THRESHOLD, ImageInputError, IntakeLimits, PreparedInputs, prepare_inputs_async
@@ -149,12 +148,12 @@ def build_job(inp: InpaintInput, prepared: PreparedInputs, seed: int, config: Wo
         seeds=tuple((seed + i) % SEED_SPACE for i in range(inp.num_images)), loras=loras, embeddings=embeddings)
 
 
-async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *, http: httpx.AsyncClient,
+async def prepare_job(inp: InpaintInput, seed: int, config: WorkerConfig, *,
                       safety: SafetyChecker | None) -> PipelineJob:
     """Fetch and decode the request's image and mask, build its job and, when the request wants the safety
     checker and the worker checks inputs, check the upload too (nobody gets to launder an image through the bot).
-    Decoding and checking run in threads. Raises `RequestError` for what the client must fix. (`http` is not used:
-    downloads make their own connections, to checked addresses only: `services.url_fetch`.)"""
+    Decoding and checking run in threads. Raises `RequestError` for what the client must fix. (Downloads make their
+    own connections, to checked addresses only: `services.url_fetch`.)"""
     try:
         prepared = await prepare_inputs_async(inp.image_url, inp.mask_url, limits=inpaint_limits(config),
                                               policy=url_policy(config))

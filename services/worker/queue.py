@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-import httpx
 from PIL import Image
 
 from services.schema import CancelOutcome, InpaintInput, NsfwCheckInput
@@ -76,12 +75,11 @@ class RequestQueue:
     """Holds the requests of every app and runs them: inpainting a batch at a time through the pipeline (prepared
     ahead), NSFW checks through the safety checker as they come."""
 
-    def __init__(self, config: WorkerConfig, http: httpx.AsyncClient, pipeline: Pipeline,
+    def __init__(self, config: WorkerConfig, pipeline: Pipeline,
                  safety: SafetyChecker | None = None, expander: PromptExpander | None = None,
                  storage: RequestStorage | None = None) -> None:
         """Without `storage`, the queue keeps its data in WORKER_DATA_DIR (or a temporary folder) until `close()`."""
         self.config = config
-        self.http = http  # fetches image and mask URLs
         self.pipeline = pipeline
         self.safety = safety
         self.expander = expander
@@ -386,7 +384,7 @@ class RequestQueue:
                     record.waiting = None
                     record.input = record.input.model_copy(update={"image_url": image_url})
                     del image_url
-                    await run_check(record, self.config, self.http, self.safety)
+                    await run_check(record, self.config, self.safety)
                 finally:
                     record.input = record.input.model_copy(update={"image_url": ""})
                     self.checks_running.remove(record)
@@ -411,7 +409,7 @@ class RequestQueue:
                 image_url, mask_url = await asyncio.to_thread(self.storage.take_sources, sources)
             inp = record.input.model_copy(update={"image_url": image_url, "mask_url": mask_url})
             del image_url, mask_url
-            return await prepare_job(inp, record.seed, self.config, http=self.http, safety=self.safety)
+            return await prepare_job(inp, record.seed, self.config, safety=self.safety)
         except RequestError as exc:
             self._leave_queue(record)
             record.add_log(f"request error: {exc}", "ERROR")

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -287,8 +286,7 @@ async def test_intake_does_not_block_the_event_loop() -> None:
 
     tick = asyncio.create_task(ticker())
     start = time.perf_counter()
-    async with httpx.AsyncClient() as http:
-        await prepare_inputs_async(big, mask, http=http, limits=LIMITS)
+    await prepare_inputs_async(big, mask, limits=LIMITS)
     elapsed = time.perf_counter() - start
     done.set()
     await tick
@@ -310,13 +308,12 @@ def _is_binary(mask: Image.Image) -> bool:
 
 
 async def test_when_both_files_are_bad_the_image_error_is_reported() -> None:
-    async with httpx.AsyncClient() as http:
-        with pytest.raises(ImageInputError) as info:
-            await prepare_inputs_async(b"not an image at all", b"nor is this", http=http, limits=LIMITS)
-        assert info.value.role == "image"
-        with pytest.raises(ImageInputError) as info:
-            await prepare_inputs_async(encode(photo()), b"nor is this", http=http, limits=LIMITS)
-        assert info.value.role == "mask" and info.value.code == "not_an_image"
+    with pytest.raises(ImageInputError) as info:
+        await prepare_inputs_async(b"not an image at all", b"nor is this", limits=LIMITS)
+    assert info.value.role == "image"
+    with pytest.raises(ImageInputError) as info:
+        await prepare_inputs_async(encode(photo()), b"nor is this", limits=LIMITS)
+    assert info.value.role == "mask" and info.value.code == "not_an_image"
 
 
 def _strokes(size: tuple[int, int] = (256, 192), colour: tuple[int, int, int] = (255, 0, 255)) -> tuple[

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from services.schema import InpaintOutput, NsfwCheckInput
@@ -19,14 +18,8 @@ from services.worker.records import InpaintRecord, RequestRecord
 from tests.worker.fakes import BLUE_URI, DEFAULT_STEPS, RED_URI, FakePipeline, flag_red, inpaint_input
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:  # the requests' images are data URIs: nothing is downloaded
-        yield client
-
-
-def _queue(http: httpx.AsyncClient, pipeline: FakePipeline | None = None, **config: Any) -> RequestQueue:
-    return RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", **config), http, pipeline or FakePipeline())
+def _queue(pipeline: FakePipeline | None = None, **config: Any) -> RequestQueue:
+    return RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", **config), pipeline or FakePipeline())
 
 
 async def _submit(queue: RequestQueue, **overrides: Any) -> InpaintRecord:
@@ -43,8 +36,8 @@ def _messages(record: RequestRecord) -> list[str]:
     return [line["message"] for line in record.logs]
 
 
-async def test_positions_full_queue_and_cancel(http: httpx.AsyncClient) -> None:
-    queue = _queue(http, max_queue=2)
+async def test_positions_full_queue_and_cancel() -> None:
+    queue = _queue(max_queue=2)
     first, second = await _submit(queue), await _submit(queue)
     assert (queue.position(first), queue.position(second), queue.queue_length) == (0, 1, 2)
     with pytest.raises(QueueFull, match="queue is full"):
@@ -65,8 +58,8 @@ async def test_positions_full_queue_and_cancel(http: httpx.AsyncClient) -> None:
     assert _messages(running)[-1] == "cancellation requested"
 
 
-async def test_compatible_requests_are_batched_up_to_the_image_limit(http: httpx.AsyncClient) -> None:
-    queue = _queue(http, max_batch_images=4)
+async def test_compatible_requests_are_batched_up_to_the_image_limit() -> None:
+    queue = _queue(max_batch_images=4)
     a = await _submit(queue)
     other_steps = await _submit(queue, num_inference_steps=DEFAULT_STEPS + 1)
     b = await _submit(queue, num_images=2)
@@ -84,33 +77,34 @@ async def test_compatible_requests_are_batched_up_to_the_image_limit(http: httpx
     [{"num_inference_steps": DEFAULT_STEPS + 1}, {"strength": 0.5}, {"guidance_scale": 2.0},
      {"image_size": {"width": 128, "height": 64}}, {"negative_prompt": "blurry"}],
 )
-async def test_requests_that_differ_run_apart(http: httpx.AsyncClient, difference: dict[str, Any]) -> None:
-    queue = _queue(http)
+async def test_requests_that_differ_run_apart(difference: dict[str, Any]) -> None:
+    queue = _queue()
     first, second = await _submit(queue), await _submit(queue, **difference)
     assert queue.take_batch() == [first]
     assert queue.take_batch() == [second]
 
 
-async def test_different_prompts_and_seeds_share_a_batch(http: httpx.AsyncClient) -> None:
-    queue = _queue(http)
+async def test_different_prompts_and_seeds_share_a_batch() -> None:
+    queue = _queue()
     records = [await _submit(queue, prompt="a blue door", seed=1), await _submit(queue, prompt="a green door", seed=2)]
     assert queue.take_batch() == records
 
 
-async def test_adapters_or_a_pipeline_that_cannot_batch_run_alone(http: httpx.AsyncClient) -> None:
-    queue = _queue(http)
+async def test_adapters_or_a_pipeline_that_cannot_batch_run_alone(tmp_path: Path) -> None:
+    (tmp_path / "style.safetensors").write_bytes(b"")  # found, so preparing it (which may start at once) succeeds
+    queue = _queue(lora_dir=tmp_path)
     with_lora = [await _submit(queue, loras=[{"path": "style.safetensors"}]), await _submit(queue),
                  await _submit(queue, loras=[{"path": "style.safetensors"}])]
     assert [queue.take_batch() for _ in with_lora] == [[record] for record in with_lora]
 
-    single = _queue(http, FakePipeline(batches=False))
+    single = _queue(FakePipeline(batches=False))
     records = [await _submit(single), await _submit(single)]
     assert [single.take_batch() for _ in records] == [[record] for record in records]
 
 
-async def test_the_runner_batches_what_waits_together(http: httpx.AsyncClient) -> None:
+async def test_the_runner_batches_what_waits_together() -> None:
     pipeline = FakePipeline()
-    queue = _queue(http, pipeline)
+    queue = _queue(pipeline)
     a = await _submit(queue, seed=5, format="png")  # not sync_mode: the images become files
     b = await _submit(queue, num_images=2, sync_mode=True)
     async with queue.background_tasks():
@@ -129,9 +123,9 @@ async def test_the_runner_batches_what_waits_together(http: httpx.AsyncClient) -
     assert pipeline.calls[0][1].seeds == (b.seed, b.seed + 1)
 
 
-async def test_a_request_that_cannot_be_prepared_leaves_its_batch(http: httpx.AsyncClient) -> None:
+async def test_a_request_that_cannot_be_prepared_leaves_its_batch() -> None:
     pipeline = FakePipeline()
-    queue = _queue(http, pipeline)
+    queue = _queue(pipeline)
     bad = await _submit(queue, mask_url="data:image/png;base64,bm90IGFuIGltYWdl")
     good = await _submit(queue)
     await queue.run(queue.take_batch())
@@ -141,8 +135,8 @@ async def test_a_request_that_cannot_be_prepared_leaves_its_batch(http: httpx.As
     assert [len(call) for call in pipeline.calls] == [1]
 
 
-async def test_a_pipeline_error_fails_the_whole_batch(http: httpx.AsyncClient) -> None:
-    queue = _queue(http, FakePipeline(error=RuntimeError("boom")))
+async def test_a_pipeline_error_fails_the_whole_batch() -> None:
+    queue = _queue(FakePipeline(error=RuntimeError("boom")))
     records = [await _submit(queue), await _submit(queue)]
     await queue.run(queue.take_batch())
     for record in records:
@@ -151,10 +145,10 @@ async def test_a_pipeline_error_fails_the_whole_batch(http: httpx.AsyncClient) -
         assert _messages(record)[-1] == "internal error: RuntimeError: boom"
 
 
-async def test_cancelling_one_request_of_a_running_batch(http: httpx.AsyncClient) -> None:
+async def test_cancelling_one_request_of_a_running_batch() -> None:
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate)
-    queue = _queue(http, pipeline)
+    queue = _queue(pipeline)
     keep, drop = await _submit(queue), await _submit(queue)
     run = asyncio.create_task(queue.run(queue.take_batch()))
     assert await asyncio.to_thread(pipeline.entered.wait, 30)
@@ -165,10 +159,10 @@ async def test_cancelling_one_request_of_a_running_batch(http: httpx.AsyncClient
     assert drop.error_type == "cancelled" and _messages(drop)[-1] == "cancelled: its images are discarded"
 
 
-async def test_cancelling_every_request_stops_the_batch(http: httpx.AsyncClient) -> None:
+async def test_cancelling_every_request_stops_the_batch() -> None:
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate)
-    queue = _queue(http, pipeline)
+    queue = _queue(pipeline)
     records = [await _submit(queue), await _submit(queue)]
     run = asyncio.create_task(queue.run(queue.take_batch()))
     assert await asyncio.to_thread(pipeline.entered.wait, 30)
@@ -180,8 +174,8 @@ async def test_cancelling_every_request_stops_the_batch(http: httpx.AsyncClient)
         assert record.error_type == "cancelled" and _messages(record)[-1] == "cancelled between denoising steps"
 
 
-async def test_reap_frees_completed_requests_past_the_ttl(http: httpx.AsyncClient) -> None:
-    queue = _queue(http, result_ttl_s=60)
+async def test_reap_frees_completed_requests_past_the_ttl() -> None:
+    queue = _queue(result_ttl_s=60)
     old, recent, waiting = await _submit(queue), await _submit(queue), await _submit(queue)
     for record in (old, recent):
         queue.cancel(record.id)
@@ -192,10 +186,10 @@ async def test_reap_frees_completed_requests_past_the_ttl(http: httpx.AsyncClien
     assert queue.reap() == 0
 
 
-async def test_checks_run_beside_the_batch_and_expire_like_the_others(http: httpx.AsyncClient) -> None:
+async def test_checks_run_beside_the_batch_and_expire_like_the_others() -> None:
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate)
-    queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", result_ttl_s=60), http, pipeline,
+    queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic", result_ttl_s=60), pipeline,
                          safety=flag_red)
     async with queue.background_tasks():
         inpaint = await _submit(queue)
@@ -215,11 +209,11 @@ async def test_checks_run_beside_the_batch_and_expire_like_the_others(http: http
     assert queue.reap() == 1 and queue.get(red.id) is None and queue.get(blue.id) is blue
 
 
-async def test_a_failing_checker_fails_only_its_check(http: httpx.AsyncClient) -> None:
+async def test_a_failing_checker_fails_only_its_check() -> None:
     def broken(images: list[Any]) -> list[bool]:
         raise RuntimeError("no memory")
 
-    queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic"), http, FakePipeline(), safety=broken)
+    queue = RequestQueue(WorkerConfig(_env_file=None, pipeline="classic"), FakePipeline(), safety=broken)
     record = await queue.submit_check(NsfwCheckInput(image_url=RED_URI), "http://worker")
     await _until_completed(record)
     assert (record.error_type, record.error_status) == ("runner_error", 500)

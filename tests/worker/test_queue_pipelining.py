@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
-import pytest
 
 from services.images import to_data_uri
 from services.worker.app import create_app
@@ -94,12 +93,6 @@ async def test_a_trickling_image_url_does_not_delay_the_request_behind_it() -> N
         assert (await _wait(http, slow["status_url"], "COMPLETED"))["error_type"] == "cancelled"
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
 async def _until(condition: Callable[[], bool]) -> None:
     for _ in range(1500):
         if condition():
@@ -114,12 +107,11 @@ async def _until_completed(*records: InpaintRecord) -> None:
             assert await record.wait_changed(30), f"{record.id} stopped changing"
 
 
-async def test_the_next_batch_is_prepared_while_one_runs_and_inputs_are_dropped(http: httpx.AsyncClient,
-                                                                                tmp_path: Any) -> None:
+async def test_the_next_batch_is_prepared_while_one_runs_and_inputs_are_dropped(tmp_path: Any) -> None:
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate, batches=False)
     config = WorkerConfig(_env_file=None, pipeline="classic", worker_data_dir=tmp_path, prepare_concurrency=2)
-    queue = RequestQueue(config, http, pipeline)
+    queue = RequestQueue(config, pipeline)
     big = inpaint_input(image_size={"width": 64, "height": 64})
     async with queue.background_tasks():
         first = await queue.submit(big, "http://worker")
@@ -138,11 +130,11 @@ async def test_the_next_batch_is_prepared_while_one_runs_and_inputs_are_dropped(
     assert all(record.sources is None and record.input.image_url == "" for record in (first, *behind))
 
 
-async def test_large_sources_wait_on_disk_and_are_deleted_once_read(http: httpx.AsyncClient, tmp_path: Any) -> None:
+async def test_large_sources_wait_on_disk_and_are_deleted_once_read(tmp_path: Any) -> None:
     gate = threading.Event()
     pipeline = FakePipeline(gate=gate, batches=False)
     config = WorkerConfig(_env_file=None, pipeline="classic", worker_data_dir=tmp_path, prepare_concurrency=1)
-    queue = RequestQueue(config, http, pipeline)
+    queue = RequestQueue(config, pipeline)
     photo_uri = to_data_uri(encode(photo(256, 256)), "image/png")
     assert len(photo_uri) > SPOOL_ABOVE_BYTES  # long enough to wait on disk
     inp = inpaint_input(image_url=photo_uri, mask_url=to_data_uri(encode(box_mask((256, 256), (8, 8, 64, 64))),
