@@ -161,7 +161,8 @@ def _duration(seconds: float) -> str:
 @dataclass(frozen=True)
 class DraftGone:
     def plain(self) -> str:
-        return "This preview has already been confirmed or cancelled."
+        return ("This preview has already been confirmed or cancelled, or it expired (previews nobody confirms are "
+                "deleted with the pictures of old jobs). Start again with /inpaint.")
 
 
 @dataclass(frozen=True)
