@@ -34,16 +34,12 @@ import httpx
 from PIL import Image
 
 from services.backends.fal_queue import (
-    FalAuthError,
     FalError,
     FalHTTPError,
     FalNotFoundError,
     FalQueueClient,
-    FalRequestFailed,
     FalSubmitUncertain,
-    FalTimeoutError,
     FalUnavailableError,
-    FalValidationError,
     QueueUpdate,
 )
 from services.blob import Blob
@@ -52,8 +48,10 @@ from services.errors import UserError
 from services.fairqueue import FairQueue, QueuedJob, UserKey
 from services.images import ImageInputError, IntakeLimits, fetch_source, to_data_uri
 from services.job_events import EventBuffer
+from services.job_failures import MAYBE_SUBMITTED, ending_for, overdue, refused
 from services.job_state import BLOB_REFS, IllegalTransition, Job, JobStatus
 from services.modlog import ModerationLog
+from services.outage import Outage
 from services.progress import Progress
 from services.prompt_filter import PromptFilter
 from services.schema import InpaintOutput, QueueHandle
@@ -69,36 +67,6 @@ OUTPUT_LIMITS = IntakeLimits(max_bytes=64 * 1024 * 1024, max_pixels=200_000_000,
 TELL_AFTER_STORAGE_FAILURES = 3
 #: the longest wait between retries after a database failure
 MAX_STORAGE_RETRY_S = 60.0
-
-
-class Outage:
-    """How long the backend has been unreachable for one job, and how long to wait before trying again."""
-
-    def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit_s = limit_s
-        self._clock = clock
-        self._since: float | None = None
-        self._tries = 0
-
-    @property
-    def tries(self) -> int:
-        """How many waits this outage has had."""
-        return self._tries
-
-    def over(self) -> None:
-        """The backend answered."""
-        self._since, self._tries = None, 0
-
-    def next_delay(self) -> float | None:
-        """Seconds to wait before trying again, or None when the outage has lasted `limit_s`."""
-        now = self._clock()
-        if self._since is None:
-            self._since = now
-        waited = now - self._since
-        if waited >= self.limit_s:
-            return None
-        self._tries += 1
-        return float(min(0.5 * 2 ** (self._tries - 1), 10.0, self.limit_s - waited))
 
 
 async def _never() -> bool | None:
@@ -418,7 +386,7 @@ class Dispatcher:
                             raise FalUnavailableError("the backend hasn't said (/health) whether it honours "
                                                       "Idempotency-Key, so this job's submit can't be sent again yet")
                         if not honoured:
-                            await self._end(job_id, JobStatus.FAILED, _MAYBE_SUBMITTED, retryable=True)
+                            await self._end(job_id, JobStatus.FAILED, MAYBE_SUBMITTED, retryable=True)
                             return None
                     if not await self._upload_allowed(job):
                         return None
@@ -462,8 +430,7 @@ class Dispatcher:
         if job.terminal:
             return
         await self._cancel_at_backend(job, wait_for_submit=True)  # the deadline may have cut a submit short
-        await self._end(job_id, JobStatus.FAILED, f"The backend didn't finish this job within "
-                        f"{_duration(self.deadline_s)}, so it was stopped. Try again in a while.", retryable=True,
+        await self._end(job_id, JobStatus.FAILED, overdue(self.deadline_s), retryable=True,
                         data={"deadline_at": job.deadline_at})
 
     async def _upload_allowed(self, job: Job) -> bool:
@@ -504,7 +471,7 @@ class Dispatcher:
                     await self.jobs.forget_submit(job.id, str(exc))
                 raise
             except FalHTTPError as exc:
-                if fresh and _refused(exc):  # answered "no": nothing was created there (nor spent)
+                if fresh and refused(exc):  # answered "no": nothing was created there (nor spent)
                     await self.jobs.forget_submit(job.id, str(exc))
                 raise
         job = await self.jobs.transition(
@@ -566,33 +533,12 @@ class Dispatcher:
                                           message="the backend lost the request; submitting again")
 
     async def _fail(self, job_id: int, exc: FalError | UserError | ImageInputError) -> None:
-        """End a job the backend (or its inputs) failed, saying why in the user's terms."""
-        if isinstance(exc, FalRequestFailed):
-            if exc.error_type == "cancelled" or job_id in self._cancel_requested:
-                await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
-            else:
-                await self._end(job_id, JobStatus.FAILED, f"The backend failed: {exc}", retryable=exc.retryable)
-        elif isinstance(exc, FalValidationError):
-            if _content_policy(exc):
-                await self._block_flagged_input(job_id, str(exc))
-                return
-            fields = ", ".join(f for f, _ in exc.field_errors if f) or "the request"
-            await self._end(job_id, JobStatus.FAILED, f"The backend refused {fields}: {exc}")
-        elif isinstance(exc, FalAuthError):
-            await self._end(job_id, JobStatus.FAILED, "The backend refused the bot's key: ask the bot's owner to "
-                            "check FAL_KEY / WORKER_KEY.")
-        elif isinstance(exc, (FalUnavailableError, FalTimeoutError)):
-            await self._end(job_id, JobStatus.FAILED, f"The backend is unavailable right now ({exc}). Try again in a "
-                            "moment.", retryable=True)
-        elif isinstance(exc, FalError):
-            await self._end(job_id, JobStatus.FAILED, f"The backend answered something unexpected: {exc}",
-                            retryable=True)
-        elif isinstance(exc, ImageInputError) and exc.role == "result":
-            await self._end(job_id, JobStatus.FAILED, f"The backend's result couldn't be fetched: {exc.message} (a "
-                            "result is downloaded only from the backend itself or the hosts in RESULT_HOSTS).",
-                            retryable=True)
+        """End a job the backend (or its inputs) failed, saying why in the user's terms (`job_failures.py`)."""
+        ending = ending_for(exc, cancel_requested=job_id in self._cancel_requested)
+        if ending.flagged_input:
+            await self._block_flagged_input(job_id, ending.message)
         else:
-            await self._end(job_id, JobStatus.FAILED, exc.message)
+            await self._end(job_id, ending.status, ending.message, retryable=ending.retryable)
 
     async def _on_update(self, job_id: int, progress: Progress, events: EventBuffer, outage: Outage,
                          update: QueueUpdate) -> None:
@@ -734,29 +680,6 @@ class Dispatcher:
         self._cancel_requested.discard(job_id)
         self._handles.pop(job_id, None)
         self._storage_failures.pop(job_id, None)
-
-
-_MAYBE_SUBMITTED = ("The connection to the backend broke while this job was being sent, so it may or may not have "
-                    "started there. To be sure it doesn't run (and cost) twice, it was stopped: press Retry to run it "
-                    "again.")
-
-
-def _refused(exc: FalHTTPError) -> bool:
-    """A definite "no" to a submit (a 4xx other than the busy ones): the backend created nothing."""
-    return 400 <= exc.status_code < 500 and exc.status_code not in (408, 409, 429)
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 120:
-        return f"{seconds / 60:g} minutes"
-    return f"{seconds:g} seconds"
-
-
-def _content_policy(exc: FalValidationError) -> bool:
-    """A 422 for content (fal's `content_policy_violation`, also what our worker sends for a flagged input)."""
-    detail = exc.detail if isinstance(exc.detail, list) else []
-    return exc.error_type == "content_policy_violation" or any(
-        isinstance(item, dict) and item.get("type") == "content_policy_violation" for item in detail)
 
 
 def _handle(job: Job) -> QueueHandle | None:
