@@ -627,6 +627,8 @@ class Bench:
             finally:
                 phases.close()
             self.results.write(STEP_NAMES["b"], variant=served.name, phases=per_run)
+        if self.stock is not None:  # its outputs are kept (the reference); its model is not needed any more
+            free_unless(self.stock, self.best)
 
     # c, d, e) compiled variants
     async def compiled(self, step: str, name: str, fields: dict[str, Any]) -> None:
