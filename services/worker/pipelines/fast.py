@@ -71,7 +71,7 @@ class FastPathOptions:
     inductor_options: tuple[tuple[str, Any], ...] = DEFAULT_INDUCTOR_OPTIONS
     compile_sizes: tuple[Size, ...] | None = None  # (width, height) px; None: fal's presets at the model's scale
     cache_dir: Path | None = None
-    max_batch_images: int = MAX_IMAGES_PER_REQUEST
+    max_batch_images: int = MAX_IMAGES_PER_REQUEST  # the most images in one UNet call (the warm-up's largest)
     fp8: bool = False
 
     def active(self, device: str) -> bool:
@@ -110,6 +110,11 @@ class FastPathState:
     def recompiles(self) -> int:
         """Compiles after warm-up (each one on a request's time)."""
         return self.watch.recompiles if self.watch is not None else 0
+
+    def close(self) -> None:
+        """Stop counting compiles (the callback registered with dynamo is removed)."""
+        if self.watch is not None:
+            self.watch.close()
 
     def unet_for(self, adapters: bool, latent: tuple[int, int], batch: int) -> Any:
         """The UNet a batch runs on: the adapters' uncompiled copy, or the served UNet (which runs a call compiled
@@ -186,7 +191,7 @@ def apply_fast_path(pipe: Any, device: str, options: FastPathOptions) -> FastPat
         vae_scale = int(getattr(pipe, "vae_scale_factor", 8))
         native = int(served.config.sample_size) * vae_scale
         state.sizes = options.compile_sizes or tuple(default_sizes(native, 8))
-        state.max_images = max(options.max_batch_images, MAX_IMAGES_PER_REQUEST)
+        state.max_images = options.max_batch_images
         state.cache_dir = options.cache_dir
         state.watch = RecompileWatch()
         state.watch.install()

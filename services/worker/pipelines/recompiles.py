@@ -24,7 +24,7 @@ class RecompileWatch:
         self.recompiles = 0
         self.warming = True
         self._lock = threading.Lock()
-        self._call: str | None = None
+        self._calls = threading.local()
         self._callback: Any = None
 
     def install(self) -> bool:
@@ -50,16 +50,23 @@ class RecompileWatch:
             self._callback = None
 
     def calling(self, description: str | None) -> None:
-        """What the compiled UNet is being called with (the cause logged if that call compiles)."""
-        self._call = description
+        """What the compiled UNet is being called with in this thread (the cause logged if that call compiles);
+        None after the call. Compiles outside such a call (other compiled code) are not counted."""
+        self._calls.current = description
+
+    @property
+    def _call(self) -> str | None:
+        return getattr(self._calls, "current", None)
 
     def on_compile(self, compile_id: str) -> None:
+        if self._call is None:
+            return
         with self._lock:
             self.compiles += 1
             if self.warming:
-                log.info("compiling (warm-up) %s: compile %s", self._call or "?", compile_id)
+                log.info("compiling (warm-up) %s: compile %s", self._call, compile_id)
                 return
             self.recompiles += 1
             count = self.recompiles
         log.warning("RECOMPILE #%d on a request's time (compile %s), caused by a call with %s; set "
-                    "TORCH_LOGS=recompiles for the failed guard", count, compile_id, self._call or "unknown inputs")
+                    "TORCH_LOGS=recompiles for the failed guard", count, compile_id, self._call)

@@ -21,6 +21,7 @@ from PIL import Image
 from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import Cancelled, EmbeddingSpec, LoraSpec, PipelineJob, RunContext
 from services.worker.pipelines.fast import (
+    MAX_IMAGES_PER_REQUEST,
     WARMUP_STEPS,
     FastPathOptions,
     WarmupRun,
@@ -82,7 +83,7 @@ class SDXLPipeline:
         fast = FastPathOptions(enabled=config.fast_path, compile=config.fast_compile,
                                compile_mode=config.compile_mode, cache_dir=config.compile_cache_dir,
                                compile_sizes=tuple(config.compile_sizes) if config.compile_sizes else None,
-                               max_batch_images=config.max_batch_images, fp8=config.fast_fp8 == "on")
+                               max_batch_images=max(config.max_batch_images, MAX_IMAGES_PER_REQUEST), fp8=config.fast_fp8 == "on")
         return cls(pipe, device, str(path), fast=fast)
 
     def warmup(self) -> None:
