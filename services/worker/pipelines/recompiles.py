@@ -9,6 +9,7 @@ grid's size and counts here what it would otherwise never see.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -46,7 +47,8 @@ class RecompileWatch:
         if self._callback is not None:
             from torch._dynamo.callback import callback_handler
 
-            callback_handler.remove_start_callback(self._callback)
+            with contextlib.suppress(ValueError):  # torch._dynamo.reset() clears the callbacks
+                callback_handler.remove_start_callback(self._callback)
             self._callback = None
 
     def calling(self, description: str | None) -> None:
