@@ -18,7 +18,7 @@ from services.worker.pipelines.served_unet import CompiledRouter
 def test_batches_pad_to_powers_of_two() -> None:
     assert [batch_bucket(n) for n in range(1, 18)] == [1, 2, 4, 4, 8, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 32]
     assert batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(5) == [1, 2, 4, 8] and batch_buckets(1) == [1]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one row"):
         batch_bucket(0)
 
 

@@ -119,7 +119,7 @@ def test_the_adapters_copy_shares_the_weights(compiled: tuple[SDXLPipeline, str]
 
 
 def test_fp8_is_refused_without_cuda(tiny_inpaint_model: Path) -> None:
-    with pytest.raises(Fp8Unavailable, match="FAST_FP8=on needs a CUDA GPU with compute capability >= 8.9"):
+    with pytest.raises(Fp8Unavailable, match=r"FAST_FP8=on needs a CUDA GPU with compute capability >= 8\.9"):
         check_fp8("cpu")
     with pytest.raises(Fp8Unavailable, match="Set FAST_FP8=off"):
         load_pipeline(WorkerConfig(_env_file=None, model_path=tiny_inpaint_model, fast_path="on", fast_fp8="on"))

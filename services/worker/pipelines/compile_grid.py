@@ -3,9 +3,9 @@
 A request is served by the compiled UNet when its latent size (image height and width divided by the VAE's scale
 factor) is exactly that of a size in the grid and its padded batch was warmed up; any other request runs on the
 uncompiled UNet, so nothing ever compiles on a user's time. By default the grid is fal's six `image_size` presets
-(https://fal.ai/models/fal-ai/fast-sdxl/inpainting/api, `image_size`: square_hd, square, portrait_4_3, portrait_16_9, landscape_4_3,
-landscape_16_9), scaled to the model: SDXL's native side is 1024 px, a model with a smaller native side (the tests'
-tiny model) gets the presets scaled down by the same ratio.
+(https://fal.ai/models/fal-ai/fast-sdxl/inpainting/api, `image_size`: square_hd, square, portrait_4_3,
+portrait_16_9, landscape_4_3, landscape_16_9), scaled to the model: SDXL's native side is 1024 px, a model with a
+smaller native side (the tests' tiny model) gets the presets scaled down by the same ratio.
 """
 
 from __future__ import annotations

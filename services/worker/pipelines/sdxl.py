@@ -83,7 +83,8 @@ class SDXLPipeline:
         fast = FastPathOptions(enabled=config.fast_path, compile=config.fast_compile,
                                compile_mode=config.compile_mode, cache_dir=config.compile_cache_dir,
                                compile_sizes=tuple(config.compile_sizes) if config.compile_sizes else None,
-                               max_batch_images=max(config.max_batch_images, MAX_IMAGES_PER_REQUEST), fp8=config.fast_fp8 == "on")
+                               max_batch_images=max(config.max_batch_images, MAX_IMAGES_PER_REQUEST),
+                               fp8=config.fast_fp8 == "on")
         return cls(pipe, device, str(path), fast=fast)
 
     def warmup(self) -> None:

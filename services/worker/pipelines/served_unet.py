@@ -87,7 +87,7 @@ class CompiledRouter:
         bucket = batch_bucket(batch)
         self.watch.calling(f"latent {latent[0]}x{latent[1]}, batch {batch} padded to {bucket}")
         if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
+            torch.compiler.cudagraph_mark_step_begin()  # type: ignore[no-untyped-call,unused-ignore]
         try:
             out = padded_call(self.compiled, sample, *args, **kwargs)
         finally:
