@@ -242,6 +242,7 @@ async def health(request: Request[WorkerState]) -> Response:
     return json_response({"ready": True, "pipeline": pipeline.name, "model": pipeline.model,
                           "device": pipeline.device, "queue_length": queue.queue_length,
                           "safety_checker": queue.safety is not None, "expand_prompt": queue.expander is not None,
+                          "recompiles": getattr(getattr(pipeline, "fast", None), "recompiles", 0),
                           # a repeated submit's Idempotency-Key is answered with the request it made (the bot relies
                           # on this to send a submit again after a crash without running it twice)
                           "idempotency_keys": True},

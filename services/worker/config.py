@@ -78,3 +78,27 @@ class WorkerConfig(BaseSettings):
     @classmethod
     def _split_fetch_allow(cls, value: object) -> object:
         return host_list_setting(value)
+
+    # torch.compile without compiling on a request's time (services/worker/pipelines/fast.py)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        default="default", description="torch.compile mode of the UNet with FAST_COMPILE: default (with inductor's "
+        "conv_1x1_as_mm, coordinate_descent_tuning, no epilogue fusion), reduce-overhead (CUDA graphs) or "
+        "max-autotune-no-cudagraphs (many minutes of autotuning per shape)")
+    compile_cache_dir: Path | None = Field(
+        default=None, description="Folder of torch.compile artefacts: loaded at start before the warm-up, saved "
+        "after it (a restart with a warm cache compiles in seconds). Default: none")
+    compile_sizes: Annotated[list[tuple[int, int]] | None, NoDecode] = Field(
+        default=None, description="Comma-separated WIDTHxHEIGHT image sizes the compiled UNet serves and warms up "
+        "at start (other sizes run uncompiled). Default: fal's six image_size presets at the model's scale")
+    fast_fp8: Literal["off", "on"] = Field(
+        default="off", description="float8 dynamic quantisation of the UNet's Linear layers with torchao (CUDA with "
+        "compute capability >= 8.9 only; refused at start elsewhere)")
+
+    @field_validator("compile_sizes", mode="before")
+    @classmethod
+    def _parse_compile_sizes(cls, value: object) -> object:
+        if isinstance(value, str):
+            from services.worker.pipelines.compile_grid import parse_sizes
+
+            return parse_sizes(value) or None
+        return value

@@ -21,6 +21,8 @@ ENVIRONMENT = {
 }
 ENVIRONMENT |= {"WORKER_DATA_DIR": "/var/lib/worker", "MAX_QUEUE_BYTES": "2097152", "MAX_REQUEST_COST": "1000000",
                 "PREPARE_CONCURRENCY": "3"}
+ENVIRONMENT |= {"COMPILE_MODE": "reduce-overhead", "COMPILE_CACHE_DIR": "/var/cache/compile",
+                "COMPILE_SIZES": "1024x1024, 768x1024", "FAST_FP8": "on"}
 
 
 def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +41,8 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
         "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False,
         "fetch_allow": ["10.0.0.0/8", "images.internal:8443", "*.lan"], "fetch_deadline_s": 7.5,
         "worker_data_dir": Path("/var/lib/worker"), "max_queue_bytes": 2097152, "max_request_cost": 1000000,
-        "prepare_concurrency": 3}
+        "prepare_concurrency": 3, "compile_mode": "reduce-overhead", "compile_cache_dir": Path("/var/cache/compile"),
+        "compile_sizes": [(1024, 1024), (768, 1024)], "fast_fp8": "on"}
 
 
 def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,4 +54,11 @@ def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.M
 def test_a_bad_fetch_allow_entry_fails_at_start(monkeypatch: pytest.MonkeyPatch, allow: str) -> None:
     monkeypatch.setenv("FETCH_ALLOW", allow)
     with pytest.raises(ValueError, match="not a host name"):
+        WorkerConfig(_env_file=None)
+
+
+@pytest.mark.parametrize("sizes", ["1024", "1024x", "axb", "4x4"])
+def test_a_bad_compile_size_fails_at_start(monkeypatch: pytest.MonkeyPatch, sizes: str) -> None:
+    monkeypatch.setenv("COMPILE_SIZES", sizes)
+    with pytest.raises(ValueError, match="COMPILE_SIZES"):
         WorkerConfig(_env_file=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ from PIL import Image
 from services.worker.config import WorkerConfig
 from services.worker.pipelines.base import Cancelled, EmbeddingSpec, LoraSpec, PipelineJob, RunContext
 from services.worker.pipelines.fast import (
+    MAX_IMAGES_PER_REQUEST,
+    WARMUP_STEPS,
     FastPathOptions,
+    WarmupRun,
     apply_fast_path,
     refuse_after_adapters,
     unfuse_for_adapters,
@@ -76,17 +80,32 @@ class SDXLPipeline:
         pipe.set_progress_bar_config(disable=True)
         in_channels = pipe.unet.config.in_channels
         log.info("loaded SDXL from %s on %s (%s, UNet with %d input channels)", path, device, dtype, in_channels)
-        fast = FastPathOptions(enabled=config.fast_path, compile=config.fast_compile)
+        fast = FastPathOptions(enabled=config.fast_path, compile=config.fast_compile,
+                               compile_mode=config.compile_mode, cache_dir=config.compile_cache_dir,
+                               compile_sizes=tuple(config.compile_sizes) if config.compile_sizes else None,
+                               max_batch_images=max(config.max_batch_images, MAX_IMAGES_PER_REQUEST),
+                               fp8=config.fast_fp8 == "on")
         return cls(pipe, device, str(path), fast=fast)
 
     def warmup(self) -> None:
+        """One tiny request; when compiling, a short run of every (size × padded batch) the compiled UNet serves
+        (compile cache loaded first and saved after: see fast.py), so no request compiles."""
         side = 32 * self.pipe.vae_scale_factor
-        image = Image.new("RGB", (side, side), (127, 127, 127))
-        mask = Image.new("L", (side, side), 0)
-        mask.paste(255, (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
-        job = PipelineJob(image=image, mask=mask, prompt="warm-up", negative_prompt="", steps=2, guidance_scale=5.0,
-                          strength=1.0, seeds=(0,))
-        self.run(job, RunContext(log=lambda _msg: None))
+        plan = self.fast.warmup_plan() or [WarmupRun((side, side), 1, guidance=True)]
+        with self.fast.warming():
+            for i, run in enumerate(plan):
+                width, height = run.size
+                image = Image.new("RGB", (width, height), (127, 127, 127))
+                mask = Image.new("L", (width, height), 0)
+                mask.paste(255, (width // 4, height // 4, 3 * width // 4, 3 * height // 4))
+                job = PipelineJob(image=image, mask=mask, prompt="warm-up", negative_prompt="", steps=WARMUP_STEPS,
+                                  guidance_scale=5.0 if run.guidance else 1.0, strength=1.0,
+                                  seeds=tuple(range(run.images)))
+                started = time.perf_counter()
+                self.run(job, RunContext(log=lambda _msg: None))
+                if self.fast.compiled:
+                    log.info("warm-up %d/%d: %dx%d, %d image(s), guidance %s: %.1f s", i + 1, len(plan), width,
+                             height, run.images, "on" if run.guidance else "off", time.perf_counter() - started)
 
     def run(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
         return self.run_batch([job], [ctx])[0]
