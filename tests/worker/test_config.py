@@ -20,7 +20,7 @@ ENVIRONMENT = {
     "FETCH_ALLOW": "10.0.0.0/8, images.internal:8443,*.lan", "FETCH_DEADLINE_S": "7.5",
 }
 ENVIRONMENT |= {"WORKER_DATA_DIR": "/var/lib/worker", "MAX_QUEUE_BYTES": "2097152", "MAX_REQUEST_COST": "1000000",
-                "PREPARE_CONCURRENCY": "3"}
+                "PREPARE_CONCURRENCY": "3", "PROMPT_CACHE_SIZE": "0"}
 
 
 def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -39,7 +39,7 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
         "max_image_bytes": 1000000, "sse_ping_s": 2.5, "warmup": False,
         "fetch_allow": ["10.0.0.0/8", "images.internal:8443", "*.lan"], "fetch_deadline_s": 7.5,
         "worker_data_dir": Path("/var/lib/worker"), "max_queue_bytes": 2097152, "max_request_cost": 1000000,
-        "prepare_concurrency": 3}
+        "prepare_concurrency": 3, "prompt_cache_size": 0}
 
 
 def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.MonkeyPatch) -> None:
