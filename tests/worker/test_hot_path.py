@@ -68,7 +68,7 @@ def test_bfloat16_turns_force_upcast_off_and_the_vae_stays_bf16(tiny_inpaint_mod
     model = Path(shutil.copytree(tiny_inpaint_model, tmp_path / "model"))
     vae_config = model / "vae" / "config.json"
     vae_config.write_text(json.dumps({**json.loads(vae_config.read_text()), "force_upcast": True}))
-    full = load_pipeline(WorkerConfig(_env_file=None, model_path=model, dtype="float32", fast_path="off"))
+    full: Any = load_pipeline(WorkerConfig(_env_file=None, model_path=model, dtype="float32", fast_path="off"))
     assert full.pipe.vae.config.force_upcast is True  # float32 (and float16) left as the checkpoint says
     sdxl: Any = load_pipeline(WorkerConfig(_env_file=None, model_path=model, dtype="bfloat16", fast_path="off"))
     assert sdxl.pipe.vae.config.force_upcast is False
