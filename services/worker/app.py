@@ -132,7 +132,8 @@ async def load_models(config: WorkerConfig, pipeline: Pipeline | None, safety: S
     threads."""
     loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, config)
     if safety is None and config.safety_checker_path is not None:
-        safety = await asyncio.to_thread(load_safety_checker, config.safety_checker_path, loaded.device)
+        safety = await asyncio.to_thread(load_safety_checker, config.safety_checker_path, loaded.device,
+                                         None if config.dtype == "auto" else config.dtype)
     if expander is None and config.prompt_expander_path is not None:
         expander = await asyncio.to_thread(load_prompt_expander, config.prompt_expander_path, loaded.device)
     if config.warmup:

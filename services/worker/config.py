@@ -73,6 +73,10 @@ class WorkerConfig(BaseSettings):
     prepare_concurrency: int = Field(
         default=2, ge=1, le=64, description="Requests whose image and mask are fetched, decoded and checked at "
         "once, ahead of the running batch (each holds its decoded images in memory while it is prepared)")
+    prompt_cache_size: int = Field(
+        default=64, ge=0, description="Prompt embeddings (per prompt, negative prompt and guidance) kept for "
+        "requests without LoRAs or embeddings, least recently used dropped first: rerolls and variations skip the "
+        "text encoders (0: no cache)")
 
     @field_validator("fetch_allow", mode="before")
     @classmethod

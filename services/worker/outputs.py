@@ -7,6 +7,7 @@ expanded one, when the request asked for `expand_prompt`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from PIL import Image
@@ -17,27 +18,55 @@ from services.worker.records import InpaintRecord
 from services.worker.safety import SafetyChecker
 from services.worker.storage import RequestStorage
 
+log = logging.getLogger(__name__)
+
 JPEG_QUALITY = 90
 FILE_EXTENSIONS = {"jpeg": "jpg", "png": "png"}
 
 
 async def build_output(record: InpaintRecord, images: list[Image.Image], safety: SafetyChecker | None,
-                       storage: RequestStorage) -> dict[str, Any]:
-    """The output body for `record`'s images: safety-checked when the request asks for it, then encoded (both in
-    threads). Encoded files are written to `storage`; the record has their paths."""
+                       storage: RequestStorage, *, flags: list[bool] | None = None) -> dict[str, Any]:
+    """The output body for `record`'s images: safety-checked when the request asks for it (with `flags`, the
+    verdicts a batch check already gave: `check_batch`), then encoded (both in threads). Encoded files are written
+    to `storage`; the record has their paths."""
     nsfw = [False] * len(images)
     if record.input.enable_safety_checker:
         assert safety is not None, "requests needing the checker are refused at submit without one"
-        nsfw, images = await check_safety(record, images, safety)
+        nsfw, images = await check_safety(record, images, safety, flags=flags)
     return await asyncio.to_thread(encode_output, record, images, nsfw, storage)
 
 
-async def check_safety(record: InpaintRecord, images: list[Image.Image],
-                       safety: SafetyChecker) -> tuple[list[bool], list[Image.Image]]:
-    """The checker's flag per image, and the images with each flagged one replaced by black."""
+async def check_batch(records: list[InpaintRecord], outputs: list[list[Image.Image]],
+                      safety: SafetyChecker | None) -> list[list[bool] | None]:
+    """The safety checker's flags for every image of a pipeline batch whose request asks for the check, in one
+    checker call (in a thread); None for the requests that don't ask, or for all when the call failed (each request
+    then checks its own images, and fails alone when that fails too)."""
+    wanted = [i for i, record in enumerate(records) if record.input.enable_safety_checker and not
+              record.cancel_requested]
+    verdicts: list[list[bool] | None] = [None] * len(records)
+    if safety is None or not wanted:
+        return verdicts
+    images = [image for i in wanted for image in outputs[i]]
+    try:
+        flags = await asyncio.to_thread(safety, images)
+    except Exception:
+        log.exception("the safety check of a batch failed; checking its requests one by one")
+        return verdicts
+    start = 0
+    for i in wanted:
+        verdicts[i] = flags[start:start + len(outputs[i])]
+        start += len(outputs[i])
+    return verdicts
+
+
+async def check_safety(record: InpaintRecord, images: list[Image.Image], safety: SafetyChecker, *,
+                       flags: list[bool] | None = None) -> tuple[list[bool], list[Image.Image]]:
+    """The checker's flag per image (given as `flags`, or asked now), and the images with each flagged one
+    replaced by black."""
     if record.input.safety_checker_version == "v2":
         record.add_log("safety checker v2 is not installed on this worker; using v1")
-    flags = await asyncio.to_thread(safety, images)
+    if flags is None:
+        flags = await asyncio.to_thread(safety, images)
     if any(flags):
         record.add_log(f"safety checker flagged {sum(flags)} of {len(flags)} image(s); replaced with black",
                        "WARN")

@@ -25,6 +25,9 @@ Nothing waits on a fetch, and memory stays bounded:
 - a submit carrying an `Idempotency-Key` the worker still knows gets the request already made with it
   (`services.worker.idempotency`);
 - when the queue falls idle, freed memory is handed back to the OS (`services.worker.memory`).
+
+A batch's results are finished (its images safety-checked in one checker call, encoded, stored) in a task of their
+own while the runner takes the next batch to the device, `MAX_FINISHING_BATCHES` batches at most.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from services.worker.expander import PromptExpander
 from services.worker.idempotency import IdempotencyKeys, IdempotencyScope
 from services.worker.inputs import RequestError, prepare_job, request_batch_key, resolve_seed
 from services.worker.memory import release_freed_memory
-from services.worker.outputs import build_output
+from services.worker.outputs import build_output, check_batch
 from services.worker.pipelines.base import Cancelled, Pipeline, PipelineJob, RunContext
 from services.worker.preparation import Preparer
 from services.worker.records import CheckRecord, InpaintRecord, RequestRecord
@@ -64,6 +67,9 @@ BATCH_MATES_WAIT_S = 0.5
 
 #: NSFW checks running at once (each fetches and decodes an image of up to MAX_IMAGE_BYTES); more wait their turn
 MAX_RUNNING_CHECKS = 4
+
+#: batches whose results are checked and encoded at once beside the running batch; the runner waits past this
+MAX_FINISHING_BATCHES = 2
 
 
 class QueueFull(RuntimeError):
@@ -97,6 +103,8 @@ class RequestQueue:
         self._wakeup = asyncio.Event()
         self._check_slots = asyncio.Semaphore(MAX_RUNNING_CHECKS)
         self._check_tasks: set[asyncio.Task[None]] = set()
+        self._finish_slots = asyncio.Semaphore(MAX_FINISHING_BATCHES)
+        self._finishing: dict[asyncio.Task[None], list[InpaintRecord]] = {}  # batches being finished
         self._trim_due = False
 
     # --- client-facing operations -------------------------------------------------------------------
@@ -235,7 +243,8 @@ class RequestQueue:
     @property
     def queue_length(self) -> int:
         """Requests waiting or running, of every app."""
-        return len(self.pending) + len(self.running) + len(self.checks_waiting) + len(self.checks_running)
+        return len(self.pending) + len(self.running) + len(self.checks_waiting) + len(self.checks_running) + \
+            sum(len(records) for records in self._finishing.values())
 
     # --- batching -----------------------------------------------------------------------------------
 
@@ -273,6 +282,7 @@ class RequestQueue:
             yield
         finally:
             tasks += self._check_tasks
+            tasks += self._finishing
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -300,7 +310,7 @@ class RequestQueue:
             self.running = batch
             self._fill()
             try:
-                await self.run(batch)
+                await self.run(batch, finish_later=True)
             finally:
                 self.running = []
                 self._trim_due = True
@@ -330,7 +340,7 @@ class RequestQueue:
     @property
     def _idle(self) -> bool:
         return not (self.pending or self.running or self.checks_waiting or self.checks_running
-                    or self.preparer.in_flight or self._arriving)
+                    or self.preparer.in_flight or self._arriving or self._finishing)
 
     def _fill(self) -> None:
         """Start preparing the waiting requests there is room for."""
@@ -429,9 +439,10 @@ class RequestQueue:
 
     # --- running a batch ----------------------------------------------------------------------------
 
-    async def run(self, batch: list[InpaintRecord]) -> None:
+    async def run(self, batch: list[InpaintRecord], *, finish_later: bool = False) -> None:
         """Take each request's prepared job (preparing it now if it wasn't), expand prompts where asked, run those
-        still live through the pipeline together, and complete every one."""
+        still live through the pipeline together, and complete every one (with `finish_later`, the results are
+        finished by a task of their own: `run` returns once the pipeline is free)."""
         batch = [record for record in batch if record.state != "COMPLETED"]  # failed or cancelled meanwhile
         contexts = [record.start() for record in batch]
         prepared = await asyncio.gather(*(self._job_for(record, ctx) for record, ctx in zip(batch, contexts,
@@ -463,9 +474,27 @@ class RequestQueue:
         finally:
             jobs.clear()  # their images
         elapsed = time.perf_counter() - start
-        for record, images in zip(records, outputs, strict=True):
+        for record in records:
             record.inference_time = elapsed
-            await self._finish(record, images)
+        if not finish_later:
+            await self._finish_batch(records, outputs)
+            return
+        await self._finish_slots.acquire()
+        task = asyncio.create_task(self._finish_batch(records, outputs), name="worker-finish")
+        self._finishing[task] = records
+        task.add_done_callback(self._finished)
+
+    async def _finish_batch(self, records: list[InpaintRecord], outputs: list[list[Image.Image]]) -> None:
+        """Safety-check a batch's images in one checker call, then encode and complete its requests."""
+        verdicts = await check_batch(records, outputs, self.safety)
+        await asyncio.gather(*(self._finish(record, images, flags)
+                               for record, images, flags in zip(records, outputs, verdicts, strict=True)))
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._finishing.pop(task, None)
+        self._finish_slots.release()
+        self._trim_due = True
+        self._wakeup.set()
 
     async def _job_for(self, record: InpaintRecord, ctx: RunContext) -> PipelineJob | None:
         """A started request's prepared job, its prompt expanded when it asks for that; None when it can't run
@@ -497,13 +526,15 @@ class RequestQueue:
         record.add_log(f"expanded the prompt (+{max(0, added)} words)")
         return dataclasses.replace(job, prompt=record.expanded_prompt)
 
-    async def _finish(self, record: InpaintRecord, images: list[Image.Image]) -> None:
-        """Safety check, encode and complete one request of a batch (unless it was cancelled meanwhile)."""
+    async def _finish(self, record: InpaintRecord, images: list[Image.Image],
+                      flags: list[bool] | None = None) -> None:
+        """Safety check (unless the batch's check gave `flags`), encode and complete one request of a batch (unless
+        it was cancelled meanwhile)."""
         if record.cancel_requested:
             record.fail_cancelled("cancelled: its images are discarded")
             return
         try:
-            body = await build_output(record, images, self.safety, self.storage)
+            body = await build_output(record, images, self.safety, self.storage, flags=flags)
             record.result, record.result_file = await asyncio.to_thread(self.storage.keep_body, record.id, body)
         except Exception as exc:
             log.exception("request %s failed", record.id)

@@ -20,7 +20,7 @@ ENVIRONMENT = {
     "FETCH_ALLOW": "10.0.0.0/8, images.internal:8443,*.lan", "FETCH_DEADLINE_S": "7.5",
 }
 ENVIRONMENT |= {"WORKER_DATA_DIR": "/var/lib/worker", "MAX_QUEUE_BYTES": "2097152", "MAX_REQUEST_COST": "1000000",
-                "PREPARE_CONCURRENCY": "3"}
+                "PREPARE_CONCURRENCY": "3", "PROMPT_CACHE_SIZE": "0"}
 ENVIRONMENT |= {"COMPILE_MODE": "reduce-overhead", "COMPILE_CACHE_DIR": "/var/cache/compile",
                 "COMPILE_SIZES": "1024x1024, 768x1024", "FAST_FP8": "on"}
 
@@ -42,7 +42,7 @@ def test_every_field_is_read_from_its_environment_variable(monkeypatch: pytest.M
         "fetch_allow": ["10.0.0.0/8", "images.internal:8443", "*.lan"], "fetch_deadline_s": 7.5,
         "worker_data_dir": Path("/var/lib/worker"), "max_queue_bytes": 2097152, "max_request_cost": 1000000,
         "prepare_concurrency": 3, "compile_mode": "reduce-overhead", "compile_cache_dir": Path("/var/cache/compile"),
-        "compile_sizes": [(1024, 1024), (768, 1024)], "fast_fp8": "on"}
+        "compile_sizes": [(1024, 1024), (768, 1024)], "fast_fp8": "on", "prompt_cache_size": 0}
 
 
 def test_the_image_size_limit_defaults_to_the_intake_limit(monkeypatch: pytest.MonkeyPatch) -> None:
