@@ -129,7 +129,8 @@ async def test_auth_is_required_when_a_key_is_set(classic: str) -> None:
         assert health.status_code == 200
         assert health.json() | {"queue_length": 0} == {"ready": True, "pipeline": "classic", "model": "opencv-inpaint",
                                                         "device": "cpu", "queue_length": 0, "safety_checker": False,
-                                                        "expand_prompt": False, "idempotency_keys": True}
+                                                        "expand_prompt": False, "idempotency_keys": True,
+                                                        "recompiles": 0}
 
 
 @pytest.mark.parametrize(
