@@ -92,3 +92,19 @@ def build_tiny_safety_checker(folder: Path, *, flag_everything: bool) -> Path:
     checker.save_pretrained(str(folder))
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(str(folder))
     return folder
+
+
+def save_tiny_lora(model: Path, folder: Path) -> Path:
+    """A LoRA for the tiny UNet in `model` with random (non-zero) weights, saved as diffusers saves LoRAs to
+    `folder / "style"`; returns `folder`."""
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(model), local_files_only=True)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    StableDiffusionXLInpaintPipeline.save_lora_weights(str(folder / "style"), unet_lora_layers=layers)
+    return folder

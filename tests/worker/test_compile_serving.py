@@ -22,6 +22,7 @@ from services.worker.pipelines.fast import FastPathOptions
 from services.worker.pipelines.fp8 import Fp8Unavailable, check_fp8
 from services.worker.pipelines.sdxl import SDXLPipeline
 from tests.helpers.imagegen import box_mask, photo
+from tests.helpers.tiny_sdxl import save_tiny_lora
 from tests.helpers.worker_harness import serve_sync
 
 
@@ -41,18 +42,8 @@ def _ctx() -> RunContext:
 
 @pytest.fixture(scope="module")
 def lora_dir(tiny_inpaint_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from diffusers import StableDiffusionXLInpaintPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    folder = tmp_path_factory.mktemp("loras")
-    donor = StableDiffusionXLInpaintPipeline.from_pretrained(str(tiny_inpaint_model), local_files_only=True)
-    donor.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(donor.unet))
-    StableDiffusionXLInpaintPipeline.save_lora_weights(str(folder / "style"), unet_lora_layers=layers)
-    return folder
+    """A LoRA for the tiny UNet with random (non-zero) weights, saved the way diffusers saves LoRAs."""
+    return save_tiny_lora(tiny_inpaint_model, tmp_path_factory.mktemp("loras"))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from services.worker.pipelines import load_pipeline
 from services.worker.pipelines.base import Cancelled, PipelineJob, RunContext
 from services.worker.pipelines.classic import ClassicPipeline
 from tests.helpers.imagegen import box_mask, image_pair_uris, photo
+from tests.helpers.tiny_sdxl import save_tiny_lora
 from tests.helpers.worker_harness import serve_sync
 
 APP = "fal-ai/fast-sdxl/inpainting"
@@ -65,18 +66,7 @@ def _run(base: str, **overrides: Any) -> InpaintOutput:
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_inpaint_model: Path) -> Path:
     """A LoRA for the tiny UNet with random (non-zero) weights, saved the way diffusers saves LoRAs."""
-    from diffusers import StableDiffusionXLInpaintPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    folder = tmp_path_factory.mktemp("loras")
-    pipe = StableDiffusionXLInpaintPipeline.from_pretrained(str(tiny_inpaint_model), local_files_only=True)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionXLInpaintPipeline.save_lora_weights(str(folder / "style"), unet_lora_layers=layers)
-    return folder
+    return save_tiny_lora(tiny_inpaint_model, tmp_path_factory.mktemp("loras"))
 
 
 @pytest.fixture(scope="module")
