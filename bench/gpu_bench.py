@@ -242,6 +242,8 @@ def make_config(models: Models, **fields: Any) -> Any:
     missing = sorted(name.upper() for name in fields if name not in config_fields())
     if missing:
         raise KeyError(", ".join(missing))
+    if "prompt_cache_size" in config_fields():  # every request a fresh prompt's cost (fal caches nothing either)
+        fields = {"prompt_cache_size": 0, **fields}
     return WorkerConfig(_env_file=None, model_path=models.folder / "model", device=models.device,
                         safety_checker_path=models.folder / "checker", warmup=True, **fields)
 
