@@ -353,19 +353,27 @@ class RequestQueue:
     async def reap_forever(self) -> None:
         while True:
             await asyncio.sleep(min(60.0, self.config.result_ttl_s / 2))
-            if self.reap():
+            expired = self.expire()
+            if expired:
+                await asyncio.to_thread(self.storage.remove_results_of, expired)  # files off the event loop
                 self._trim_due = True
                 self._wakeup.set()
 
     def reap(self) -> int:
         """Free completed requests older than the TTL (results, files and idempotency keys); returns how many."""
+        expired = self.expire()
+        self.storage.remove_results_of(expired)
+        return len(expired)
+
+    def expire(self) -> list[str]:
+        """Forget completed requests older than the TTL (records and idempotency keys); returns their ids, whose
+        result files are the caller's to remove (blocking: the reaper does it in a thread)."""
         cutoff = time.monotonic() - self.config.result_ttl_s
         expired = [rid for rid, r in self.records.items()
                    if r.state == "COMPLETED" and r.finished_at is not None and r.finished_at < cutoff]
         for rid in expired:
             self._forget(rid)
-            self.storage.remove_results(rid)
-        return len(expired)
+        return expired
 
     def _forget(self, request_id: str) -> None:
         self.records.pop(request_id, None)

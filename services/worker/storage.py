@@ -115,6 +115,10 @@ class RequestStorage:
             return body, None
         return None, self.write_file(request_id, RESULT_BODY_NAME, encoded)
 
+    def remove_results_of(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.remove_results(request_id)
+
     def remove_results(self, request_id: str) -> None:
         """Delete an expired request's files."""
         shutil.rmtree(self.results / request_id, ignore_errors=True)
