@@ -33,7 +33,9 @@ class WorkerConfig(BaseSettings):
     device: str | None = Field(default=None, description="torch device; default cuda when available, else cpu")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     fast_path: Literal["auto", "on", "off"] = Field(
-        default="auto", description="channels-last + fused QKV (auto: on for CUDA)")
+        default="off", description="channels-last UNet + fused QKV (auto: on for CUDA); off: on an H100 "
+        "(bench/RESULTS.md, 2026-11-26) it gained nothing beyond run-to-run noise and its output moved 2.15/255 "
+        "from stock, over the 2/255 bound")
     fast_compile: Literal["auto", "on", "off"] = Field(
         default="off", description="torch.compile the UNet (auto: on for CUDA); off until measured on the GPU")
     max_batch_images: int = Field(default=8, ge=1, le=64, description="Images per shared UNet batch")

@@ -173,8 +173,9 @@ def apply_fast_path(pipe: Any, device: str, options: FastPathOptions) -> FastPat
         check_fp8(device)  # refused at start, before anything is changed
     pipe.unet.requires_grad_(False)  # so PEFT's marking of trainable layers changes nothing the compiled graph sees
     if options.channels_last:
+        # the UNet only: on an H100 the (float32, force-upcast) VAE got slower channels-last, encode 122 → 152 ms
+        # and decode 91 → 158 ms per 1024² request (bench/RESULTS.md, 2026-11-26)
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
         state.applied.append("channels_last")
     served = pipe.unet
     if options.fuse_qkv or compiling or options.fp8:
