@@ -92,7 +92,10 @@ class FalProtocolMiddleware:
                 message["headers"] = headers
             await send(message)
 
-        if self.key and not path.startswith(("/health", "/files/")) and not self._authorized(scope):
+        # the path under the app's mount point (Ray Serve mounts an application at its route prefix)
+        root: str = scope.get("root_path", "")
+        route = path[len(root):] if root and path.startswith(root) else path
+        if self.key and not route.startswith(("/health", "/files/")) and not self._authorized(scope):
             response = json_response({"detail": "No user found for Key ID and Secret"}, 401)
             await response(scope, receive, send_with_id)
             return

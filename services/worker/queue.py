@@ -1,5 +1,8 @@
 """The worker's request queue: arrival order, one batch on the device at a time, cancel, results kept for a TTL.
 
+(Under Ray Serve, `services.worker.serve`, the pipeline is the model deployment's replicas: the queue then keeps
+the pipeline's `concurrent_batches` requests in flight at once and awaits its `run_batch_async`; Serve batches.)
+
 Requests live in memory (the bot keeps the durable record and re-submits after a worker restart). The queue holds
 the requests of every app the worker serves, so lookups, cancel and expiry are one thing for all of them, but it
 runs them in two lines:
@@ -106,6 +109,11 @@ class RequestQueue:
         self._finish_slots = asyncio.Semaphore(MAX_FINISHING_BATCHES)
         self._finishing: dict[asyncio.Task[None], list[InpaintRecord]] = {}  # batches being finished
         self._trim_due = False
+        #: batches on the pipeline at once: 1 (one device), or the pipeline's `concurrent_batches` (a pipeline
+        #: that sends its batches elsewhere, as the Ray Serve ingress's does, keeps several replicas busy)
+        concurrent = int(getattr(pipeline, "concurrent_batches", 1))
+        self._batch_slots = asyncio.Semaphore(concurrent) if concurrent > 1 else None
+        self._batch_tasks: set[asyncio.Task[None]] = set()
 
     # --- client-facing operations -------------------------------------------------------------------
 
@@ -282,6 +290,7 @@ class RequestQueue:
             yield
         finally:
             tasks += self._check_tasks
+            tasks += self._batch_tasks
             tasks += self._finishing
             for task in tasks:
                 task.cancel()
@@ -307,13 +316,33 @@ class RequestQueue:
             if not any(self.preparer.is_ready(record) for record in self.pending):
                 continue
             batch = self.take_batch(self.preparer.is_ready)
-            self.running = batch
+            self.running.extend(batch)
             self._fill()
-            try:
-                await self.run(batch, finish_later=True)
-            finally:
-                self.running = []
-                self._trim_due = True
+            if self._batch_slots is None:
+                try:
+                    await self.run(batch, finish_later=True)
+                finally:
+                    self._batch_done(batch)
+                continue
+            await self._batch_slots.acquire()  # a pipeline that runs several batches at once (Ray Serve)
+            task = asyncio.create_task(self._run_concurrently(batch), name="worker-batch")
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _run_concurrently(self, batch: list[InpaintRecord]) -> None:
+        assert self._batch_slots is not None
+        try:
+            await self.run(batch, finish_later=True)
+        finally:
+            self._batch_done(batch)
+            self._batch_slots.release()
+            self._wakeup.set()
+
+    def _batch_done(self, batch: list[InpaintRecord]) -> None:
+        for record in batch:
+            if record in self.running:
+                self.running.remove(record)
+        self._trim_due = True
 
     async def _wait_for_batch_mates(self) -> None:
         """When the pipeline batches and the next batch has room, give the requests that could share it but are
@@ -468,8 +497,12 @@ class RequestQueue:
             record.add_log(f"running {pipeline.name} on {pipeline.device}: {job.image.width}×{job.image.height}, "
                            f"{job.num_images} image(s), seed {record.seed}{together}")
         start = time.perf_counter()
+        run_async = getattr(pipeline, "run_batch_async", None)  # a pipeline that awaits its work elsewhere
         try:
-            outputs = await asyncio.to_thread(pipeline.run_batch, jobs, ctxs)
+            if run_async is not None:
+                outputs = await run_async(jobs, ctxs)
+            else:
+                outputs = await asyncio.to_thread(pipeline.run_batch, jobs, ctxs)
         except Cancelled:
             for record in records:
                 record.fail_cancelled("cancelled between denoising steps")

@@ -60,6 +60,15 @@ async def _wait_state(http: httpx.AsyncClient, status_url: str, state: str) -> d
     raise AssertionError(f"never reached {state}")
 
 
+async def _wait_log(http: httpx.AsyncClient, status_url: str, start: str) -> None:
+    for _ in range(600):
+        body: dict[str, Any] = (await http.get(status_url, params={"logs": "1"})).json()
+        if any(log["message"].startswith(start) for log in body["logs"] or []):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no log line starting {start!r}")
+
+
 async def test_full_protocol_through_the_bots_client(classic: str) -> None:
     updates: list[QueueUpdate] = []
 
@@ -193,6 +202,7 @@ async def test_queue_positions_cancel_and_full_queue(slow_sdxl: str) -> None:
         first = (await http.post(f"/{APP}", json=slow)).json()
         running = await _wait_state(http, first["status_url"], "IN_PROGRESS")
         assert running["logs"] is not None and "queue_position" not in running
+        await _wait_log(http, first["status_url"], "step ")  # denoising (on Ray Serve, a replica away)
         second = (await http.post(f"/{APP}", json=slow)).json()
         third = (await http.post(f"/{APP}", json=slow)).json()
         assert (second["queue_position"], third["queue_position"]) == (0, 1)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -19,6 +19,9 @@ class Cancelled(Exception):
 class LoraSpec:
     path: Path
     scale: float
+    #: the file's tensors, already read (a Ray Serve model replica keeps the LoRA sets it serves in memory:
+    #: `services.worker.serve.adapters`); None: the pipeline reads `path`
+    weights: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,9 @@ class SDXLPipeline:
         names = []
         for i, lora in enumerate(loras):
             name = f"request_lora_{i}"
-            self.pipe.load_lora_weights(str(lora.path), adapter_name=name)
+            # a copy of the in-memory tensors' dict: diffusers may rename its keys while converting them
+            source: Any = dict(lora.weights) if lora.weights is not None else str(lora.path)
+            self.pipe.load_lora_weights(source, adapter_name=name)
             names.append(name)
             ctx.log(f"loaded LoRA {lora.path.name} (scale {lora.scale:g})")
         self.pipe.set_adapters(names, adapter_weights=[lora.scale for lora in loras])
