@@ -221,6 +221,8 @@ class PoolBackend:
         if self.choice.checker_known or self.probe is None or self.excluded:
             return
         known = await self.probe.current(recheck_unknown=True)
+        if known.safety_checker is None:
+            return  # still not said
         try:
             self.choice = fit_to_policy(self.choice, known, self.client.base_url)
         except StartupError as exc:
