@@ -300,3 +300,18 @@ async def test_a_generative_worker_without_checker_is_left_out_unless_it_is_all_
         with pytest.raises(StartupError, match="without a safety checker"):
             async with build_services(bot_config(tmp_path, fal, painter_enabled=False, backends=alone)):
                 pass
+
+
+async def test_a_request_its_backend_lost_is_submitted_there_again_first(tmp_path: Path) -> None:
+    async with worker_and_fal(queue_polls=10**6) as (worker, fal):
+        worker.health = dict(HEALTHY, queue_length=9)
+        config = bot_config(tmp_path, fal, painter_enabled=False, backends=pool_setting(worker.base_url, fal))
+        async with running(config) as (services, listener):
+            job = await until_status(services, await new_job(services), JobStatus.SUBMITTED)
+            assert job.backend == "hosted"
+            worker.health = dict(HEALTHY)  # the worker has room now: still, the job's own backend comes first
+            fal.queue_polls = 0
+            del fal.requests[str(job.backend_request_id)]  # hosted fal lost it (404)
+            job, = await ended(services, listener, job)
+    assert (job.status, job.backend, job.attempts) == (JobStatus.SUCCEEDED, "hosted", 2)
+    assert len(fal.hits("submit")) == 2 and worker.hits("submit") == []
