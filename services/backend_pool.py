@@ -18,8 +18,8 @@ embedded in the bot (`services/backend_select.py`).
 **Which backend takes a job.** When a job leaves the bot's queue it goes to the first backend in order that is
 up and not full; the others are the last resort, in order, when none is (a full worker still queues the job):
 
-- a worker is up when its `/health` (asked with a short timeout, the answer kept `health_ttl_s`) answers 200 with
-  `ready` not false; full when its `queue_length` is at least its `max_queue`;
+- a worker is up when its `/health` (asked with a short timeout, the answer kept `health_ttl_s`, a "down" five
+  times longer) answers 200 with `ready` not false; full when its `queue_length` is at least its `max_queue`;
 - hosted fal has no `/health`: it is up until a call to it fails (unreachable, or a 5xx / 429 after retries);
 - a backend that refuses a submit (unreachable, 503 queue full, 429) is passed over for `down_s`, and the job
   goes to the next one at once (a submit to a pool of several is tried once per backend: the dispatcher's outage
@@ -40,6 +40,7 @@ usable backend remains. A classic (non-generative) worker without a checker serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -201,6 +202,7 @@ class PoolBackend:
         self.excluded = False
         self._health: Health | None = None
         self._health_at = 0.0
+        self._asking = asyncio.Lock()  # jobs starting together share one /health request
         self._down_until = 0.0
         self._down_why = ""
 
@@ -251,10 +253,16 @@ class PoolBackend:
             return Health(False, why=self._down_why)
         if self.hosted:
             return Health(True)
-        if self._health is None or self.clock() - self._health_at >= self.health_ttl_s:
-            self._health = await self._ask_health()
-            self._health_at = self.clock()
-        return self._health
+        async with self._asking:
+            if self._health is None or self.clock() - self._health_at >= self._kept_s(self._health):
+                self._health = await self._ask_health()
+                self._health_at = self.clock()
+            return self._health
+
+    def _kept_s(self, health: Health) -> float:
+        """How long an answer stands: a "down" longer (a worker that doesn't answer may take the whole timeout to
+        say so again), but not as long as a refused submit's `down_s`."""
+        return self.health_ttl_s if health.up else max(self.health_ttl_s, min(self.down_s, 5 * self.health_ttl_s))
 
     async def available(self) -> tuple[bool, str]:
         """Up and not full, or why not."""
