@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -18,16 +19,25 @@ from services.http_server import LoopServer
 
 log = logging.getLogger(__name__)
 
+Kind = Literal["fal", "worker", "embedded"]
+
 
 @dataclass(frozen=True)
 class BackendChoice:
-    name: str  # "fal", "worker" or "embedded"
+    name: str  # "fal", "worker" or "embedded"; in a pool (BACKENDS), the entry's name
     base_url: str | None  # None for "embedded" until it has started
-    key: SecretStr | None
+    key: SecretStr | None = field(default=None, repr=False)
     safety_checker: bool = True
     #: False while the backend hasn't said whether it has a checker (its /health unreadable at start-up): the
     #: launcher asks again before each job until it has
     checker_known: bool = True
+    #: what it is: hosted fal, our worker, or the worker inside the bot (None: as its name says)
+    kind: Kind | None = None
+
+    @property
+    def hosted(self) -> bool:
+        """Hosted fal (every job costs money; no /health)."""
+        return (self.kind or self.name) == "fal"
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class CapabilityProbe:
 async def probe_capabilities(choice: BackendChoice, base_url: str, http: httpx.AsyncClient) -> Capabilities:
     """Hosted fal does everything its schema offers; our worker says what it can in `/health` (a worker that
     can't do something it is asked still refuses it with a 422 naming the setting)."""
-    if choice.name == "fal":  # fal's documentation promises nothing about a repeated submit
+    if choice.hosted:  # fal's documentation promises nothing about a repeated submit
         return Capabilities(expand_prompt=True, safety_checker=True, idempotency_keys=False)
     try:
         response = await http.get(f"{base_url.rstrip('/')}/health", timeout=10.0)
@@ -99,7 +109,7 @@ def fit_to_policy(choice: BackendChoice, capabilities: Capabilities, where: str)
     (the classic fill: then, like the embedded default, results go unchecked, and the log says so loudly); a
     generative one without a checker can't, and the bot won't start on it (`StartupError`) rather than have every
     job refused."""
-    where = _shown(where)
+    where = shown_url(where)
     if capabilities.safety_checker is None:
         log.warning("the backend at %s didn't say whether it has a safety checker (/health): asking for it as fal's "
                     "default does, and asking the backend again before each job until it says", where)
@@ -116,7 +126,7 @@ def fit_to_policy(choice: BackendChoice, capabilities: Capabilities, where: str)
                        "on the worker (a StableDiffusionSafetyChecker folder) and restart it")
 
 
-def _shown(url: str) -> str:
+def shown_url(url: str) -> str:
     """A URL as logs and messages may show it: without any user:password in it."""
     parts = urlsplit(url)
     if parts.username is None and parts.password is None:
@@ -127,10 +137,10 @@ def _shown(url: str) -> str:
 
 def choose_backend(config: BotConfig) -> BackendChoice:
     if config.fal_key is not None:
-        return BackendChoice("fal", config.fal_queue_base, config.fal_key)
+        return BackendChoice("fal", config.fal_queue_base, config.fal_key, kind="fal")
     if config.worker_url:
-        return BackendChoice("worker", config.worker_url, config.worker_key)
-    return BackendChoice("embedded", None, None)
+        return BackendChoice("worker", config.worker_url, config.worker_key, kind="worker")
+    return BackendChoice("embedded", None, None, kind="embedded")
 
 
 class EmbeddedWorker:

@@ -29,6 +29,14 @@ class BotConfig(BaseSettings):
     fal_queue_base: str = Field(default=FAL_QUEUE_BASE, description="Queue base URL of hosted fal")
     worker_url: str | None = Field(default=None, description="Base URL of a self-hosted worker")
     worker_key: SecretStr | None = Field(default=None, description="Key the worker expects, if any")
+    worker_max_queue: int | None = Field(
+        default=None, ge=1, description="With BACKENDS naming `worker`: the worker's queue length (its /health) at "
+        "which new jobs go to the next backend instead; unset: no limit")
+    backends: SecretStr | None = Field(
+        default=None, description="The backend pool, in preference order (services/backend_pool.py): names of the "
+        "backends the settings above describe (`worker,fal`), or a JSON list whose entries are those names or "
+        "objects {name, kind: worker|fal, url, key, max_queue}; unset: FAL_KEY, else WORKER_URL, else the embedded "
+        "worker. Secret: entries may hold keys")
     app_id: str = INPAINT_APP_ID
 
     database_path: Path = Field(default=Path("data/bot.sqlite3"))

@@ -3,11 +3,11 @@
     async with build_services(config) as services:
         bot = InpaintBot(config, services)
 
-(the shape of discord.py's `examples/advanced_startup.py`). The store, the HTTP client, the backend (hosted fal,
-our worker, or the worker embedded in this process), the moderation log, quotas, admission, the dispatcher, the
-launcher, drafts and the mask painter's web server all join one `AsyncExitStack`. Tests and benchmarks build
-this same graph. The Discord layer attaches itself when it starts: it starts the dispatcher with itself as the
-listener, and subscribes to the moderation log.
+(the shape of discord.py's `examples/advanced_startup.py`). The store, the HTTP client, the backends (hosted fal,
+our worker, or the worker embedded in this process; or a pool of several, `services/backend_pool.py`), the
+moderation log, quotas, admission, the dispatcher, the launcher, drafts and the mask painter's web server all
+join one `AsyncExitStack`. Tests and benchmarks build this same graph. The Discord layer attaches itself when it
+starts: it starts the dispatcher with itself as the listener, and subscribes to the moderation log.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import httpx
 
 from services.admission import Admissions
-from services.backend_select import BackendChoice, CapabilityProbe, EmbeddedWorker, choose_backend, fit_to_policy
+from services.backend_pool import BackendPool, open_pool
+from services.backend_select import BackendChoice
 from services.backends.fal_queue import FalQueueClient
 from services.config import BotConfig
 from services.dispatch import Dispatcher
@@ -36,7 +37,6 @@ from services.retention import RetentionCleanup, RetentionPolicy
 from services.spend import SpendBudget, SpendPolicy
 from services.store import Store
 from services.upload_check import UploadCheck
-from services.url_fetch import result_policy
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ class Services:
     config: BotConfig
     store: Store
     http: httpx.AsyncClient
-    backend: FalQueueClient
+    backend: FalQueueClient  # the first backend's (the only one's, without BACKENDS)
     backend_choice: BackendChoice
+    pool: BackendPool
     intake_limits: IntakeLimits
     modlog: ModerationLog
     quotas: Quotas
@@ -66,39 +67,24 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         except (sqlite3.Error, OSError) as exc:
             raise StartupError(f"the database {config.database_path} can't be opened: {exc} (DATABASE_PATH)") from exc
         http = await stack.enter_async_context(httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=10.0)))
-        choice = choose_backend(config)
-        base_url = choice.base_url
-        if base_url is None:
-            base_url = await stack.enter_async_context(EmbeddedWorker())
-        backend = FalQueueClient(base_url=base_url, key=choice.key, app_id=config.app_id, http=http,
-                                 poll_interval_s=config.backend_poll_interval_s,
-                                 total_timeout_s=config.backend_total_timeout_s)
-        stack.push_async_callback(backend.aclose)
+        pool = await open_pool(config, http, stack)
+        first = pool.first
         limits = IntakeLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
         modlog = ModerationLog(store.modlog)
-        spend_policy = SpendPolicy.from_config(config, hosted=choice.name == "fal")
+        spend_policy = SpendPolicy.from_config(config, hosted=pool.hosted)
         log.info("bot-wide spending budget: %s (SPEND_DAILY_BUDGET)", f"{spend_policy.daily_units:g} megapixel-steps "
                  "a UTC day" if spend_policy.daily_units is not None else "none")
         spend = SpendBudget(store.spend, spend_policy, modlog)
         quotas = Quotas(store.usage, spend=spend)
-        admissions = Admissions(store, quotas, modlog, backend=choice.name, spend=spend)
-        upload_check = UploadCheck(store, backend, threshold=config.nsfw_threshold)
-        capabilities = CapabilityProbe(choice, base_url, http)
-
-        async def keys_honoured() -> bool | None:
-            return (await capabilities.current(recheck_unknown=True)).idempotency_keys
-
-        dispatcher = Dispatcher(store, backend, http, modlog, upload_check=upload_check,
+        admissions = Admissions(store, quotas, modlog, backend=first.name, spend=spend)
+        upload_check = UploadCheck(store, pool, threshold=config.nsfw_threshold)
+        dispatcher = Dispatcher(store, pool, http, modlog, upload_check=upload_check,
                                 concurrency=config.dispatch_concurrency, deadline_s=config.backend_total_timeout_s,
-                                outage_s=config.backend_outage_s, keys_honoured=keys_honoured,
-                                results_from=result_policy(base_url, result_hosts=config.result_hosts,
-                                                           allow=config.fetch_allow or ()))
+                                outage_s=config.backend_outage_s, spend=spend if pool.mixed else None)
         stack.push_async_callback(dispatcher.close)
         store.server_settings.subscribe(dispatcher.settings_changed)
-        known = await capabilities.current()
-        log.info("backend %s at %s: %s", choice.name, base_url, known)
-        choice = fit_to_policy(choice, known, base_url)
-        launcher = Launcher(store, admissions, dispatcher, choice, capabilities)
+        assert first.probe is not None
+        launcher = Launcher(store, admissions, dispatcher, first.choice, first.probe, pool=pool)
         painter = None
         if config.painter_enabled:
             painter = await stack.enter_async_context(PainterLinks(
@@ -109,6 +95,7 @@ async def build_services(config: BotConfig) -> AsyncIterator[Services]:
         await stack.enter_async_context(RetentionCleanup(  # stopped first: a batch in progress rolls back
             store, RetentionPolicy.from_config(config), interval_s=config.retention_interval_s,
             convert_max_bytes=config.retention_convert_max_mb * 1024 * 1024))
-        yield Services(config=config, store=store, http=http, backend=backend, backend_choice=choice,
+        yield Services(config=config, store=store, http=http, backend=first.client, backend_choice=first.choice,
+                       pool=pool,
                        intake_limits=limits, modlog=modlog, quotas=quotas, admissions=admissions,
                        dispatcher=dispatcher, launcher=launcher, drafts=DraftReview(store, limits), painter=painter)

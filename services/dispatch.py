@@ -16,6 +16,11 @@ Nothing waits forever, and nothing is sent twice:
 - a database error while running a job puts it back in the queue and tries again with backoff (the user is told
   when it persists): no job is ever dropped from the in-memory queue;
 - progress from the backend is written to the job's history in batches (`services/job_events.py`).
+
+With a pool of backends (`services/backend_pool.py`) a job leaving the queue goes to the pool's choice, and the
+backend's name is recorded with its submit key before the request is sent: from then on everything about the job
+(follow, cancel, a submit sent again with its key, recovery, where its results may be downloaded from) goes to
+that backend. A backend that refuses a submit (unreachable, 503 queue full) hands the job to the next one at once.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, Protocol
 import httpx
 from PIL import Image
 
+from services.backend_pool import BackendPool, PoolBackend
 from services.backends.fal_queue import (
     FalError,
     FalHTTPError,
@@ -55,10 +61,11 @@ from services.outage import Outage
 from services.progress import Progress
 from services.prompt_filter import PromptFilter
 from services.schema import InpaintOutput, QueueHandle
+from services.spend import SpendBudget
 from services.stitch import stitch_encoded
 from services.store import Store
 from services.upload_check import UploadCheck
-from services.url_fetch import FetchPolicy, result_policy
+from services.url_fetch import FetchPolicy
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +126,25 @@ class Dispatcher:
     """Runs jobs fairly: users take turns, each user and each server under its concurrency cap, and at most
     `concurrency` jobs at the backend in all."""
 
-    def __init__(self, store: Store, backend: FalQueueClient, http: httpx.AsyncClient, modlog: ModerationLog, *,
+    def __init__(self, store: Store, backend: FalQueueClient | BackendPool, http: httpx.AsyncClient,
+                 modlog: ModerationLog, *,
                  upload_check: UploadCheck | None = None, concurrency: int = 4, max_attempts: int = 3,
                  deadline_s: float = 600.0, outage_s: float = 120.0,
                  keys_honoured: Callable[[], Awaitable[bool | None]] = _never, event_interval_s: float = 2.0,
-                 results_from: FetchPolicy | None = None) -> None:
+                 results_from: FetchPolicy | None = None, spend: SpendBudget | None = None) -> None:
         """`deadline_s`: a job's total time at the backend; `outage_s`: how long an unreachable backend is waited
         for; `keys_honoured`: whether the backend answers a repeated `Idempotency-Key` with the request it has (None:
         it hasn't said yet);
         `results_from`: where result images may be downloaded from (default: the backend's own origin, and hosted
-        fal's CDN)."""
+        fal's CDN). With a `BackendPool`, each backend brings its own `keys_honoured` and `results_from`;
+        `spend`: given with a pool where only hosted fal costs money, told where each job was submitted."""
+        self.spend = spend
         self.store = store
-        self.results_from = results_from or result_policy(backend.base_url)
+        self.pool = backend if isinstance(backend, BackendPool) else BackendPool.single(
+            backend, keys_honoured=keys_honoured, results_from=results_from)
         self.upload_check = upload_check
         self.jobs = store.jobs
-        self.backend = backend
+        self.backend = self.pool.first.client
         self.http = http
         self.modlog = modlog
         self.max_attempts = max_attempts
@@ -148,7 +159,8 @@ class Dispatcher:
         self.deadline_s = deadline_s
         self.outage_s = outage_s
         self.event_interval_s = event_interval_s
-        self._keys_honoured = keys_honoured
+        #: jobs whose backend lost their request: submitted again there first, if it takes jobs
+        self._lost_at: dict[int, str] = {}
         self._storage_failures: Counter[int] = Counter()
         self._retrying: dict[int, asyncio.Task[None]] = {}  # jobs waiting out a database error
         self._submits: dict[int, asyncio.Task[QueueHandle]] = {}  # submits on the wire, by job
@@ -247,7 +259,13 @@ class Dispatcher:
         if (not wait_for_submit and _handle(job) is None and job.id not in self._handles
                 and job.id in self._submits):
             return
-        handle = await self._known_request(job)
+        entry = self.pool.get(job.backend)
+        if entry is None:
+            if _held(job):
+                await self.jobs.add_event(job.id, "note", f"cancelled, but its backend {job.backend!r} is no longer "
+                                          "configured, so a request there can't be cancelled")
+            return
+        handle = await self._known_request(job, entry)
         if handle is None:
             if job.submit_key is not None:
                 await self.jobs.add_event(job.id, "note", "cancelled, but a request its submit may have created at "
@@ -255,8 +273,8 @@ class Dispatcher:
             return
         try:
             async with asyncio.timeout(15.0):
-                outcome = await self.backend.cancel(handle)
-            await self.jobs.add_event(job.id, "note", f"cancel requested at the backend: {outcome}")
+                outcome = await entry.client.cancel(handle)
+            await self.jobs.add_event(job.id, "note", f"cancel requested at the backend {entry.name}: {outcome}")
         except (FalError, TimeoutError) as exc:
             await self.jobs.add_event(job.id, "note", f"cancel request failed: {exc or 'no answer'}")
 
@@ -372,16 +390,23 @@ class Dispatcher:
         backend lost is submitted again, up to `max_attempts` submissions; an unreachable backend is waited for."""
         job_id = job.id
         outage = Outage(self.outage_s)
+        entry: PoolBackend | None = None
         while True:
             try:
+                entry = self.pool.get(job.backend) if _held(job) or job_id in self._handles else None
+                if entry is None and (_held(job) or job_id in self._handles):
+                    await self._end(job_id, JobStatus.FAILED, f"This job was at the backend {job.backend!r}, which "
+                                    "the bot no longer uses (BACKENDS), so it can't be followed there; Retry runs "
+                                    "it again.", retryable=True)
+                    return None
                 handle = _handle(job)
                 if job.status is JobStatus.QUEUED or handle is None:
                     if job_id in self._cancel_requested:
                         await self._cancel_at_backend(job)  # a request its submit may have left there
                         await self._end(job_id, JobStatus.CANCELLED, "Cancelled.")
                         return None
-                    if job.submit_key is not None and job_id not in self._handles:
-                        honoured = await self._keys_honoured()
+                    if entry is not None and job.submit_key is not None and job_id not in self._handles:
+                        honoured = await entry.keys_honoured()
                         if honoured is None:  # wait for the backend to say, as for an outage
                             raise FalUnavailableError("the backend hasn't said (/health) whether it honours "
                                                       "Idempotency-Key, so this job's submit can't be sent again yet")
@@ -390,20 +415,25 @@ class Dispatcher:
                             return None
                     if not await self._upload_allowed(job):
                         return None
-                    job, handle = await self._submit(job, progress)
+                    job, handle, entry = await self._submit(job, progress, entry)
                     outage.over()
                     if job_id in self._cancel_requested:  # cancelled while the submit was on its way
                         await self._cancel_at_backend(job)
-                return await self.backend.follow(handle, lambda u: self._on_update(job_id, progress, events, outage,
+                assert entry is not None
+                return await entry.client.follow(handle, lambda u: self._on_update(job_id, progress, events, outage,
                                                                                    u))
             except FalNotFoundError as exc:
                 await events.flush()
+                lost_at = job.backend
                 requeued = await self._lost(job_id, exc)
                 if requeued is None:
                     return None
+                self._lost_at[job_id] = lost_at
                 job = requeued
             except FalUnavailableError as exc:  # FalSubmitUncertain too: the job keeps its submit key
                 await events.flush()
+                if entry is not None and len(self.pool.entries) > 1:
+                    entry.failed(str(exc))
                 delay = outage.next_delay()
                 if delay is None:
                     await self._fail(job_id, exc)
@@ -450,43 +480,67 @@ class Dispatcher:
                                       f"{verdict.probability:.2f}")
         return True
 
-    async def _submit(self, job: Job, progress: Progress) -> tuple[Job, QueueHandle]:
-        """Record the submission's key, then send it (a job that already has a key sends it again with it), then
-        record the request. The POST runs on, shielded, if the job's deadline interrupts it (`_overdue` cancels what
-        it created); a request taken whose record failed is kept here, so the retry records it instead of sending
-        again."""
+    async def _submit(self, job: Job, progress: Progress,
+                      entry: PoolBackend | None) -> tuple[Job, QueueHandle, PoolBackend]:
+        """Record the submission's key and backend, then send it (a job that already has a key sends it again with
+        it, to the backend that has it), then record the request. The POST runs on, shielded, if the job's deadline
+        interrupts it (`_overdue` cancels what it created); a request taken whose record failed is kept here, so the
+        retry records it instead of sending again."""
         handle = self._handles.get(job.id)
         if handle is None:
-            body = await self._request_body(job)
-            fresh = job.submit_key is None
-            if fresh:
-                job = await self.jobs.begin_submit(job.id, f"job-{job.id}-{job.attempts + 1}-{secrets.token_hex(8)}")
-            assert job.submit_key is not None
-            try:
-                handle = await asyncio.shield(self._send(job.id, body, job.submit_key))
-            except FalSubmitUncertain:
-                raise  # the key stays: whatever is sent next for this job carries it
-            except FalUnavailableError as exc:
-                if fresh:  # never arrived (no connection, or refused with 429/503): nothing to find at the backend
-                    await self.jobs.forget_submit(job.id, str(exc))
-                raise
-            except FalHTTPError as exc:
-                if fresh and refused(exc):  # answered "no": nothing was created there (nor spent)
-                    await self.jobs.forget_submit(job.id, str(exc))
-                raise
+            if job.submit_key is None:
+                job, handle, entry = await self._submit_to_pool(job)
+            else:
+                assert entry is not None
+                body = await self._request_body(job, entry)
+                handle = await asyncio.shield(self._send(job.id, entry.client, body, job.submit_key))
+        assert entry is not None
         job = await self.jobs.transition(
-            job.id, JobStatus.SUBMITTED, data={"request_id": handle.request_id},
+            job.id, JobStatus.SUBMITTED, data={"request_id": handle.request_id, "backend": job.backend},
             backend_request_id=handle.request_id, status_url=handle.status_url, response_url=handle.response_url,
             cancel_url=handle.cancel_url)
         self._handles.pop(job.id, None)
         progress.status = job.status
         await self.listener.job_progress(job, progress)
-        return job, handle
+        return job, handle, entry
 
-    def _send(self, job_id: int, body: dict[str, Any], key: str) -> asyncio.Task[QueueHandle]:
+    async def _submit_to_pool(self, job: Job) -> tuple[Job, QueueHandle, PoolBackend]:
+        """A fresh submit: to the pool's choice, the next backend at once when one refuses it (unreachable, or busy:
+        429/503). Each try records its key and backend first; a refusal proves nothing arrived, so it is forgotten."""
+        candidates = await self.pool.candidates(prefer=self._lost_at.get(job.id))
+        key = f"job-{job.id}-{job.attempts + 1}-{secrets.token_hex(8)}"
+        refusal: FalUnavailableError | None = None
+        for entry in candidates:
+            body = await self._request_body(job, entry)
+            # a pool of one keeps the name the job was created with (as before the pool)
+            job = await self.jobs.begin_submit(job.id, key,
+                                               backend=entry.name if len(self.pool.entries) > 1 else None)
+            try:
+                handle = await asyncio.shield(self._send(job.id, entry.submitter, body, key))
+            except FalSubmitUncertain:
+                raise  # the key stays: whatever is sent next for this job carries it, to this backend
+            except FalUnavailableError as exc:  # never arrived (no connection, or refused with 429/503)
+                job = await self.jobs.forget_submit(job.id, f"{entry.name}: {exc}")
+                if len(candidates) > 1:
+                    entry.failed(str(exc))
+                refusal = exc
+                continue
+            except FalHTTPError as exc:
+                if refused(exc):  # answered "no": nothing was created there (nor spent)
+                    await self.jobs.forget_submit(job.id, str(exc))
+                raise
+            entry.worked()
+            self._lost_at.pop(job.id, None)
+            if self.spend is not None:
+                await self.spend.ran_on(job.id, job.guild_id, job.input, hosted=entry.hosted)
+            return job, handle, entry
+        assert refusal is not None
+        raise refusal
+
+    def _send(self, job_id: int, client: FalQueueClient, body: dict[str, Any], key: str) -> asyncio.Task[QueueHandle]:
         """The POST, as a task of its own (kept in `_submits` while on the wire); a handle it gets is kept in
         `_handles` until the job records it."""
-        task = asyncio.create_task(self.backend.submit(body, idempotency_key=key), name=f"job-{job_id}-submit")
+        task = asyncio.create_task(client.submit(body, idempotency_key=key), name=f"job-{job_id}-submit")
         self._submits[job_id] = task
 
         def settled(done: asyncio.Task[QueueHandle]) -> None:
@@ -498,9 +552,13 @@ class Dispatcher:
         task.add_done_callback(settled)
         return task
 
-    async def _known_request(self, job: Job) -> QueueHandle | None:
+    async def _keys_honoured(self) -> bool | None:
+        """Whether the first backend honours a repeated `Idempotency-Key` (each backend says for its own jobs)."""
+        return await self.pool.first.keys_honoured()
+
+    async def _known_request(self, job: Job, entry: PoolBackend) -> QueueHandle | None:
         """The backend's request for a job whose handle isn't recorded: a submit still on the wire is waited for;
-        a key the backend honours is sent again to learn it. None when there is none (or no way to know)."""
+        a key the job's backend honours is sent again to learn it. None when there is none (or no way to know)."""
         handle = _handle(job) or self._handles.get(job.id)
         if handle is not None:
             return handle
@@ -511,13 +569,13 @@ class Dispatcher:
                     return await asyncio.shield(task)
             except (FalError, TimeoutError):
                 pass
-        if job.submit_key is None or await self._keys_honoured() is not True:
+        if job.submit_key is None or await entry.keys_honoured() is not True:
             return None
         try:
             async with asyncio.timeout(30.0):
-                return await self.backend.submit(await self._request_body(job), idempotency_key=job.submit_key)
+                return await entry.client.submit(await self._request_body(job, entry), idempotency_key=job.submit_key)
         except (FalError, UserError, TimeoutError) as exc:
-            log.warning("job %s: could not learn its request at the backend: %s", job.id, exc)
+            log.warning("job %s: could not learn its request at the backend %s: %s", job.id, entry.name, exc)
             return None
 
     async def _lost(self, job_id: int, exc: FalNotFoundError) -> Job | None:
@@ -565,8 +623,9 @@ class Dispatcher:
 
     async def _succeed(self, job_id: int, output: InpaintOutput) -> None:
         blobs: dict[str, Blob] = {}
+        entry = self.pool.get((await self.jobs.get(job_id)).backend) or self.pool.first
         for i, image in enumerate(output.images):
-            data = await fetch_source(image.url, limits=OUTPUT_LIMITS, role="result", policy=self.results_from)
+            data = await fetch_source(image.url, limits=OUTPUT_LIMITS, role="result", policy=entry.results_from)
             blobs[f"output_{i}"] = Blob(data, image.content_type)
         job = await self.jobs.get(job_id)
         if job.plan is not None:
@@ -642,10 +701,13 @@ class Dispatcher:
             await self.modlog.record(job.guild_id, action, job=job, user_id=job.user_id, detail=detail,
                                      images=images)
 
-    async def _request_body(self, job: Job) -> dict[str, Any]:
-        """The request to send: the stored input with its blob references replaced by data URIs."""
+    async def _request_body(self, job: Job, entry: PoolBackend) -> dict[str, Any]:
+        """The request to send: the stored input with its blob references replaced by data URIs; to a backend that
+        serves without a safety checker (a classic worker, `fit_to_policy`), with the checker off."""
         blobs = await self.jobs.blobs(job.id)
         body = dict(job.input)
+        if not entry.choice.safety_checker:
+            body["enable_safety_checker"] = False
         for key in ("image_url", "mask_url"):
             role = BLOB_REFS.get(body.get(key, ""))
             if role is not None:
@@ -678,8 +740,14 @@ class Dispatcher:
     def _ended(self, job_id: int) -> None:
         """Forget what was kept about a job while it ran (it has ended)."""
         self._cancel_requested.discard(job_id)
+        self._lost_at.pop(job_id, None)
         self._handles.pop(job_id, None)
         self._storage_failures.pop(job_id, None)
+
+
+def _held(job: Job) -> bool:
+    """A backend has (or may have) the job's request: it has one recorded, or a submit that may have arrived."""
+    return job.submit_key is not None or _handle(job) is not None
 
 
 def _handle(job: Job) -> QueueHandle | None:

@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from services.admission import Admission, Admissions
+from services.backend_pool import BackendPool
 from services.backend_select import BackendChoice, CapabilityProbe, fit_to_policy
 from services.blob import Blob
 from services.crop_plan import STITCH_OPTION_NAMES, OutputFormat, StitchOptions
@@ -128,8 +129,13 @@ class DraftOffered:
 
 class Launcher:
     def __init__(self, store: Store, admissions: Admissions, dispatcher: Dispatcher, backend: BackendChoice,
-                 capabilities: CapabilityProbe) -> None:
+                 capabilities: CapabilityProbe, *, pool: BackendPool | None = None) -> None:
+        """`backend` and `capabilities`: the first backend's (the only one's without a pool), whose name a new job
+        gets until it is submitted and whose capabilities options are checked against; with a `pool` of several,
+        results are asked to be checked when any backend has a checker (one without, a classic worker, gets the
+        request with the checker off: `services/dispatch.py`)."""
         self.store = store
+        self.pool = pool
         self.admissions = admissions
         self.dispatcher = dispatcher
         self.backend = backend
@@ -207,14 +213,21 @@ class Launcher:
     async def _check_capabilities(self, options: dict[str, Any]) -> None:
         if options.get("expand_prompt") and not (await self.capabilities.current(recheck_no=True)).expand_prompt:
             raise Refused(Unsupported("expand_prompt", "its worker has no prompt expander (PROMPT_EXPANDER_PATH)"))
-        if not self.backend.checker_known:  # unreadable at start-up: now that the backend may be up, ask again
+        if not self.backend.checker_known and not self._pooled:  # unreadable at start-up: ask again now (a pool's
+            # backends are asked again by the pool before they take a job)
             known = await self.capabilities.current(recheck_unknown=True)
             try:
                 self.backend = fit_to_policy(self.backend, known, self.capabilities.base_url)
+                if self.pool is not None:
+                    self.pool.first.choice = self.backend
             except StartupError as exc:
                 log.error("%s", exc)
                 raise Refused(Unsupported("safety checking", "its worker has none, and the bot's moderation "
                                           "needs one (the bot's operator sets SAFETY_CHECKER_PATH)")) from exc
+
+    @property
+    def _pooled(self) -> bool:
+        return self.pool is not None and len(self.pool.entries) > 1
 
     def _request(self, admission: Admission, who: Requester, refs: tuple[str, str]) -> InpaintInput:
         """The backend request for admitted options, images as blob references: the one validation. With a crop
@@ -223,8 +236,9 @@ class Launcher:
         body.update(image_url=refs[0], mask_url=refs[1])
         if refs[0] == CROP_IMAGE_REF:
             body.update(image_size="square_hd", format=INTERMEDIATE_FORMAT)  # the size: a placeholder till planned
-        body["enable_safety_checker"] = (self.backend.safety_checker
-                                         and admission.settings.safety_checker_required(who.age_restricted))
+        checker = (any(entry.choice.safety_checker for entry in self.pool.entries)
+                   if self.pool is not None and self._pooled else self.backend.safety_checker)
+        body["enable_safety_checker"] = checker and admission.settings.safety_checker_required(who.age_restricted)
         try:
             return InpaintInput.model_validate(body)
         except ValidationError as exc:

@@ -34,6 +34,10 @@ reservation whose job was never created is given back; if the bot dies in betwee
 than under). Everything is in SQLite (`services/store/spend.py`), so a restart loses nothing. The NSFW
 estimator's request for an upload (`services/upload_check.py`) is not counted.
 
+**With a backend pool** holding hosted fal and workers of our own (`BACKENDS`), the budget is on by default and
+only jobs hosted fal runs count: a job is reserved at admission as above (it may go to fal), gives its reservation
+back when it is submitted to a worker, and counts again should a later submit (its worker lost it) go to fal.
+
 **The moderation log** of a server where a job was refused by the budget says so once a UTC day.
 """
 
@@ -208,6 +212,16 @@ class SpendBudget:
         if reserved.spend_id is None:
             await self._refuse(guild_id, cost, reserved.used_before, now)
         return SpendHold(self.ledger, reserved.spend_id, cost)
+
+    async def ran_on(self, job_id: int, guild_id: int | None, request: Mapping[str, Any], *, hosted: bool) -> None:
+        """A pool with hosted fal and workers of our own (`services/backend_pool.py`): a job submitted to a worker
+        gives its reservation back; one submitted to hosted fal counts (again, if an earlier run on a worker gave it
+        back), today."""
+        if hosted:
+            now = self.clock()
+            await self.ledger.charge_job(job_id, utc_day(now), estimated_units(request), guild_id=guild_id, now=now)
+        else:
+            await self.ledger.release_job(job_id)
 
     async def _refuse(self, guild_id: int | None, cost: float, used: float, now: float) -> None:
         assert self.policy.daily_units is not None

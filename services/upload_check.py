@@ -6,6 +6,9 @@ the backend's NSFW estimator, fal's `fal-ai/imageutils/nsfw` (our worker serves 
 checker). A posted result is then made of checked input pixels plus checked output pixels. This also gives
 hosted-fal users the upload check hosted inpainting doesn't do.
 
+With a pool of backends (`services/backend_pool.py`) the first backend that is up and has a safety checker is
+asked (hosted fal always has one); when none can be asked, the upload goes unchecked, and the job's history says so.
+
 Where the server turned the checker off (age-restricted channels, if it allows that) or the backend has no
 estimator, no such check runs: the server's settings decide, and the job's history says so.
 
@@ -25,6 +28,7 @@ from typing import Literal
 
 from PIL import Image
 
+from services.backend_pool import BackendPool
 from services.backends.fal_queue import FalNotFoundError, FalQueueClient, FalValidationError
 from services.images import encode_image, to_data_uri
 from services.job_state import Job
@@ -55,9 +59,11 @@ def check_image(data: bytes) -> str:
 
 
 class UploadCheck:
-    def __init__(self, store: Store, backend: FalQueueClient, *, threshold: float = DEFAULT_THRESHOLD) -> None:
+    def __init__(self, store: Store, backend: FalQueueClient | BackendPool, *,
+                 threshold: float = DEFAULT_THRESHOLD) -> None:
         self.store = store
-        self.backend = backend
+        self.pool = backend if isinstance(backend, BackendPool) else None
+        self.backend = backend.first.client if isinstance(backend, BackendPool) else backend
         self.threshold = threshold
         self._asking: dict[str, asyncio.Future[float]] = {}
 
@@ -69,21 +75,24 @@ class UploadCheck:
             return UploadVerdict("unchecked", why="the picture is no longer stored")
         probability = await self.store.upload_checks.probability(picture.sha256)
         if probability is None:
+            estimator = self.backend if self.pool is None else await self.pool.estimator()
+            if estimator is None:
+                return UploadVerdict("unchecked", why="no backend with an NSFW estimator is up")
             try:
-                probability = await self._ask_once(picture.sha256, picture.data)
+                probability = await self._ask_once(estimator, picture.sha256, picture.data)
             except (FalNotFoundError, FalValidationError) as exc:
                 if isinstance(exc, FalValidationError) and not _no_checker(exc):
                     raise
                 return UploadVerdict("unchecked", why=f"the backend has no NSFW estimator ({exc})")
         return UploadVerdict("flagged" if probability >= self.threshold else "clean", probability)
 
-    async def _ask_once(self, sha256: str, data: bytes) -> float:
+    async def _ask_once(self, estimator: FalQueueClient, sha256: str, data: bytes) -> float:
         """Ask about a picture, and store the answer; jobs asking about the same picture at the same time (a burst
         of variations) share one request, which finishes (and is stored) even if the job that started it is
         cancelled meanwhile."""
         pending = self._asking.get(sha256)
         if pending is None:
-            pending = asyncio.ensure_future(self._ask(sha256, data))
+            pending = asyncio.ensure_future(self._ask(estimator, sha256, data))
             self._asking[sha256] = pending
             pending.add_done_callback(lambda done: self._settle(sha256, done))
         return await asyncio.shield(pending)
@@ -93,10 +102,10 @@ class UploadCheck:
         if not done.cancelled() and done.exception() is not None:  # retrieved here: the waiters re-raise it
             log.info("the NSFW estimator failed for %s: %s", sha256[:12], done.exception())
 
-    async def _ask(self, sha256: str, data: bytes) -> float:
+    async def _ask(self, estimator: FalQueueClient, sha256: str, data: bytes) -> float:
         uri = await asyncio.to_thread(check_image, data)
-        handle = await self.backend.submit({"image_url": uri}, app_id=NSFW_APP_ID)
-        probability = (await self.backend.follow_as(handle, NsfwCheckOutput)).nsfw_probability
+        handle = await estimator.submit({"image_url": uri}, app_id=NSFW_APP_ID)
+        probability = (await estimator.follow_as(handle, NsfwCheckOutput)).nsfw_probability
         await self.store.upload_checks.record(sha256, probability)
         return probability
 

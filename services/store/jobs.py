@@ -191,13 +191,17 @@ class Jobs:
                                (deadline_at, job_id))
         return await self.get(job_id)
 
-    async def begin_submit(self, job_id: int, key: str) -> Job:
-        """Record, before the request is sent, that the job is being submitted with `key` (its Idempotency-Key):
-        after a crash, recovery knows the backend may hold it."""
+    async def begin_submit(self, job_id: int, key: str, *, backend: str | None = None) -> Job:
+        """Record, before the request is sent, that the job is being submitted with `key` (its Idempotency-Key), and
+        to which `backend` (the pool's name for it; None: the one it has): after a crash, recovery knows which
+        backend may hold it."""
         now = time.time()
         async with self.db.transaction() as conn:
-            await conn.execute("UPDATE jobs SET submit_key = ?, updated_at = ? WHERE id = ?", (key, now, job_id))
-            await _insert_event(conn, job_id, "note", "submitting to the backend", {"submit_key": key}, now)
+            await conn.execute("UPDATE jobs SET submit_key = ?, backend = COALESCE(?, backend), updated_at = ? "
+                               "WHERE id = ?", (key, backend, now, job_id))
+            where = f"the backend {backend}" if backend is not None else "the backend"
+            await _insert_event(conn, job_id, "note", f"submitting to {where}",
+                                {"submit_key": key, **({"backend": backend} if backend is not None else {})}, now)
         return await self.get(job_id)
 
     async def forget_submit(self, job_id: int, why: str) -> Job:

@@ -97,3 +97,25 @@ class SpendLedger:
             await conn.execute("DELETE FROM spend_days WHERE day < ?", (day,))
             await conn.execute("DELETE FROM spend_notices WHERE day < ?", (day,))
             return cur.rowcount
+
+    async def release_job(self, job_id: int) -> None:
+        """A job that runs where it costs nothing (a pool's own worker): its reservation no longer counts."""
+        async with self.db.transaction() as conn:
+            async with conn.execute("SELECT day, SUM(units) FROM spend WHERE job_id = ? GROUP BY day",
+                                    (job_id,)) as cur:
+                rows = list(await cur.fetchall())
+            await conn.execute("DELETE FROM spend WHERE job_id = ?", (job_id,))
+            for day, total in rows:
+                await conn.execute("UPDATE spend_days SET units = units - ? WHERE day = ?", (total, day))
+
+    async def charge_job(self, job_id: int, day: int, units: float, *, guild_id: int | None, now: float) -> None:
+        """A job that runs where it costs money (hosted fal) counts, on `day`, unless it already does (its
+        reservation at admission); no budget check: it was admitted, and is running already."""
+        async with self.db.transaction() as conn:
+            async with conn.execute("SELECT 1 FROM spend WHERE job_id = ? LIMIT 1", (job_id,)) as cur:
+                if await cur.fetchone() is not None:
+                    return
+            await conn.execute("INSERT INTO spend (day, units, job_id, guild_id, created_at) VALUES (?, ?, ?, ?, ?)",
+                               (day, units, job_id, guild_id, now))
+            await conn.execute("INSERT INTO spend_days (day, units) VALUES (?, ?) "
+                               "ON CONFLICT (day) DO UPDATE SET units = units + excluded.units", (day, units))
