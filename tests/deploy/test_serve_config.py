@@ -12,10 +12,10 @@ from pydantic import ValidationError
 
 pytest.importorskip("ray.serve", reason="the Serve config needs the [cluster] extra")
 
-from ray.serve import Application  # noqa: E402
-from ray.serve.schema import ServeDeploySchema  # noqa: E402
+from ray.serve import Application
+from ray.serve.schema import ServeDeploySchema
 
-from services.worker.serve.app import ServeArgs, build_app  # noqa: E402
+from services.worker.serve.app import ServeArgs, build_app
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve.yaml"
 
