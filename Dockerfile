@@ -7,6 +7,8 @@
 #     docker run --gpus all -p 127.0.0.1:8000:8000 -v /srv/models:/models:ro \
 #       -e MODEL_PATH=/models/sdxl-inpainting -e SAFETY_CHECKER_PATH=/models/safety-checker \
 #       -e WORKER_KEY=change-me inpaint-worker
+#     the same image as a Ray Serve application (README "Scale out with Ray Serve"; Ray's object store is in
+#     /dev/shm): docker run --gpus all --shm-size=8g ... inpaint-worker serve run deploy/serve.yaml
 #
 # Every ARG used in a FROM line is declared here, before the first FROM: an ARG declared after a FROM belongs to
 # that stage and can't be used by a later FROM.
@@ -46,6 +48,8 @@ WORKDIR /app
 COPY pyproject.toml README.md bot.py ./
 COPY services ./services
 COPY cogs ./cogs
+# the Ray Serve application's config (`serve run deploy/serve.yaml`: README "Scale out with Ray Serve")
+COPY deploy ./deploy
 # python3, not python: every PyTorch image has python3 (the newer ones may have no `python`). First make sure the
 # base image's torch is the pinned one with CUDA, then install; afterwards torch must still be that CUDA build.
 RUN python3 -c "import sys, tomllib, torch; \
@@ -56,7 +60,7 @@ sys.exit(None if have == want and torch.version.cuda else \
 f'TORCH_IMAGE carries torch {torch.__version__} (CUDA {torch.version.cuda}), but the [worker] extra pins ' \
 f'torch=={want}: build with --build-arg TORCH_IMAGE=pytorch/pytorch:{want}-cuda<X.Y>-cudnn9-runtime')" \
     && (python3 -m pip --version || python3 -m ensurepip) \
-    && python3 -m pip install '.[worker]' \
+    && python3 -m pip install '.[worker,cluster]' \
     && python3 -c "import torch; assert torch.version.cuda, 'pip replaced the CUDA torch of TORCH_IMAGE'"
 
 USER worker

@@ -53,3 +53,13 @@ def test_its_arguments_build_the_application() -> None:
 def test_bad_arguments_are_refused(args: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         build_app(args)
+
+
+def test_command_line_arguments_arrive_as_text_and_are_read() -> None:
+    """`serve run services.worker.serve.app:build_app model_replicas=2 'worker={"pipeline": "classic"}'`"""
+    args = ServeArgs.model_validate({"model_replicas": "2", "worker": '{"pipeline": "classic"}',
+                                     "autoscaling": '{"max_replicas": 3}'})
+    assert args.model_replicas == 2 and args.worker == {"pipeline": "classic"}
+    assert args.autoscaling is not None and args.autoscaling.max_replicas == 3
+    with pytest.raises(ValidationError):
+        ServeArgs.model_validate({"worker": "pipeline=classic"})

@@ -17,9 +17,10 @@ or, for `serve deploy`, the cluster: set them in the config's `runtime_env.env_v
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application, Deployment
 
 from services.worker.config import WorkerConfig
@@ -61,6 +62,17 @@ class ServeArgs(BaseModel):
                                   "replicas at once (default: enough to fill every replica's batch)")
     attempts: int = Field(default=3, ge=1, le=10, description="Sends of a request whose model replica died")
     worker: dict[str, Any] = Field(default_factory=dict, description="Worker settings over the environment's")
+
+    @field_validator("worker", "autoscaling", mode="before")
+    @classmethod
+    def _json_text(cls, value: Any) -> Any:
+        """`serve run … key=value` passes every argument as text: JSON objects are read as such."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"not a JSON object: {value[:80]!r}") from exc
+        return value
 
     def max_model_replicas(self) -> int:
         return self.autoscaling.max_replicas if self.autoscaling is not None else self.model_replicas
