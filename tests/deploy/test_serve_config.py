@@ -27,7 +27,7 @@ def _config() -> dict[str, Any]:
 
 
 def test_the_config_is_a_valid_serve_deploy_config() -> None:
-    schema = ServeDeploySchema.parse_obj(_config())
+    schema = ServeDeploySchema.model_validate(_config())
     [app] = schema.applications
     assert app.import_path == "services.worker.serve.app:build_app" and app.route_prefix == "/"
     assert schema.http_options.port == 8000 and schema.http_options.host == "0.0.0.0"
