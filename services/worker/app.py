@@ -237,19 +237,23 @@ async def files(request: Request[WorkerState]) -> Response:
 
 
 async def health(request: Request[WorkerState]) -> Response:
-    """Always ready: requests are served only once the lifespan has loaded and warmed up the pipeline. Also what
+    """Ready once the lifespan has loaded and warmed up the pipeline (nothing is served before); under Ray Serve,
+    while a model replica answers (`ready: false` and 503 otherwise). Also what
     the worker can do (safety checker, prompt expansion, Idempotency-Key) and how many times the compiled UNet
     compiled after its warm-up (`recompiles`: 0 unless a shape outside the warmed grid slipped through)."""
     queue = request.state["queue"]
     pipeline = queue.pipeline
-    return json_response({"ready": True, "pipeline": pipeline.name, "model": pipeline.model,
+    # a pipeline elsewhere (Ray Serve's model replicas) may have none running: then not ready (503), so a backend
+    # pool sends its jobs to its next backend
+    ready = bool(getattr(pipeline, "ready", True))
+    return json_response({"ready": ready, "pipeline": pipeline.name, "model": pipeline.model,
                           "device": pipeline.device, "queue_length": queue.queue_length,
                           "safety_checker": queue.safety is not None, "expand_prompt": queue.expander is not None,
                           "recompiles": getattr(getattr(pipeline, "fast", None), "recompiles", 0),
                           # a repeated submit's Idempotency-Key is answered with the request it made (the bot relies
                           # on this to send a submit again after a crash without running it twice)
                           "idempotency_keys": True},
-                         200)
+                         200 if ready else 503)
 
 
 # --- helpers --------------------------------------------------------------------------------------------

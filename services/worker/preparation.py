@@ -64,6 +64,9 @@ class Preparer:
     async def job_for(self, record: InpaintRecord) -> PipelineJob | None:
         """`record`'s prepared job, taken: waiting for its preparation if under way, preparing it now (whatever
         the bounds) if it never started. None when it could not be prepared (the record is completed)."""
+        if record.state == "COMPLETED" and record.id not in self._tasks:  # failed (or cancelled) meanwhile: its
+            self._ready.pop(record.id, None)  # preparation ended, and its sources are gone; nothing to start again
+            return None
         if record.id not in self._tasks and record.id not in self._ready:
             self._start(record)
         task = self._tasks.get(record.id)

@@ -315,6 +315,12 @@ class RequestQueue:
             await self._wait_for_batch_mates()
             if not any(self.preparer.is_ready(record) for record in self.pending):
                 continue
+            if self._batch_slots is not None and self._batch_slots.locked():
+                # a pipeline that runs several batches at once (Ray Serve), all of them busy: wait for a slot
+                # with the requests still in the queue (where a cancel takes them out, and positions count them)
+                async with self._batch_slots:
+                    pass
+                continue
             batch = self.take_batch(self.preparer.is_ready)
             self.running.extend(batch)
             self._fill()
@@ -324,7 +330,7 @@ class RequestQueue:
                 finally:
                     self._batch_done(batch)
                 continue
-            await self._batch_slots.acquire()  # a pipeline that runs several batches at once (Ray Serve)
+            await self._batch_slots.acquire()  # free: checked above, and nothing was awaited since
             task = asyncio.create_task(self._run_concurrently(batch), name="worker-batch")
             self._batch_tasks.add(task)
             task.add_done_callback(self._batch_tasks.discard)
@@ -480,7 +486,10 @@ class RequestQueue:
         """Take each request's prepared job (preparing it now if it wasn't), expand prompts where asked, run those
         still live through the pipeline together, and complete every one (with `finish_later`, the results are
         finished by a task of their own: `run` returns once the pipeline is free)."""
-        batch = [record for record in batch if record.state != "COMPLETED"]  # failed or cancelled meanwhile
+        for record in batch:
+            if record.state == "COMPLETED":  # failed or cancelled meanwhile: its prepared job is dropped
+                self.preparer.discard(record)
+        batch = [record for record in batch if record.state != "COMPLETED"]
         contexts = [record.start() for record in batch]
         prepared = await asyncio.gather(*(self._job_for(record, ctx) for record, ctx in zip(batch, contexts,
                                                                                            strict=True)))

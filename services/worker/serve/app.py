@@ -61,6 +61,8 @@ class ServeArgs(BaseModel):
     in_flight: int | None = Field(default=None, ge=1, description="Requests the ingress sends to the model "
                                   "replicas at once (default: enough to fill every replica's batch)")
     attempts: int = Field(default=3, ge=1, le=10, description="Sends of a request whose model replica died")
+    replica_wait_s: float = Field(default=300.0, gt=0, description="How long a request waits for a model replica "
+                                  "to take it (none running: e.g. all failed to start) before it fails")
     worker: dict[str, Any] = Field(default_factory=dict, description="Worker settings over the environment's")
 
     @field_validator("worker", "autoscaling", mode="before")
@@ -100,4 +102,4 @@ def build_app(args: dict[str, Any]) -> Application:
     model = model_deployment.options(**model_options).bind(config, settings.batch_wait_s)
     ingress = ingress_deployment.options(
         ray_actor_options={"num_cpus": settings.ingress_num_cpus, "num_gpus": settings.ingress_num_gpus})
-    return ingress.bind(model, config, in_flight, settings.attempts)
+    return ingress.bind(model, config, in_flight, settings.attempts, settings.replica_wait_s)

@@ -77,12 +77,15 @@ def load_ingress_models(config: WorkerConfig) -> tuple[SafetyChecker | None, Pro
 class WorkerIngress:
     """fal's queue protocol for the model deployment (state in this single replica: see the module docstring)."""
 
-    async def __init__(self, model: DeploymentHandle[Any], config: WorkerConfig, in_flight: int, attempts: int) -> None:  # type: ignore[misc]
+    async def __init__(self, model: DeploymentHandle[Any], config: WorkerConfig, in_flight: int,  # type: ignore[misc]
+                       attempts: int, replica_wait_s: float) -> None:
         """`in_flight`: requests sent to the model replicas at once (enough to fill their batches); `attempts`:
         sends of a request whose replica died."""
         info: dict[str, Any] = await model.info.remote()
         safety, expander = await asyncio.to_thread(load_ingress_models, config)
-        pipeline = RemotePipeline(model, info, concurrent_batches=in_flight, attempts=attempts)
+        pipeline = RemotePipeline(model, info, concurrent_batches=in_flight, attempts=attempts,
+                                  replica_wait_s=replica_wait_s)
+        self._watcher = asyncio.create_task(pipeline.watch_replicas(), name="model-replicas-watch")
         self._protocol_app = _LifespanState(create_app(config, pipeline=pipeline, safety=safety, expander=expander))
         log.info("ingress ready: %s on %s, %d requests in flight at most", pipeline.name, pipeline.device, in_flight)
 

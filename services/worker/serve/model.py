@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,23 @@ def _images_in(items: list[_Item]) -> int:
     return sum(item.job.num_images for item in items)
 
 
+def _chunks(groups: Iterable[list[int]], items: list[_Item], max_images: int) -> Iterator[list[int]]:
+    """Each group cut into pipeline calls of at most `max_images` images (MAX_BATCH_IMAGES: what fits the GPU),
+    in order; a request is never split, and one larger than the limit runs alone."""
+    for group in groups:
+        chunk: list[int] = []
+        images = 0
+        for index in group:
+            n = items[index].job.num_images
+            if chunk and images + n > max_images:
+                yield chunk
+                chunk, images = [], 0
+            chunk.append(index)
+            images += n
+        if chunk:
+            yield chunk
+
+
 def _group_key(job: PipelineJob, index: int) -> tuple[object, ...]:
     """Jobs with equal keys can share one pipeline batch (as `services.worker.inputs.request_batch_key`)."""
     if job.loras or job.embeddings:
@@ -89,7 +106,9 @@ class InpaintModel:
         batched: Any = self._batched  # Serve's batch wrapper, with its setters
         batched.set_max_batch_size(self.max_batch_images)
         batched.set_batch_wait_timeout_s(batch_wait_s if self.pipeline.batches else 0.0)
-        self._sets_wanted: dict[str, tuple[LoraSpec, ...]] = {}
+        #: the LoRA files of each adapter set being asked for, with how many requests are asking (Serve calls
+        #: `adapter_set` with the key alone; a set evicted meanwhile may be read again for a later asker)
+        self._sets_wanted: dict[str, tuple[tuple[LoraSpec, ...], int]] = {}
         self.replica = serve.get_replica_context().replica_id.unique_id
         log.info("model replica %s ready: pipeline %s on %s", self.replica, self.pipeline.name, self.pipeline.device)
 
@@ -102,7 +121,7 @@ class InpaintModel:
     @serve.multiplexed(max_num_models_per_replica=SETS_PER_REPLICA)  # type: ignore[untyped-decorator]
     async def adapter_set(self, key: str) -> AdapterSet:
         """Read an adapter set's files once; Serve keeps the last `SETS_PER_REPLICA` sets of this replica."""
-        loras = self._sets_wanted[key]
+        loras, _ = self._sets_wanted[key]
         return await asyncio.to_thread(read_adapter_set, key, loras)
 
     async def generate(self, job: PipelineJob) -> AsyncIterator[tuple[str, Any]]:
@@ -110,11 +129,16 @@ class InpaintModel:
         yield "log", f"on model replica {self.replica}"
         if job.loras:
             key = serve.get_multiplexed_model_id() or adapter_key(job)
-            self._sets_wanted[key] = job.loras
+            _, asking = self._sets_wanted.get(key, (job.loras, 0))
+            self._sets_wanted[key] = (job.loras, asking + 1)
             try:
                 job = (await self.adapter_set(key)).apply(job)
             finally:
-                self._sets_wanted.pop(key, None)
+                loras, asking = self._sets_wanted[key]
+                if asking > 1:
+                    self._sets_wanted[key] = (loras, asking - 1)
+                else:
+                    del self._sets_wanted[key]
         item = _Item(job, asyncio.get_running_loop())
         run = asyncio.ensure_future(self._batched(item))
         try:
@@ -146,7 +170,7 @@ class InpaintModel:
         for index, item in enumerate(items):
             groups.setdefault(_group_key(item.job, index), []).append(index)
         outcomes: list[_Outcome] = [_Outcome(error="not run")] * len(items)
-        for indices in groups.values():
+        for indices in _chunks(groups.values(), items, self.config.max_batch_images):
             live = [i for i in indices if not items[i].cancel.is_set()]
             for i in set(indices) - set(live):
                 outcomes[i] = _Outcome(cancelled="cancelled before inference")

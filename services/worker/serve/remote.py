@@ -8,15 +8,19 @@ stream (`services.worker.serve.model.InpaintModel.generate`), with its adapter s
 - its log lines reach the request's record as they come (so `?logs=1` and the SSE stream work as in one process);
 - a cancel (the request's `cancel_event`, set by `PUT …/cancel`) cancels the stream, whichever replica runs it;
 - a replica that dies (or is unreachable) mid-request: the job is sent again, to a replica Serve still has, up to
-  `attempts` times; then the request fails with a message saying so. Nothing waits forever: the stream ends with
-  images, a cancellation, an error, or Ray's error for the lost replica.
+  `attempts` times; then the request fails with a message saying so;
+- no replica takes the job within `replica_wait_s` (the deployment has none running: Serve's router would hold
+  the call until one appears): the request fails saying so. Nothing waits forever: the stream ends with images, a
+  cancellation, an error, Ray's error for the lost replica, or that deadline;
+- `ready` (what the ingress's `/health` reports) says whether a model replica answered lately (`watch_replicas`),
+  so a backend pool sends its jobs elsewhere while the model deployment has no replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 from PIL import Image
@@ -32,6 +36,10 @@ log = logging.getLogger(__name__)
 #: how often a running request's cancel flag is looked at (the flag is a threading.Event, set by the handler)
 CANCEL_POLL_S = 0.1
 
+#: how often the model deployment is asked whether a replica answers, and how long an answer may take
+WATCH_EVERY_S = 5.0
+WATCH_TIMEOUT_S = 5.0
+
 #: what Ray raises when the replica running a request died or can't be reached
 REPLICA_LOST: tuple[type[BaseException], ...] = (
     ray_exceptions.RayActorError, ray_exceptions.ActorUnavailableError, serve_exceptions.ReplicaUnavailableError,
@@ -42,13 +50,17 @@ class ReplicaLost(RuntimeError):
     """Every attempt at a request lost its model replica."""
 
 
+class NoReplica(RuntimeError):
+    """No model replica took a request in time."""
+
+
 class RemotePipeline:
     """A `Pipeline` whose `run_batch_async` sends each job to the model deployment."""
 
     batches = False  # the queue sends jobs one by one; Serve's `@serve.batch` groups them on the replicas
 
     def __init__(self, handle: DeploymentHandle[Any], info: Mapping[str, Any], *, concurrent_batches: int,
-                 attempts: int = 3) -> None:
+                 attempts: int = 3, replica_wait_s: float = 300.0) -> None:
         """`info`: the model deployment's `info()` (its pipeline's name, device, model)."""
         self.handle = handle
         self.name = str(info.get("name", "unknown"))
@@ -57,6 +69,26 @@ class RemotePipeline:
         self.recompiles = int(info.get("recompiles", 0))
         self.concurrent_batches = concurrent_batches
         self.attempts = attempts
+        self.replica_wait_s = replica_wait_s
+        self.ready = True
+
+    async def watch_replicas(self) -> None:
+        """Keep `ready` up to date: whether a model replica answers `info` within `WATCH_TIMEOUT_S` (forever)."""
+        while True:
+            response = self.handle.info.remote()
+            try:
+                async with asyncio.timeout(WATCH_TIMEOUT_S):
+                    await response
+                ready = True
+            except Exception as exc:
+                response.cancel()  # type: ignore[no-untyped-call]
+                ready = False
+                if self.ready:
+                    log.warning("no model replica answers (%s): /health says not ready", type(exc).__name__)
+            if ready and not self.ready:
+                log.info("a model replica answers again: /health says ready")
+            self.ready = ready
+            await asyncio.sleep(WATCH_EVERY_S)
 
     def warmup(self) -> None:
         """Nothing: each model replica warms itself up before Serve routes to it."""
@@ -74,12 +106,19 @@ class RemotePipeline:
         return list(results)
 
     async def run_one(self, job: PipelineJob, ctx: RunContext) -> list[Image.Image]:
+        # only LoRA sets are multiplexed ids: an id no replica holds would steer plain requests away from the
+        # replicas holding sets (Serve's router prefers the replicas with the fewest models for an unknown id)
+        options: dict[str, Any] = {"stream": True}
+        if job.loras:
+            options["multiplexed_model_id"] = adapter_key(job)
         for attempt in range(1, self.attempts + 1):
-            stream = cast(DeploymentResponseGenerator[tuple[str, Any]], self.handle.options(
-                stream=True, multiplexed_model_id=adapter_key(job)).generate.remote(job))
+            stream = cast(DeploymentResponseGenerator[tuple[str, Any]],
+                          self.handle.options(**options).generate.remote(job))
             watcher = asyncio.create_task(_cancel_when_asked(ctx, stream))
+            finished = False
             try:
-                async for kind, payload in stream:
+                async for kind, payload in _first_within(stream, self.replica_wait_s):
+                    finished = kind != "log"
                     if kind == "log":
                         ctx.log(str(payload))
                     elif kind == "images":
@@ -103,7 +142,27 @@ class RemotePipeline:
                         f"(attempt {attempt + 1} of {self.attempts})")
             finally:
                 watcher.cancel()
+                if not finished:  # cancelled here (the ingress stopping), or failed: stop the replica's work too
+                    stream.cancel()  # type: ignore[no-untyped-call]
         raise AssertionError("unreachable")
+
+
+async def _first_within(stream: DeploymentResponseGenerator[tuple[str, Any]],
+                        wait_s: float) -> AsyncIterator[tuple[str, Any]]:
+    """The stream's items; the first must come within `wait_s` (a replica yields one as soon as it takes the job),
+    else `NoReplica`."""
+    iterator = stream.__aiter__()
+    try:
+        async with asyncio.timeout(wait_s):
+            first = await anext(iterator)
+    except StopAsyncIteration:
+        return
+    except TimeoutError as exc:
+        raise NoReplica(f"no model replica took this request within {wait_s:g} s: the model deployment has no "
+                        "running replica (see the cluster's Serve status)") from exc
+    yield first
+    async for item in iterator:
+        yield item
 
 
 async def _cancel_when_asked(ctx: RunContext, stream: DeploymentResponseGenerator[Any]) -> None:
