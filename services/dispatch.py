@@ -509,8 +509,8 @@ class Dispatcher:
         429/503). Each try records its key and backend first; a refusal proves nothing arrived, so it is forgotten."""
         candidates = await self.pool.candidates(prefer=self._lost_at.get(job.id))
         key = f"job-{job.id}-{job.attempts + 1}-{secrets.token_hex(8)}"
-        refusal: FalUnavailableError | None = None
-        for entry in candidates:
+        refusal: FalUnavailableError | FalHTTPError | None = None
+        for position, entry in enumerate(candidates):
             body = await self._request_body(job, entry)
             # a pool of one keeps the name the job was created with (as before the pool)
             job = await self.jobs.begin_submit(job.id, key,
@@ -526,9 +526,20 @@ class Dispatcher:
                 refusal = exc
                 continue
             except FalHTTPError as exc:
-                if refused(exc):  # answered "no": nothing was created there (nor spent)
-                    await self.jobs.forget_submit(job.id, str(exc))
-                raise
+                if not refused(exc):
+                    raise
+                # answered "no": nothing was created there (nor spent). Another backend may say yes: its account
+                # or key may be fine (401/403), it may still serve the app (404: a Serve app being redeployed), or
+                # it may have what this one lacks (422: e.g. a prompt expander)
+                job = await self.jobs.forget_submit(job.id, f"{entry.name}: {exc}")
+                if position == len(candidates) - 1:
+                    raise
+                log.warning("backend %s refused job %d (%s): trying the next one", entry.name, job.id,
+                            exc.status_code)
+                if exc.status_code != 422:  # a request this backend can't serve says nothing of its health
+                    entry.failed(str(exc))
+                refusal = exc
+                continue
             entry.worked()
             self._lost_at.pop(job.id, None)
             if self.spend is not None:

@@ -125,6 +125,19 @@ async def test_a_submit_refused_with_503_goes_to_the_next_backend_at_once(tmp_pa
     assert "submitting to the backend hosted" in events
 
 
+@pytest.mark.parametrize("code", [403, 404, 422])
+async def test_a_submit_the_first_backend_refuses_outright_goes_to_the_next(tmp_path: Path, code: int) -> None:
+    """A 403 (an exhausted account), a 404 (a Serve app being redeployed), a 422 (an option this backend lacks):
+    nothing was created there, and the next backend may well run the job."""
+    async with worker_and_fal() as (worker, fal):
+        worker.inject("submit", "status", code=code, body={"detail": "no"})
+        config = bot_config(tmp_path, fal, painter_enabled=False, backends=pool_setting(worker.base_url, fal))
+        async with running(config) as (services, listener):
+            job, = await ended(services, listener, await new_job(services))
+    assert (job.status, job.backend) == (JobStatus.SUCCEEDED, "hosted")
+    assert len(worker.hits("submit")) == 1 and len(fal.hits("submit")) == 1
+
+
 async def test_recovery_after_a_restart_follows_each_job_to_its_own_backend(tmp_path: Path) -> None:
     async with worker_and_fal(queue_polls=10**6) as (worker, fal):
         config = bot_config(tmp_path, fal, painter_enabled=False, backends=pool_setting(worker.base_url, fal))
