@@ -66,6 +66,7 @@ async def test_requests_wait_in_the_queue_while_every_slot_is_busy_and_a_cancel_
         await wait_until(lambda: fresh.state == "COMPLETED", what="a later request done")
         assert fresh.error is None and fresh.result is not None
         assert all(record.state == "COMPLETED" and record.error is None for record in busy)
-        assert pipe.started == ["busy 0", "busy 1", "fresh"]
+        # (the two busy ones start in the order their preparations finish) and no cancelled request ever ran
+        assert sorted(pipe.started[:2]) == ["busy 0", "busy 1"] and pipe.started[2:] == ["fresh"]
         await wait_until(lambda: queue.queue_length == 0, what="an empty queue")
         assert queue.running == [] and queue.preparer.prepared == 0
