@@ -109,7 +109,7 @@ async def main_async(args: argparse.Namespace) -> None:
             await asyncio.to_thread(ray_serve.delete, f"r{replicas}")
     finally:
         ray_serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # type: ignore[no-untyped-call]
     serve_lat = measured[1][0]
     added = statistics.median(serve_lat) - statistics.median(single)
     rows += [
