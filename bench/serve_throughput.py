@@ -108,8 +108,8 @@ async def main_async(args: argparse.Namespace) -> None:
             print(f"serve, {replicas} replica(s): {rps:.1f} requests/s", flush=True)
             await asyncio.to_thread(ray_serve.delete, f"r{replicas}")
     finally:
-        ray_serve.shutdown()
-        ray.shutdown()  # type: ignore[no-untyped-call]
+        ray_serve.shutdown()  # type: ignore[no-untyped-call]
+        ray.shutdown()
     serve_lat = measured[1][0]
     added = statistics.median(serve_lat) - statistics.median(single)
     rows += [
