@@ -494,6 +494,8 @@ class Dispatcher:
                 assert entry is not None
                 body = await self._request_body(job, entry)
                 handle = await asyncio.shield(self._send(job.id, entry.client, body, job.submit_key))
+                if self.spend is not None:  # as a fresh submit would (charging a job twice is a no-op)
+                    await self.spend.ran_on(job.id, job.guild_id, job.input, hosted=entry.hosted)
         assert entry is not None
         job = await self.jobs.transition(
             job.id, JobStatus.SUBMITTED, data={"request_id": handle.request_id, "backend": job.backend},

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from services.backend_pool import backend_specs
@@ -233,6 +234,29 @@ async def test_only_jobs_hosted_fal_runs_count_against_the_spending_budget(tmp_p
                 outcomes.append((job.backend, await services.store.spend.used(day)))
             assert await services.store.spend.recount(day) == pytest.approx(10.0)
     assert outcomes == [("gpu", 0.0), ("hosted", 10.0)]
+
+
+async def test_a_worker_job_whose_submit_answer_was_lost_gives_its_reservation_back(tmp_path: Path) -> None:
+    """The worker took the request but its answer came too late: the job sends it again with its key (the worker
+    answers with the request it has), and, as after a fresh submit there, the budget holds nothing for it."""
+    async with worker_and_fal() as (worker, fal):
+        worker.inject("submit", "late", delay_s=0.5, times=1)
+        config = bot_config(tmp_path, fal, painter_enabled=False, backends=pool_setting(worker.base_url, fal))
+        async with running(config) as (services, listener):
+            gpu = services.pool.entries[0]
+            gpu.submitter._timeout = gpu.client._timeout = httpx.Timeout(0.2)  # the answer is "lost"
+            budget = SpendBudget(services.store.spend, SpendPolicy(daily_units=1000),
+                                 ModerationLog(services.store.modlog))
+            day = utc_day(budget.clock())
+            hold = await budget.reserve(1, 10.0)
+            job = await new_job(services)
+            await hold.attach(job.id)
+            assert await services.store.spend.used(day) == pytest.approx(10.0)
+            job, = await ended(services, listener, job)
+            used = await services.store.spend.used(day)
+    assert (job.status, job.backend) == (JobStatus.SUCCEEDED, "gpu")
+    assert len(worker.hits("submit")) == 2 and len(worker.requests) == 1  # sent again with its key, run once
+    assert used == 0.0
 
 
 async def test_without_backends_the_bot_runs_on_its_one_backend_as_before(tmp_path: Path) -> None:
