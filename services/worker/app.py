@@ -131,11 +131,14 @@ async def load_models(config: WorkerConfig, pipeline: Pipeline | None, safety: S
     """The models given, or those the configuration names, loaded (on the pipeline's device) and warmed up in
     threads."""
     loaded = pipeline if pipeline is not None else await asyncio.to_thread(load_pipeline, config)
+    # the checker and expander run in this process: on the pipeline's device, or, for a pipeline that runs
+    # elsewhere (Ray Serve's model replicas), on the device this process has (`local_device`)
+    device = str(getattr(loaded, "local_device", loaded.device))
     if safety is None and config.safety_checker_path is not None:
-        safety = await asyncio.to_thread(load_safety_checker, config.safety_checker_path, loaded.device,
+        safety = await asyncio.to_thread(load_safety_checker, config.safety_checker_path, device,
                                          None if config.dtype == "auto" else config.dtype)
     if expander is None and config.prompt_expander_path is not None:
-        expander = await asyncio.to_thread(load_prompt_expander, config.prompt_expander_path, loaded.device)
+        expander = await asyncio.to_thread(load_prompt_expander, config.prompt_expander_path, device)
     if config.warmup:
         await asyncio.to_thread(loaded.warmup)
     log.info("worker ready: pipeline %s, model %s, device %s, safety checker %s, prompt expander %s", loaded.name,

@@ -28,8 +28,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.worker.app import create_app
 from services.worker.config import WorkerConfig
-from services.worker.expander import PromptExpander, load_prompt_expander
-from services.worker.safety import SafetyChecker, load_safety_checker
 from services.worker.serve.remote import RemotePipeline
 
 log = logging.getLogger(__name__)
@@ -50,27 +48,6 @@ class _LifespanState:
         await self.app(scope, receive, send)
 
 
-def _local_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def load_ingress_models(config: WorkerConfig) -> tuple[SafetyChecker | None, PromptExpander | None]:
-    """The safety checker and prompt expander run beside the queue, on this replica's own device (give the
-    ingress a GPU share in the Serve config for them: `num_gpus: 0.25`)."""
-    if config.safety_checker_path is None and config.prompt_expander_path is None:
-        return None, None
-    device = _local_device()
-    safety = expander = None
-    if config.safety_checker_path is not None:
-        safety = load_safety_checker(config.safety_checker_path, device, None if config.dtype == "auto" else
-                                     config.dtype)
-    if config.prompt_expander_path is not None:
-        expander = load_prompt_expander(config.prompt_expander_path, device)
-    return safety, expander
-
-
 @serve.deployment(name="WorkerIngress", num_replicas=1, max_ongoing_requests=1000, max_queued_requests=-1,
                   graceful_shutdown_timeout_s=30)
 @serve.ingress()
@@ -82,11 +59,12 @@ class WorkerIngress:
         """`in_flight`: requests sent to the model replicas at once (enough to fill their batches); `attempts`:
         sends of a request whose replica died."""
         info: dict[str, Any] = await model.info.remote()
-        safety, expander = await asyncio.to_thread(load_ingress_models, config)
         pipeline = RemotePipeline(model, info, concurrent_batches=in_flight, attempts=attempts,
                                   replica_wait_s=replica_wait_s)
         self._watcher = asyncio.create_task(pipeline.watch_replicas(), name="model-replicas-watch")
-        self._protocol_app = _LifespanState(create_app(config, pipeline=pipeline, safety=safety, expander=expander))
+        # the lifespan loads the safety checker and prompt expander, as for one process (on `local_device`: give
+        # the ingress a GPU share in the Serve config for them)
+        self._protocol_app = _LifespanState(create_app(config, pipeline=pipeline))
         log.info("ingress ready: %s on %s, %d requests in flight at most", pipeline.name, pipeline.device, in_flight)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:

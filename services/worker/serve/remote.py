@@ -19,6 +19,7 @@ stream (`services.worker.serve.model.InpaintModel.generate`), with its adapter s
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
@@ -89,6 +90,14 @@ class RemotePipeline:
                 log.info("a model replica answers again: /health says ready")
             self.ready = ready
             await asyncio.sleep(WATCH_EVERY_S)
+
+    @functools.cached_property
+    def local_device(self) -> str:
+        """Where the ingress runs its own models (safety checker, prompt expander): its device, not the
+        replicas'."""
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     def warmup(self) -> None:
         """Nothing: each model replica warms itself up before Serve routes to it."""

@@ -52,8 +52,11 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, tiny_inpaint_model: Path)
 
 
 @pytest.fixture(scope="module")
-def worker_settings(tiny_inpaint_model: Path, lora_dir: Path) -> dict[str, Any]:
-    return {"pipeline": "sdxl", "model_path": str(tiny_inpaint_model), "lora_dir": str(lora_dir)}
+def worker_settings(tiny_inpaint_model: Path, lora_dir: Path, checker_flags_all: Path) -> dict[str, Any]:
+    """The ingress loads the safety checker (a tiny one that flags every picture) for the pictures the replicas
+    paint (uploads aren't checked: it would refuse them all); requests ask for it or not."""
+    return {"pipeline": "sdxl", "model_path": str(tiny_inpaint_model), "lora_dir": str(lora_dir),
+            "safety_checker_path": str(checker_flags_all), "check_inputs": False}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +83,12 @@ async def test_health_names_the_replicas_pipeline(sdxl: str, tiny_inpaint_model:
         health = (await http.get(f"{sdxl}/health")).json()
     assert health["ready"] is True and health["pipeline"] == "sdxl" and health["device"] == "cpu"
     assert health["model"] == str(tiny_inpaint_model) and health["idempotency_keys"] is True
+    assert health["safety_checker"] is True
+
+
+async def test_the_ingress_safety_checker_checks_the_replicas_pictures(sdxl: str) -> None:
+    out, _ = await _run(sdxl, _body(enable_safety_checker=True, num_images=2))
+    assert out.has_nsfw_concepts == [True, True]
 
 
 async def test_concurrent_requests_share_serve_batches_and_match_the_single_worker(
